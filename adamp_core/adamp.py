@@ -1,0 +1,120 @@
+r"""AdamP: Adam with the radial projection (Heo et al., ICLR 2021, Algorithm 2).
+
+.. math::
+
+    m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
+    v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+    p_t &= \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+           \quad\Big(\text{nesterov: } \frac{\beta_1 m_t + (1-\beta_1) g_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\Big) \\
+    q_t &= \Pi_{w_t}(p_t) \text{ if } w_t \text{ is scale-invariant, else } p_t \\
+    w_{t+1} &= w_t (1 - \eta\lambda r) - \frac{\eta}{1-\beta_1^t} q_t,
+           \qquad r = \text{wd\_ratio if projected else } 1
+
+exactly as ``adamp.AdamP`` 0.3.0 computes it (decoupled weight decay applied first).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple
+
+from array_api_compat import device
+
+from ._common import bias_correction, check_state_arrays, check_step_count, is_python_int, scalar, state_zeros
+from .arrays import check_array, check_grad, compute_dtype
+from .hyperparams import AdamPHyperparams, check_adamp
+from .projection import project_update
+
+__all__ = ["AdamPState", "adamp_init", "adamp_step"]
+
+
+class AdamPState(NamedTuple):
+    """State of one AdamP param: step count (int or 0-d integer array) and the two moments."""
+
+    step: Any
+    exp_avg: Any
+    exp_avg_sq: Any
+
+
+def adamp_init(param: Any, *, state_dtype: Any = None) -> AdamPState:
+    """Fresh state for ``param``: step 0 (a 0-d int32 array on the param's device, so
+    ``jax.jit`` traces once) and zero moments in ``state_dtype`` (default: the param's dtype;
+    pass ``float32`` to keep bfloat16/float16 params' state in float32)."""
+    xp = check_array(param)
+    zeros = state_zeros(xp, param, state_dtype)
+    step = xp.zeros((), dtype=xp.int32, device=device(param))
+    return AdamPState(step, zeros, xp.zeros(zeros.shape, dtype=zeros.dtype, device=device(param)))
+
+
+def check_adamp_state(param: Any, state: Any) -> None:
+    if not isinstance(state, AdamPState):
+        raise TypeError(f"state must be an AdamPState (from adamp_init), got {type(state).__name__}")
+    check_step_count(state.step)
+    check_state_arrays(param, exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
+
+
+def adamp_step(
+    param: Any,
+    grad: Any,
+    state: AdamPState,
+    lr: Any = 1e-3,
+    betas: tuple[Any, Any] = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    delta: Any = 0.1,
+    wd_ratio: Any = 0.1,
+    nesterov: bool = False,
+) -> tuple[Any, AdamPState]:
+    """One AdamP step; returns ``(new_param, new_state)`` and never writes its inputs.
+
+    Params with ``ndim <= 1`` take the plain AdamW-style step with full weight decay.
+    Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
+    the grad or the state does not fit the param.
+    """
+    hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
+    xp = check_array(param)
+    check_grad(param, grad)
+    check_adamp_state(param, state)
+    return adamp_update(xp, param, grad, state, hp)
+
+
+def adamp_update(xp: Any, param: Any, grad: Any, state: AdamPState, hp: AdamPHyperparams) -> tuple[Any, AdamPState]:
+    """:func:`adamp_step` without the checks (callers have validated everything)."""
+    cdt = compute_dtype(xp, param.dtype)
+    lr, eps = scalar(xp, hp.lr, cdt), scalar(xp, hp.eps, cdt)
+    beta1, beta2 = (scalar(xp, b, cdt) for b in hp.betas)
+    # Half-precision params and state are promoted: all maths and reductions in float32.
+    w = xp.astype(param, cdt, copy=False)
+    g = xp.astype(grad, cdt, copy=False)
+    m = xp.astype(state.exp_avg, cdt, copy=False)
+    v = xp.astype(state.exp_avg_sq, cdt, copy=False)
+
+    step = state.step + 1
+    bc1 = bias_correction(xp, beta1, step, cdt)
+    bc2 = bias_correction(xp, beta2, step, cdt)
+
+    m = beta1 * m + (1 - beta1) * g  # Alg. 2 line 2
+    v = beta2 * v + (1 - beta2) * g * g  # Alg. 2 line 3
+    sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else xp.sqrt(bc2)
+    denom = xp.sqrt(v) / sqrt_bc2 + eps  # Alg. 2 line 4, bias-corrected as adamp 0.3.0
+    if hp.nesterov:
+        u = (beta1 * m + (1 - beta1) * g) / denom
+    else:
+        u = m / denom
+    step_size = lr / bc1
+
+    ratio: Any = 1.0
+    if param.ndim > 1:  # static: projection only for ndim > 1 (Alg. 2 lines 5-9)
+        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps)
+        ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
+                         xp.asarray(1.0, dtype=cdt, device=device(w)))
+    if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
+        w = w * (1 - lr * scalar(xp, hp.weight_decay, cdt) * ratio)  # decoupled decay, before the step
+    w = w + (-step_size) * u
+
+    new_state = AdamPState(
+        step if not is_python_int(state.step) else int(step),
+        xp.astype(m, state.exp_avg.dtype, copy=False),
+        xp.astype(v, state.exp_avg_sq.dtype, copy=False),
+    )
+    return xp.astype(w, param.dtype, copy=False), new_state

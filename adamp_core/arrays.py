@@ -1,0 +1,64 @@
+"""Array checks and dtype rules shared by every step.
+
+All checks look at static metadata only (namespace, shape, dtype, device), never at
+values, so they cost no device sync and run before anything is computed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from array_api_compat import array_namespace, device, is_array_api_obj
+
+__all__ = ["check_array", "check_grad", "check_state_array", "compute_dtype", "namespace_name"]
+
+
+def namespace_name(x: Any) -> str:
+    """Name of the array library of ``x`` ('numpy', 'torch', 'jax', ...)."""
+    return type(x).__module__.split(".")[0]
+
+
+def _shape(x: Any) -> tuple[int, ...]:
+    return tuple(int(s) for s in x.shape)
+
+
+def check_array(param: Any, what: str = "param") -> Any:
+    """Check that ``param`` is a real floating array; return its array-API namespace."""
+    if not is_array_api_obj(param):
+        raise TypeError(f"{what} must be an array, got {type(param).__name__}")
+    xp = array_namespace(param)
+    if not xp.isdtype(param.dtype, "real floating"):
+        raise TypeError(f"{what} must have a real floating dtype, got {param.dtype}")
+    return xp
+
+
+def check_grad(param: Any, grad: Any, what: str = "grad") -> None:
+    """Check that ``grad`` can update ``param``: same library, device and shape, floating dtype."""
+    if grad is None:
+        raise TypeError(f"{what} is None; a gradient is required")
+    if not is_array_api_obj(grad):
+        raise TypeError(f"{what} must be an array, got {type(grad).__name__}")
+    if namespace_name(grad) != namespace_name(param):
+        raise TypeError(
+            f"{what} comes from array library {namespace_name(grad)!r} but param from {namespace_name(param)!r}"
+        )
+    if _shape(grad) != _shape(param):
+        raise ValueError(f"{what} shape {_shape(grad)} differs from param shape {_shape(param)}")
+    xp = array_namespace(grad)
+    if not xp.isdtype(grad.dtype, "real floating"):
+        raise TypeError(f"{what} dtype {grad.dtype} is not real floating (param dtype {param.dtype})")
+    if device(grad) != device(param):
+        raise ValueError(f"{what} is on device {device(grad)} but param on {device(param)}")
+
+
+def check_state_array(param: Any, arr: Any, what: str) -> None:
+    """Check an optimizer-state array against its param (same checks as a grad)."""
+    check_grad(param, arr, what)
+
+
+def compute_dtype(xp: Any, dtype: Any) -> Any:
+    """Dtype the maths runs in: float32 for 16-bit floats (reductions are never done
+    in half precision), otherwise the param's own dtype."""
+    if str(dtype).endswith(("float16", "bfloat16")):
+        return xp.float32
+    return dtype

@@ -1,0 +1,150 @@
+"""Validated hyperparameters, with the official ``adamp==0.3.0`` names and defaults.
+
+Every public entry point (the core, the tree functions, the adapters) checks its
+hyperparameters here, before any array is read, so a bad value never leaves
+anything half-updated. Messages follow torch.optim (``Invalid learning rate:
+-1.0``) and always name the parameter and the value.
+
+Hyperparameters given as arrays (a traced learning rate from an optax schedule,
+say) are accepted unchecked: checking them would need a device-to-host sync.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, NamedTuple
+
+__all__ = [
+    "ADAMP_DEFAULTS",
+    "SGDP_DEFAULTS",
+    "AdamPHyperparams",
+    "SGDPHyperparams",
+    "check_adamp",
+    "check_sgdp",
+]
+
+ADAMP_DEFAULTS: dict[str, Any] = dict(
+    lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, delta=0.1, wd_ratio=0.1, nesterov=False
+)
+# `lr` has no default in the official SGDP; neither here.
+SGDP_DEFAULTS: dict[str, Any] = dict(
+    momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1
+)
+
+
+class AdamPHyperparams(NamedTuple):
+    lr: Any
+    betas: tuple[Any, Any]
+    eps: Any
+    weight_decay: Any
+    delta: Any
+    wd_ratio: Any
+    nesterov: bool
+
+
+class SGDPHyperparams(NamedTuple):
+    lr: Any
+    momentum: Any
+    dampening: Any
+    weight_decay: Any
+    nesterov: bool
+    eps: Any
+    delta: Any
+    wd_ratio: Any
+
+
+def _is_number(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def _real(value: Any, label: str) -> Any:
+    """Return a Python number as float; pass 0-d arrays through unchecked."""
+    if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, complex)):
+        raise TypeError(f"Invalid {label}: {value!r} (expected a real number)")
+    if _is_number(value):
+        value = float(value)
+        if math.isnan(value):
+            raise ValueError(f"Invalid {label}: {value}")
+        return value
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        if tuple(value.shape) != ():
+            raise ValueError(f"Invalid {label}: expected a scalar or a 0-d array, got shape {tuple(value.shape)}")
+        return value
+    raise TypeError(f"Invalid {label}: {value!r} (expected a real number)")
+
+
+def _nonnegative(value: Any, label: str, *, finite: bool = True) -> Any:
+    value = _real(value, label)
+    if _is_number(value) and (value < 0.0 or (finite and math.isinf(value))):
+        raise ValueError(f"Invalid {label}: {value}")
+    return value
+
+
+def _beta(value: Any, label: str) -> Any:
+    value = _real(value, label)
+    if _is_number(value) and not 0.0 <= value < 1.0:
+        raise ValueError(f"Invalid {label}: {value}")
+    return value
+
+
+def _flag(value: Any, name: str) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"Invalid {name} value: {value!r} (expected True or False)")
+    return value
+
+
+def check_adamp(
+    lr: Any = 1e-3,
+    betas: Any = (0.9, 0.999),
+    eps: Any = 1e-8,
+    weight_decay: Any = 0.0,
+    delta: Any = 0.1,
+    wd_ratio: Any = 0.1,
+    nesterov: Any = False,
+) -> AdamPHyperparams:
+    """Validate AdamP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
+    lr = _nonnegative(lr, "learning rate")
+    eps = _nonnegative(eps, "epsilon value")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"Invalid betas: {betas!r} (expected a pair (beta1, beta2))")
+    beta1 = _beta(betas[0], "beta parameter at index 0")
+    beta2 = _beta(betas[1], "beta parameter at index 1")
+    weight_decay = _nonnegative(weight_decay, "weight_decay value")
+    delta = _nonnegative(delta, "delta value")
+    wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
+    return AdamPHyperparams(lr, (beta1, beta2), eps, weight_decay, delta, wd_ratio, _flag(nesterov, "nesterov"))
+
+
+def check_sgdp(
+    lr: Any,
+    momentum: Any = 0.0,
+    dampening: Any = 0.0,
+    weight_decay: Any = 0.0,
+    nesterov: Any = False,
+    eps: Any = 1e-8,
+    delta: Any = 0.1,
+    wd_ratio: Any = 0.1,
+) -> SGDPHyperparams:
+    """Validate SGDP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
+    lr = _nonnegative(lr, "learning rate")
+    momentum = _nonnegative(momentum, "momentum value")
+    dampening = _real(dampening, "dampening value")
+    if _is_number(dampening) and math.isinf(dampening):
+        raise ValueError(f"Invalid dampening value: {dampening}")
+    weight_decay = _nonnegative(weight_decay, "weight_decay value")
+    nesterov = _flag(nesterov, "nesterov")
+    eps = _nonnegative(eps, "epsilon value")
+    delta = _nonnegative(delta, "delta value")
+    wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
+    if nesterov and _is_number(momentum) and _is_number(dampening) and (momentum <= 0.0 or dampening != 0.0):
+        raise ValueError(
+            f"Nesterov momentum requires a momentum and zero dampening (momentum={momentum}, dampening={dampening})"
+        )
+    # SGDP divides the decoupled weight decay by (1 - momentum) (official sgdp.py).
+    if _is_number(weight_decay) and _is_number(momentum) and weight_decay > 0.0 and momentum >= 1.0:
+        raise ValueError(
+            f"Invalid momentum value: {momentum} (weight decay is divided by 1 - momentum, so momentum must be < 1"
+            f" when weight_decay={weight_decay})"
+        )
+    return SGDPHyperparams(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)

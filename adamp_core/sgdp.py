@@ -1,0 +1,100 @@
+r"""SGDP: SGD with momentum and the radial projection (Heo et al., ICLR 2021, Algorithm 1).
+
+.. math::
+
+    b_t &= \mu b_{t-1} + (1-\tau) g_t \\
+    p_t &= g_t + \mu b_t \text{ (nesterov) or } b_t \\
+    q_t &= \Pi_{w_t}(p_t) \text{ if } w_t \text{ is scale-invariant, else } p_t \\
+    w_{t+1} &= w_t \Big(1 - \frac{\eta\lambda r}{1-\mu}\Big) - \eta q_t,
+           \qquad r = \text{wd\_ratio if projected else } 1
+
+with momentum :math:`\mu`, dampening :math:`\tau`, weight decay :math:`\lambda`, exactly as
+``adamp.SGDP`` 0.3.0. Without nesterov the official code projects ``p_t`` *in place*, and since
+``p_t`` is then the momentum buffer itself, the stored buffer is the projected one,
+:math:`b_t \leftarrow q_t`. We reproduce that (it is what the published results used).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+from array_api_compat import device
+
+from ._common import check_state_arrays, scalar, state_zeros
+from .arrays import check_array, check_grad, compute_dtype
+from .hyperparams import SGDPHyperparams, check_sgdp
+from .projection import project_update
+
+__all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
+
+
+class SGDPState(NamedTuple):
+    """State of one SGDP param: the momentum buffer."""
+
+    momentum: Any
+
+
+def sgdp_init(param: Any, *, state_dtype: Any = None) -> SGDPState:
+    """Fresh state for ``param``: a zero momentum buffer in ``state_dtype`` (default: the param's)."""
+    xp = check_array(param)
+    return SGDPState(state_zeros(xp, param, state_dtype))
+
+
+def check_sgdp_state(param: Any, state: Any) -> None:
+    if not isinstance(state, SGDPState):
+        raise TypeError(f"state must be an SGDPState (from sgdp_init), got {type(state).__name__}")
+    check_state_arrays(param, momentum=state.momentum)
+
+
+def sgdp_step(
+    param: Any,
+    grad: Any,
+    state: SGDPState,
+    lr: Any,
+    momentum: Any = 0.0,
+    dampening: Any = 0.0,
+    weight_decay: Any = 0.0,
+    nesterov: bool = False,
+    eps: Any = 1e-8,
+    delta: Any = 0.1,
+    wd_ratio: Any = 0.1,
+) -> tuple[Any, SGDPState]:
+    """One SGDP step; returns ``(new_param, new_state)`` and never writes its inputs.
+
+    Params with ``ndim <= 1`` take the plain SGD step with full weight decay.
+    Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
+    the grad or the state does not fit the param.
+    """
+    hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
+    xp = check_array(param)
+    check_grad(param, grad)
+    check_sgdp_state(param, state)
+    return sgdp_update(xp, param, grad, state, hp)
+
+
+def sgdp_update(xp: Any, param: Any, grad: Any, state: SGDPState, hp: SGDPHyperparams) -> tuple[Any, SGDPState]:
+    """:func:`sgdp_step` without the checks (callers have validated everything)."""
+    cdt = compute_dtype(xp, param.dtype)
+    lr, mu = scalar(xp, hp.lr, cdt), scalar(xp, hp.momentum, cdt)
+    # Half-precision params and state are promoted: all maths and reductions in float32.
+    w = xp.astype(param, cdt, copy=False)
+    g = xp.astype(grad, cdt, copy=False)
+    buf = xp.astype(state.momentum, cdt, copy=False)
+
+    buf = mu * buf + (1 - scalar(xp, hp.dampening, cdt)) * g  # Alg. 1 line 2 (torch SGD form)
+    d_p = g + mu * buf if hp.nesterov else buf
+
+    ratio: Any = 1.0
+    if param.ndim > 1:  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
+        d_p, projected, _ = project_update(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt))
+        ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
+                         xp.asarray(1.0, dtype=cdt, device=device(w)))
+        if not hp.nesterov:
+            buf = d_p  # adamp 0.3.0 projects the buffer itself in place
+    if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
+        # Decoupled decay scaled by 1 / (1 - momentum), before the step (official sgdp.py).
+        w = w * (1 - lr * scalar(xp, hp.weight_decay, cdt) * ratio / (1 - mu))
+    w = w + (-lr) * d_p
+
+    new_state = SGDPState(xp.astype(buf, state.momentum.dtype, copy=False))
+    return xp.astype(w, param.dtype, copy=False), new_state
