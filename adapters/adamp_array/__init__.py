@@ -1,0 +1,138 @@
+r"""adamp_array: AdamP and SGDP (Heo et al., ICLR 2021) as stateful optimizers over NumPy, CuPy,
+PyTorch (tensors used as plain arrays), JAX, array-api-strict or any array-API arrays.
+
+>>> import numpy as np, adamp_array
+>>> w = np.ones((4, 3)); b = np.zeros(4)
+>>> opt = adamp_array.AdamP([w, b], lr=1e-2, weight_decay=1e-2)
+>>> _ = opt.step([np.full((4, 3), 0.1), np.full(4, 0.1)])   # w and b are updated in place
+
+Thin adapters: every update is ``adamp_core``'s (paper Algorithms 1 and 2, matching
+``adamp==0.3.0``); this package only keeps param groups and states and writes results back.
+
+* ``params``: a list, tuple or dict of arrays, or a list of param-group dicts
+  ``{"params": [...], "lr": ...}`` whose hyperparameters override the defaults.
+* ``opt.step(grads)``: grads in the same structure (for groups, a list with one container per
+  group); a ``None`` grad skips its param. Arrays whose library allows writing (NumPy, CuPy, torch,
+  array-api-strict over writeable memory) are updated **in place**; immutable ones (JAX, read-only
+  NumPy) are replaced by new arrays that the optimizer holds: read them from ``opt.params`` (also
+  returned by ``step``).
+* Every group's hyperparameters and every grad are checked before any param or state changes.
+* ``opt.param_groups[i]["lr"] = ...`` edits a group's hyperparameters (checked at the next step).
+* ``state_dict()`` / ``load_state_dict()``: the ``torch.optim`` layout (state keys ``step``,
+  ``exp_avg``, ``exp_avg_sq`` / ``momentum`` as in ``adamp==0.3.0``), loadable onto another library
+  or device; ``numpy.savez(f, **flatten_state_dict(sd))`` saves it and
+  ``opt.load_state_dict(numpy.load(f))`` restores it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from adamp_core.adamp import adamp_init, adamp_update, check_adamp_state
+from adamp_core.hyperparams import check_adamp, check_sgdp
+from adamp_core.sgdp import check_sgdp_state, sgdp_init, sgdp_update
+
+from ._convert import flatten_state_dict, unflatten_state_dict
+from ._optimizer import REQUIRED, ArrayOptimizer
+
+__all__ = ["AdamP", "SGDP", "flatten_state_dict", "unflatten_state_dict"]
+
+
+def _adamp_fresh(param: Any, *, state_dtype: Any = None) -> Any:
+    # A Python-int step: the bias corrections are then Python-float maths, exactly as adamp 0.3.0.
+    return adamp_init(param, state_dtype=state_dtype)._replace(step=0)
+
+
+class AdamP(ArrayOptimizer):
+    r"""AdamP (paper Algorithm 2) over arrays of any array-API library.
+
+    .. math::
+
+        m_t = \beta_1 m_{t-1} + (1-\beta_1) g_t,\quad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2,\quad
+        p_t = \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon},
+
+    .. math::
+
+        w_{t+1} = w_t (1 - \eta\lambda r) - \frac{\eta}{1-\beta_1^t}\,\Pi_{w_t}(p_t),
+
+    where :math:`\Pi_{w_t}` removes the radial part of the update when :math:`w_t` looks scale-invariant
+    (and :math:`r` is then ``wd_ratio``, else 1). Keyword names and defaults are ``adamp.AdamP``'s.
+
+    ``state_dtype`` (keyword only, default the param's dtype) keeps the moments in another floating
+    dtype, e.g. ``"float32"`` for float16 params.
+    """
+
+    _name = "AdamP"
+    _hp_names = ("lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov")
+    _check = staticmethod(check_adamp)
+    _init = staticmethod(_adamp_fresh)
+    _check_state = staticmethod(check_adamp_state)
+    _update = staticmethod(adamp_update)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = 1e-3,
+        betas: tuple[Any, Any] = (0.9, 0.999),
+        eps: Any = 1e-8,
+        weight_decay: Any = 0.0,
+        delta: Any = 0.1,
+        wd_ratio: Any = 0.1,
+        nesterov: bool = False,
+        *,
+        state_dtype: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov
+        )
+        check_adamp(**defaults)
+        super().__init__(params, defaults, state_dtype=state_dtype)
+
+
+class SGDP(ArrayOptimizer):
+    r"""SGDP (paper Algorithm 1) over arrays of any array-API library.
+
+    .. math::
+
+        b_t = \mu b_{t-1} + (1-\tau) g_t,\quad p_t = g_t + \mu b_t \text{ (nesterov) or } b_t,\quad
+        w_{t+1} = w_t\Big(1 - \frac{\eta\lambda r}{1-\mu}\Big) - \eta\,\Pi_{w_t}(p_t).
+
+    Keyword names and defaults are ``adamp.SGDP``'s; ``lr`` is required (as a keyword or in every
+    param group). Without nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``.
+    ``state_dtype`` (keyword only) keeps the momentum buffer in another floating dtype.
+    """
+
+    _name = "SGDP"
+    _hp_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "eps", "delta", "wd_ratio")
+    _check = staticmethod(check_sgdp)
+    _init = staticmethod(sgdp_init)
+    _check_state = staticmethod(check_sgdp_state)
+    _update = staticmethod(sgdp_update)
+
+    def __init__(
+        self,
+        params: Any,
+        lr: Any = REQUIRED,
+        momentum: Any = 0.0,
+        dampening: Any = 0.0,
+        weight_decay: Any = 0.0,
+        nesterov: bool = False,
+        eps: Any = 1e-8,
+        delta: Any = 0.1,
+        wd_ratio: Any = 0.1,
+        *,
+        state_dtype: Any = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            eps=eps,
+            delta=delta,
+            wd_ratio=wd_ratio,
+        )
+        if lr is not REQUIRED:
+            check_sgdp(**defaults)
+        super().__init__(params, defaults, state_dtype=state_dtype)

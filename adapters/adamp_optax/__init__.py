@@ -1,0 +1,1 @@
+"""adamp_optax (work in progress)."""

@@ -1,0 +1,227 @@
+"""What AdamP and SGDP share as ``torch.optim.Optimizer`` subclasses: grad checks, lazy state,
+``state_dtype``, and checkpoints that move both ways with the official ``adamp==0.3.0``.
+
+No maths lives here; the update rules are in :mod:`adamp_core`.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import array_api_compat.torch as _xp_torch
+import torch
+from torch.optim.optimizer import required
+
+__all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
+
+# The array-API namespace of every torch tensor (what ``array_namespace(p)`` returns), resolved
+# once at import: no per-param or per-step lookup, and nothing for torch.compile to trace.
+XP = _xp_torch
+
+
+def no_grad_step(func: Callable[..., Any]) -> Callable[..., Any]:
+    """Run ``step`` without autograd, as ``torch.optim``'s ``_use_grad_for_differentiable`` does.
+
+    The two ``graph_break`` calls are torch.optim's own (pytorch/pytorch#104053): they let AOTAutograd
+    see the compiled step as an inference graph, so inductor updates params and state in place.
+    """
+
+    @functools.wraps(func)
+    def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prev = torch.is_grad_enabled()
+        try:
+            torch.set_grad_enabled(False)
+            torch._dynamo.graph_break()
+            return func(self, *args, **kwargs)
+        finally:
+            torch._dynamo.graph_break()
+            torch.set_grad_enabled(prev)
+
+    return step
+
+
+def normalize_state_dtype(value: Any) -> torch.dtype | None:
+    """``None`` (state in the param's dtype) or a real floating ``torch.dtype`` (also given as a name)."""
+    if value is None:
+        return None
+    dtype = getattr(torch, value, None) if isinstance(value, str) else value
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point or dtype.is_complex:
+        raise ValueError(f"Invalid state_dtype: {value!r} (expected None or a real floating torch.dtype)")
+    return dtype
+
+
+def _label(gi: int, pi: int) -> str:
+    return f"param_groups[{gi}]['params'][{pi}]"
+
+
+class ProjectedOptimizer(torch.optim.Optimizer):
+    """Base of :class:`adamp_torch.AdamP` and :class:`adamp_torch.SGDP` (not public)."""
+
+    _name = "ProjectedOptimizer"
+    _state_keys: tuple[str, ...] = ()  # per-param state arrays, shaped like the param
+    _has_step = False
+
+    # -- hyperparameters ---------------------------------------------------------------------
+    def _check_hyper(self, group: dict[str, Any]) -> Any:
+        """Validated hyperparameters of ``group`` (an adamp_core NamedTuple); raises on a bad one."""
+        raise NotImplementedError
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.add_param_group``, refusing bad hyperparameters and complex params
+        before the group is added."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, but got {type(param_group).__name__}")
+        merged = {**self.defaults, **param_group}
+        if all(v is not required for v in merged.values()):  # else torch raises its own error below
+            self._check_hyper(merged)
+        if "state_dtype" in param_group:
+            param_group = {**param_group, "state_dtype": normalize_state_dtype(param_group["state_dtype"])}
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        for pi, p in enumerate(group["params"]):
+            if p.is_complex() or not p.is_floating_point():
+                self.param_groups.pop()
+                raise TypeError(
+                    f"{self._name} supports real floating params only: {_label(len(self.param_groups), pi)} has dtype"
+                    f" {p.dtype}"
+                )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # Groups saved by adamp==0.3.0 (or an older version of this package) lack our extra keys.
+        for group in self.param_groups:
+            group.setdefault("maximize", False)
+            group.setdefault("state_dtype", None)
+
+    # -- grads ------------------------------------------------------------------------------------
+    def _check_grads(self) -> list[Any]:
+        """Check every grad of every group against its param (metadata only: no sync), and every
+        group's hyperparameters; return the latter. Runs before anything is written, so a bad grad
+        anywhere leaves every param and every state as it was."""
+        hypers = []
+        for gi, group in enumerate(self.param_groups):
+            hypers.append(self._check_hyper(group))
+            for pi, p in enumerate(group["params"]):
+                g = p.grad
+                if g is None:
+                    continue
+                if g.layout != torch.strided:
+                    raise RuntimeError(
+                        f"{self._name} does not support sparse gradients: {_label(gi, pi)} has a {g.layout} grad"
+                    )
+                if p.is_complex() or not p.is_floating_point():
+                    raise TypeError(
+                        f"{self._name} supports real floating params only: {_label(gi, pi)} has dtype {p.dtype}"
+                    )
+                if g.dtype != p.dtype:
+                    raise TypeError(f"grad of {_label(gi, pi)} has dtype {g.dtype} but the param has dtype {p.dtype}")
+                if g.shape != p.shape:
+                    raise ValueError(
+                        f"grad of {_label(gi, pi)} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}"
+                    )
+                if g.device != p.device:
+                    raise ValueError(f"grad of {_label(gi, pi)} is on {g.device} but the param is on {p.device}")
+        return hypers
+
+    # -- lazy state ---------------------------------------------------------------------------------
+    def _new_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
+        dtype = group.get("state_dtype") or p.dtype
+        # preserve_format: state keeps the param's memory format (channels_last, transposed views).
+        state: dict[str, Any] = {}
+        if self._has_step:
+            # A 0-d int64 tensor on the param's device: no host sync, no recompile per step under
+            # torch.compile (a Python int would be a new constant every step).
+            state["step"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        for key in self._state_keys:
+            state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        return state
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """``torch.optim.Optimizer.state_dict`` with each ``step`` as a Python int, as ``adamp==0.3.0``
+        stores it, so the official optimizer resumes from it with its own float64 bias correction.
+
+        This reads the step counters back to the host: one transfer per device, not per param.
+        """
+        sd = super().state_dict()
+        if not self._has_step:
+            return sd
+        by_device: dict[torch.device, list[Any]] = {}
+        for key, st in sd["state"].items():
+            if torch.is_tensor(st.get("step")):
+                by_device.setdefault(st["step"].device, []).append(key)
+        steps: dict[Any, int] = {}
+        for keys in by_device.values():
+            values = torch.stack([sd["state"][k]["step"].reshape(()) for k in keys]).tolist()
+            steps.update(zip(keys, (int(v) for v in values), strict=True))
+        # New per-param dicts: the ones in sd["state"] are our live state dicts.
+        sd["state"] = {k: ({**st, "step": steps[k]} if k in steps else st) for k, st in sd["state"].items()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, also for a state_dict of ``adamp==0.3.0``.
+
+        Before loading, each state array's shape is checked against its param. After loading,
+        ``step`` (Python int from adamp 0.3.0, or a tensor of any dtype) becomes our 0-d int64
+        tensor on the param's device, and the state arrays are taken from the saved ones in the
+        group's ``state_dtype`` (torch would have cast them to the param's dtype).
+        """
+        pairs = self._saved_pairs(state_dict)
+        for saved_id, p, label in pairs:
+            saved = state_dict["state"].get(saved_id, {})
+            if self._has_step and "step" in saved and not torch.is_tensor(saved["step"]):
+                _check_saved_step(saved["step"], label)
+            for key in self._state_keys:
+                v = saved.get(key)
+                if torch.is_tensor(v) and v.shape != p.shape:
+                    raise ValueError(
+                        f"state_dict state {saved_id!r} ({key}) has shape {tuple(v.shape)} but {label} has shape"
+                        f" {tuple(p.shape)}"
+                    )
+        super().load_state_dict(state_dict)
+        groups = {id(p): g for g in self.param_groups for p in g["params"]}
+        for saved_id, p, _ in pairs:
+            st = self.state.get(p)
+            if not st:
+                continue
+            if self._has_step and "step" in st:
+                st["step"] = _step_tensor(st["step"], p.device)
+            dtype = groups[id(p)].get("state_dtype")
+            if dtype is not None:
+                saved = state_dict["state"].get(saved_id, {})
+                for key in self._state_keys:
+                    if torch.is_tensor(saved.get(key)):
+                        st[key] = saved[key].to(device=p.device, dtype=dtype, copy=True)
+
+    def _saved_pairs(self, state_dict: dict[str, Any]) -> list[tuple[Any, torch.Tensor, str]]:
+        """(saved id, param, label) for each param, as torch's load_state_dict pairs them."""
+        saved_groups = state_dict.get("param_groups", [])
+        if len(saved_groups) != len(self.param_groups):
+            return []  # torch raises its own error
+        pairs = []
+        for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
+            if len(sg["params"]) != len(g["params"]):
+                return []
+            pairs += [(sid, p, _label(gi, pi)) for pi, (sid, p) in enumerate(zip(sg["params"], g["params"], strict=True))]
+        return pairs
+
+
+def _step_tensor(step: Any, device: torch.device) -> torch.Tensor:
+    """A step count (int, or a tensor of any dtype, e.g. torch.optim.Adam's float32) as a 0-d int64
+    tensor on ``device``."""
+    if torch.is_tensor(step):
+        if step.dtype.is_floating_point:
+            step = torch.round(step)
+        return step.reshape(()).to(device=device, dtype=torch.int64, copy=True)
+    return torch.tensor(int(step), dtype=torch.int64, device=device)
+
+
+def _check_saved_step(step: Any, label: str) -> None:
+    if isinstance(step, bool) or not isinstance(step, int | float) or not (0 <= step < 2**62) or step != int(step):
+        raise ValueError(f"Invalid saved step for {label}: {step!r} (expected a non-negative integer count)")
+
+
+def params_with_grad(group: dict[str, Any]) -> Iterable[torch.Tensor]:
+    return (p for p in group["params"] if p.grad is not None)

@@ -1,0 +1,155 @@
+r"""``torch.optim`` AdamP: a drop-in for ``adamp.AdamP`` (0.3.0) whose maths is :mod:`adamp_core`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from adamp_core.adamp import AdamPState, adamp_update
+from adamp_core.hyperparams import AdamPHyperparams, check_adamp
+
+from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype
+
+__all__ = ["AdamP"]
+
+
+class AdamP(ProjectedOptimizer):
+    r"""AdamP: Adam with decoupled weight decay and the radial projection of Heo et al.,
+    "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+    ICLR 2021 (`arXiv:2006.08217 <https://arxiv.org/abs/2006.08217>`_), Algorithm 2.
+
+    For each param :math:`w` with gradient :math:`g` (negated when ``maximize``), at step :math:`t`:
+
+    .. math::
+
+        m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
+        p_t &= \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
+            \quad\Big(\text{nesterov: } \frac{\beta_1 m_t + (1-\beta_1) g_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\Big) \\
+        q_t &= \begin{cases} \Pi_{w_t}(p_t) = p_t - (\hat w_t \cdot p_t)\,\hat w_t,
+            \ \hat w_t = \frac{w_t}{\lVert w_t\rVert + \epsilon}
+            & \text{if } \max_r \lvert\cos(g_{t,r}, w_{t,r})\rvert < \delta/\sqrt{\dim r} \\
+            p_t & \text{otherwise} \end{cases} \\
+        w_{t+1} &= w_t\,(1 - \eta\lambda\rho) - \frac{\eta}{1-\beta_1^t}\, q_t,
+            \qquad \rho = \texttt{wd\_ratio} \text{ if projected, else } 1
+
+    The scale-invariance test is tried on the channel view (rows ``w[i]``) and then on the layer
+    view (the whole tensor); params with ``ndim <= 1`` are never projected. This is exactly
+    ``adamp.AdamP`` 0.3.0, step for step, but without its two host syncs per param per step.
+
+    Args:
+        params: iterable of params or of dicts defining param groups.
+        lr: learning rate :math:`\eta` (a float, or a 0-d tensor to avoid recompiles under
+            ``torch.compile`` when a scheduler changes it).
+        betas: :math:`(\beta_1, \beta_2)`.
+        eps: :math:`\epsilon`, added to the denominator and to the norms in the projection.
+        weight_decay: decoupled weight decay :math:`\lambda`.
+        delta: threshold :math:`\delta` of the scale-invariance test.
+        wd_ratio: :math:`\rho`, weight-decay multiplier for projected params.
+        nesterov: use the Nesterov-style momentum above.
+        maximize: maximize the objective (the update uses :math:`-g`).
+        state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` (default: the param's); e.g. ``torch.float32``
+            for bfloat16/float16 params. The maths of 16-bit params always runs in float32.
+
+    State per param: ``step`` (0-d int64 tensor on the param's device; a Python int in
+    :meth:`state_dict`, as adamp 0.3.0 stores it), ``exp_avg``, ``exp_avg_sq``.
+    """
+
+    _name = "AdamP"
+    _state_keys = ("exp_avg", "exp_avg_sq")
+    _has_step = True
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        nesterov: bool = False,
+        *,
+        maximize: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            eps=eps,
+            weight_decay=weight_decay,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            nesterov=nesterov,
+            maximize=maximize,
+            state_dtype=normalize_state_dtype(state_dtype),
+        )
+        self._check_hyper(defaults)
+        super().__init__(params, defaults)
+
+    def _check_hyper(self, group: dict[str, Any]) -> AdamPHyperparams:
+        if not isinstance(group.get("maximize", False), bool):
+            raise TypeError(f"Invalid maximize value: {group['maximize']!r} (expected True or False)")
+        return check_adamp(
+            group["lr"],
+            group["betas"],
+            group["eps"],
+            group["weight_decay"],
+            group["delta"],
+            group["wd_ratio"],
+            group["nesterov"],
+        )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        exp_avgs: list[torch.Tensor],
+        exp_avg_sqs: list[torch.Tensor],
+        steps: list[torch.Tensor],
+    ) -> None:
+        """Collect the group's params that have a grad, creating their state on first use."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._new_state(group, p))
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            steps.append(state["step"])
+
+    @no_grad_step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` (re-evaluating the model and returning the
+        loss) runs with grad enabled. Returns the closure's loss, or ``None``.
+
+        Every grad and hyperparameter of every group is checked before any param or state is
+        written; a sparse, complex, or mismatched (shape, dtype, device) grad raises.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hypers = self._check_grads()
+        for group, hp in zip(self.param_groups, hypers, strict=True):
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            exp_avgs: list[torch.Tensor] = []
+            exp_avg_sqs: list[torch.Tensor] = []
+            steps: list[torch.Tensor] = []
+            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
+            maximize = group["maximize"]
+            for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
+                new_p, new = adamp_update(XP, p, torch.neg(g) if maximize else g, AdamPState(t, m, v), hp)
+                # adamp_core is pure; write its results back in place (params and state keep their
+                # identity, device and memory format).
+                t.copy_(new.step)
+                m.copy_(new.exp_avg)
+                v.copy_(new.exp_avg_sq)
+                p.copy_(new_p)
+        return loss

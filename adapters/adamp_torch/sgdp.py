@@ -1,0 +1,140 @@
+r"""``torch.optim`` SGDP: a drop-in for ``adamp.SGDP`` (0.3.0) whose maths is :mod:`adamp_core`."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+
+from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
+from adamp_core.sgdp import SGDPState, sgdp_update
+
+from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype, required
+
+__all__ = ["SGDP"]
+
+
+class SGDP(ProjectedOptimizer):
+    r"""SGDP: SGD with momentum, decoupled weight decay and the radial projection of Heo et al.,
+    "AdamP: Slowing Down the Slowdown for Momentum Optimizers on Scale-invariant Weights",
+    ICLR 2021 (`arXiv:2006.08217 <https://arxiv.org/abs/2006.08217>`_), Algorithm 1.
+
+    For each param :math:`w` with gradient :math:`g` (negated when ``maximize``), momentum
+    :math:`\mu` and dampening :math:`\tau`:
+
+    .. math::
+
+        b_t &= \mu b_{t-1} + (1-\tau) g_t, \qquad
+        p_t = \begin{cases} g_t + \mu b_t & \text{nesterov} \\ b_t & \text{otherwise} \end{cases} \\
+        q_t &= \begin{cases} \Pi_{w_t}(p_t) = p_t - (\hat w_t \cdot p_t)\,\hat w_t,
+            \ \hat w_t = \frac{w_t}{\lVert w_t\rVert + \epsilon}
+            & \text{if } \max_r \lvert\cos(g_{t,r}, w_{t,r})\rvert < \delta/\sqrt{\dim r} \\
+            p_t & \text{otherwise} \end{cases} \\
+        w_{t+1} &= w_t \Big(1 - \frac{\eta\lambda\rho}{1-\mu}\Big) - \eta\, q_t,
+            \qquad \rho = \texttt{wd\_ratio} \text{ if projected, else } 1
+
+    The test is tried on the channel view, then on the layer view; params with ``ndim <= 1`` are
+    never projected. As in ``adamp.SGDP`` 0.3.0, without nesterov the stored buffer is the
+    *projected* one, :math:`b_t \leftarrow q_t` (the official code projects the buffer in place).
+
+    Args:
+        params: iterable of params or of dicts defining param groups.
+        lr: learning rate :math:`\eta` (required, as in adamp 0.3.0; may instead be given by
+            every param group).
+        momentum: :math:`\mu`. dampening: :math:`\tau`. weight_decay: :math:`\lambda`.
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        eps, delta, wd_ratio: as in :class:`adamp_torch.AdamP`.
+        maximize: maximize the objective (the update uses :math:`-g`).
+        state_dtype: dtype of the ``momentum`` buffer (default: the param's).
+
+    State per param: ``momentum``, as adamp 0.3.0 names it.
+    """
+
+    _name = "SGDP"
+    _state_keys = ("momentum",)
+    _has_step = False
+
+    def __init__(
+        self,
+        params: Iterable[Any],
+        lr: float | torch.Tensor = required,
+        momentum: float = 0,
+        dampening: float = 0,
+        weight_decay: float = 0,
+        nesterov: bool = False,
+        eps: float = 1e-8,
+        delta: float = 0.1,
+        wd_ratio: float = 0.1,
+        *,
+        maximize: bool = False,
+        state_dtype: torch.dtype | str | None = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            eps=eps,
+            delta=delta,
+            wd_ratio=wd_ratio,
+            maximize=maximize,
+            state_dtype=normalize_state_dtype(state_dtype),
+        )
+        # lr may be left to the param groups (adamp 0.3.0 uses torch's `required` too).
+        self._check_hyper({**defaults, "lr": 0.0} if lr is required else defaults)
+        super().__init__(params, defaults)
+
+    def _check_hyper(self, group: dict[str, Any]) -> SGDPHyperparams:
+        if not isinstance(group.get("maximize", False), bool):
+            raise TypeError(f"Invalid maximize value: {group['maximize']!r} (expected True or False)")
+        return check_sgdp(
+            group["lr"],
+            group["momentum"],
+            group["dampening"],
+            group["weight_decay"],
+            group["nesterov"],
+            group["eps"],
+            group["delta"],
+            group["wd_ratio"],
+        )
+
+    def _init_group(
+        self,
+        group: dict[str, Any],
+        params: list[torch.Tensor],
+        grads: list[torch.Tensor],
+        momentum_buffers: list[torch.Tensor],
+    ) -> None:
+        """Collect the group's params that have a grad, creating their state on first use."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._new_state(group, p))
+            params.append(p)
+            grads.append(p.grad)
+            momentum_buffers.append(state["momentum"])
+
+    @no_grad_step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` runs with grad enabled. Returns its loss or
+        ``None``. Every grad and hyperparameter is checked before any param or state is written."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hypers = self._check_grads()
+        for group, hp in zip(self.param_groups, hypers, strict=True):
+            params: list[torch.Tensor] = []
+            grads: list[torch.Tensor] = []
+            bufs: list[torch.Tensor] = []
+            self._init_group(group, params, grads, bufs)
+            maximize = group["maximize"]
+            for p, g, b in zip(params, grads, bufs, strict=True):
+                new_p, new = sgdp_update(XP, p, torch.neg(g) if maximize else g, SGDPState(b), hp)
+                b.copy_(new.momentum)
+                p.copy_(new_p)
+        return loss
