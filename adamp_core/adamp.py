@@ -4,8 +4,8 @@ r"""AdamP: Adam with the radial projection (Heo et al., ICLR 2021, Algorithm 2).
 
     m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t \\
     v_t &= \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
-    p_t &= \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
-           \quad\Big(\text{nesterov: } \frac{\beta_1 m_t + (1-\beta_1) g_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\Big) \\
+    p_t &= \frac{\tilde m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}, \qquad
+           \tilde m_t = m_t \text{ or, with nesterov, } \beta_1 m_t + (1-\beta_1) g_t \\
     q_t &= \Pi_{w_t}(p_t) \text{ if } w_t \text{ is scale-invariant, else } p_t \\
     w_{t+1} &= w_t (1 - \eta\lambda r) - \frac{\eta}{1-\beta_1^t} q_t,
            \qquad r = \text{wd\_ratio if projected else } 1
@@ -65,8 +65,16 @@ def adamp_step(
     wd_ratio: Any = 0.1,
     nesterov: bool = False,
 ) -> tuple[Any, AdamPState]:
-    """One AdamP step; returns ``(new_param, new_state)`` and never writes its inputs.
+    r"""One AdamP step (Heo et al., ICLR 2021, Algorithm 2); returns ``(new_param, new_state)``.
 
+    .. math::
+
+        w_{t+1} = w_t (1 - \eta\lambda r) - \frac{\eta}{1-\beta_1^t}\,
+                  \Pi_{w_t}\!\Big(\frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}\Big)
+
+    where :math:`\Pi_{w}` removes the radial component on the first scale-invariant view
+    (channel, then layer; see :mod:`adamp_core.projection`) and is the identity otherwise, and
+    :math:`r` is ``wd_ratio`` when projected, else 1. Never writes its inputs; sync-free.
     Params with ``ndim <= 1`` take the plain AdamW-style step with full weight decay.
     Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
     the grad or the state does not fit the param.

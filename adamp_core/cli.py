@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import importlib
 import json
 import sys
 import time
@@ -16,6 +17,9 @@ from collections import Counter
 from typing import Any
 
 __all__ = ["main"]
+
+# Modules that define `register(subparsers)` for further subcommands (toy, digits, bench).
+_SUBCOMMANDS: list[str] = []
 
 
 def _enable_jax_x64() -> None:
@@ -26,7 +30,7 @@ def _enable_jax_x64() -> None:
     jax.config.update("jax_enable_x64", True)
 
 
-def _core_rows(backends: list[Any], dtypes: list[str], steps: int, jit: bool) -> list[dict[str, Any]]:
+def _core_rows(backends: list[Any], dtypes: list[str], steps: int, jit: bool, emit: Any) -> list[dict[str, Any]]:
     from .testing import oracle
 
     rows = []
@@ -40,6 +44,7 @@ def _core_rows(backends: list[Any], dtypes: list[str], steps: int, jit: bool) ->
                 reason = b.skip_reason() or (None if b.supports(dtype) else f"no {dtype}")
                 if reason:
                     rows.append({**row, "status": "SKIP", "note": reason})
+                    emit(rows[-1])
                     continue
                 err, views, ok_views, runs, t0 = 0.0, Counter(), True, 0, time.perf_counter()
                 for opt, cases in (("adamp", oracle.ADAMP_CASES), ("sgdp", oracle.SGDP_CASES)):
@@ -64,6 +69,7 @@ def _core_rows(backends: list[Any], dtypes: list[str], steps: int, jit: bool) ->
                              "views": {"channel": views[1], "layer": views[2], "none": views[0]},
                              "views_agree": ok_views, "status": "PASS" if passed else "FAIL",
                              "seconds": round(time.perf_counter() - t0, 1)})
+                emit(rows[-1])
     return rows
 
 
@@ -72,24 +78,33 @@ def _adapter_rows(dtypes: list[str], steps: int) -> list[dict[str, Any]]:
         from .testing import adapters_conformance
     except ImportError:
         return []
-    return adapters_conformance.adapter_rows(dtypes=dtypes, steps=steps)
+    rows = adapters_conformance.adapter_rows(dtypes=dtypes, steps=steps)
+    for r in rows:  # rows carry `passed` (and `note` when skipped); the table wants a status
+        r.setdefault("status", "SKIP" if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL"))
+        r.setdefault("tolerance", 1e-10 if r["dtype"] == "float64" else 1e-5)
+    return rows
 
 
-def _format(rows: list[dict[str, Any]]) -> str:
-    head = ["target", "backend", "device", "dtype", "max rel err", "tol", "views ch/ly/none", "result"]
-    body = []
-    for r in rows:
-        v = r.get("views")
-        body.append([
-            r["target"], r["backend"], r["device"], r["dtype"],
-            f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else "-",
-            f"{r['tolerance']:.0e}" if "tolerance" in r else "-",
-            f"{v['channel']}/{v['layer']}/{v['none']}" if v else "-",
-            r["status"] + (f" ({r['note']})" if r.get("note") else ""),
-        ])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *body, strict=False)]
-    line = lambda cells: "  ".join(str(c).ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
-    return "\n".join([line(head), line(["-" * w for w in widths]), *map(line, body)])
+_COLUMNS = (("target", 20), ("backend", 17), ("device", 6), ("dtype", 7), ("max rel err", 11), ("tol", 5),
+            ("views ch/ly/none", 16), ("result", 0))
+
+
+def _format_row(r: dict[str, Any]) -> str:
+    v = r.get("views")
+    cells = [
+        r["target"], r["backend"], r["device"], r["dtype"],
+        f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else "-",
+        f"{r['tolerance']:.0e}" if "tolerance" in r else "-",
+        f"{v['channel']}/{v['layer']}/{v['none']}" if v else "-",
+        r["status"] + (f" ({r['note']})" if r.get("note") else ""),
+    ]
+    return "  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)).rstrip()
+
+
+def _header() -> str:
+    names = "  ".join(name.ljust(w) for name, w in _COLUMNS).rstrip()
+    rule = "  ".join("-" * (w or len(name)) for name, w in _COLUMNS)
+    return f"{names}\n{rule}"
 
 
 def conformance(args: argparse.Namespace) -> int:
@@ -110,10 +125,13 @@ def conformance(args: argparse.Namespace) -> int:
           f"{len(oracle.SGDP_CASES)} SGDP cases x {args.steps} steps per backend and dtype; error = max over steps "
           f"and arrays of max|ours - ref| / max|ref|; views = steps projected on the channel view / layer view / none.",
           flush=True)
-    rows = _core_rows(backends, dtypes, args.steps, jit=not args.no_jit)
+    emit = lambda row: print(_format_row(row), flush=True)
+    print(_header(), flush=True)
+    rows = _core_rows(backends, dtypes, args.steps, jit=not args.no_jit, emit=emit)
     if not args.core_only:
-        rows += _adapter_rows(dtypes, args.steps)
-    print(_format(rows))
+        for row in _adapter_rows(dtypes, args.steps):
+            rows.append(row)
+            emit(row)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)
@@ -135,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--core-only", action="store_true", help="skip the adapter rows")
     p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
     p.set_defaults(func=conformance)
+    for module in _SUBCOMMANDS:  # each module adds its own subcommand; heavy imports stay lazy inside them
+        importlib.import_module(module).register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

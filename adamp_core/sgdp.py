@@ -59,8 +59,17 @@ def sgdp_step(
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
 ) -> tuple[Any, SGDPState]:
-    """One SGDP step; returns ``(new_param, new_state)`` and never writes its inputs.
+    r"""One SGDP step (Heo et al., ICLR 2021, Algorithm 1); returns ``(new_param, new_state)``.
 
+    .. math::
+
+        b_t = \mu b_{t-1} + (1-\tau) g_t, \qquad
+        w_{t+1} = w_t \Big(1 - \frac{\eta\lambda r}{1-\mu}\Big) - \eta\, \Pi_{w_t}(p_t)
+
+    with :math:`p_t = b_t` (or :math:`g_t + \mu b_t` with nesterov), :math:`\Pi_{w}` the radial
+    projection on the first scale-invariant view (identity otherwise) and :math:`r` = ``wd_ratio``
+    when projected, else 1. Without nesterov the stored buffer is the projected :math:`p_t`, as in
+    adamp 0.3.0. Never writes its inputs; sync-free.
     Params with ``ndim <= 1`` take the plain SGD step with full weight decay.
     Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
     the grad or the state does not fit the param.

@@ -23,7 +23,8 @@ class Backend:
 
     @property
     def id(self) -> str:
-        return self.library if self.library in ("numpy", "array_api_strict", "cupy") else f"{self.library}:{self.device}"
+        single = self.library in ("numpy", "array_api_strict", "cupy")
+        return self.library if single else f"{self.library}:{self.device}"
 
     def __str__(self) -> str:
         return self.id
