@@ -8,13 +8,29 @@ from __future__ import annotations
 
 from typing import Any
 
-from array_api_compat import array_namespace, device, is_array_api_obj
+from array_api_compat import (
+    array_namespace,
+    device,
+    is_array_api_obj,
+    is_cupy_array,
+    is_dask_array,
+    is_jax_array,
+    is_numpy_array,
+    is_torch_array,
+)
 
 __all__ = ["check_array", "check_grad", "check_state_array", "compute_dtype", "namespace_name"]
 
 
+_LIBRARIES = (("numpy", is_numpy_array), ("torch", is_torch_array), ("jax", is_jax_array),
+              ("cupy", is_cupy_array), ("dask", is_dask_array))
+
+
 def namespace_name(x: Any) -> str:
-    """Name of the array library of ``x`` ('numpy', 'torch', 'jax', ...)."""
+    """Name of the array library of ``x`` ('numpy', 'torch', 'jax', 'cupy', 'array_api_strict', ...)."""
+    for name, test in _LIBRARIES:
+        if test(x):
+            return name
     return type(x).__module__.split(".")[0]
 
 

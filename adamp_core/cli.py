@@ -73,12 +73,18 @@ def _core_rows(backends: list[Any], dtypes: list[str], steps: int, jit: bool, em
     return rows
 
 
-def _adapter_rows(dtypes: list[str], steps: int) -> list[dict[str, Any]]:
+# The adapters hold no maths; two cases per optimizer (nesterov + weight decay, and non-default
+# betas/dampening with wd_ratio) check their wiring without compiling every case under jax.jit.
+_ADAPTER_CASES = {"adamp": ["nesterov_wd", "betas_eps_ratio"], "sgdp": ["nesterov_wd", "dampening_ratio"]}
+
+
+def _adapter_rows(backends: list[Any], dtypes: list[str], steps: int) -> list[dict[str, Any]]:
     try:
         from .testing import adapters_conformance
     except ImportError:
         return []
-    rows = adapters_conformance.adapter_rows(dtypes=dtypes, steps=steps)
+    usable = [b for b in backends if b.skip_reason() is None]
+    rows = adapters_conformance.adapter_rows(dtypes=tuple(dtypes), steps=steps, backends=usable, cases=_ADAPTER_CASES)
     for r in rows:  # rows carry `passed` (and `note` when skipped); the table wants a status
         r.setdefault("status", "SKIP" if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL"))
         r.setdefault("tolerance", 1e-10 if r["dtype"] == "float64" else 1e-5)
@@ -129,7 +135,7 @@ def conformance(args: argparse.Namespace) -> int:
     print(_header(), flush=True)
     rows = _core_rows(backends, dtypes, args.steps, jit=not args.no_jit, emit=emit)
     if not args.core_only:
-        for row in _adapter_rows(dtypes, args.steps):
+        for row in _adapter_rows(backends, dtypes, args.steps):
             rows.append(row)
             emit(row)
     if args.json:

@@ -96,10 +96,13 @@ class Backend:
         return np.array(a, dtype=name, copy=True)
 
     def to_numpy(self, x: Any) -> np.ndarray:
-        """Host float64 copy of a backend array (integers stay integers)."""
+        """Host float64 copy of a backend array (integers stay integers); never shares memory."""
         if self.library == "torch":
+            import torch
+
             x = x.detach().to("cpu")
-            return x.to(x.dtype if not x.dtype.is_floating_point else __import__("torch").float64).numpy()
+            out = x.to(torch.float64 if x.dtype.is_floating_point else x.dtype).numpy()
+            return np.array(out, copy=True)
         if self.library == "cupy":
             import cupy
 
@@ -108,7 +111,7 @@ class Backend:
             out = np.asarray(x.astype("float32") if str(x.dtype) == "bfloat16" else x)
         else:
             out = np.asarray(x)
-        return out.astype(np.float64) if np.issubdtype(out.dtype, np.floating) else out
+        return np.array(out, dtype=np.float64 if np.issubdtype(out.dtype, np.floating) else out.dtype, copy=True)
 
 
 BACKENDS: tuple[Backend, ...] = (

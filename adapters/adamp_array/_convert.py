@@ -10,11 +10,25 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device
+from array_api_compat import array_namespace, device, is_cupy_array, is_jax_array, is_numpy_array, is_torch_array
 
 from adamp_core.arrays import namespace_name
 
-__all__ = ["flatten_state_dict", "to_like", "to_numpy", "unflatten_state_dict"]
+__all__ = ["flatten_state_dict", "library", "to_like", "to_numpy", "unflatten_state_dict"]
+
+
+def library(x: Any) -> str:
+    """'numpy', 'torch', 'jax', 'cupy', or the top-level module of another array type."""
+    for name, test in (
+        ("numpy", is_numpy_array),
+        ("torch", is_torch_array),
+        ("jax", is_jax_array),
+        ("cupy", is_cupy_array),
+    ):
+        if test(x):
+            return name
+    return namespace_name(x)
+
 
 SEP = "/"
 
@@ -26,8 +40,8 @@ def _shape(x: Any) -> tuple[int, ...]:
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy (or view) of an array of any library; 16-bit brain floats become float32
     (NumPy has no bfloat16), which is exact."""
-    lib = namespace_name(x)
-    if lib == "numpy":
+    lib = library(x)
+    if lib == "numpy" or isinstance(x, np.generic):
         out = np.asarray(x)
     elif lib == "torch":
         t = x.detach().cpu()
@@ -58,7 +72,7 @@ def to_like(x: Any, like: Any, what: str) -> Any:
     if _shape(x) != _shape(like):
         raise ValueError(f"{what} has shape {_shape(x)} but the param has shape {_shape(like)}")
     xp = array_namespace(like)
-    if namespace_name(x) == namespace_name(like):
+    if library(x) == library(like):
         src, floating = x, xp.isdtype(x.dtype, "real floating")
     else:  # another library (or device): through a host NumPy copy
         src = to_numpy(x)
@@ -153,7 +167,8 @@ def unflatten_state_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
         parts = str(key).split(SEP)
         if len(parts) != 3 or parts[0] not in ("state", "param_groups") or not parts[1].isdigit():
             raise ValueError(
-                f"Invalid flat state dict key: {key!r} (expected 'state/<index>/<name>' or 'param_groups/<index>/<key>')"
+                f"Invalid flat state dict key: {key!r} "
+                "(expected 'state/<index>/<name>' or 'param_groups/<index>/<key>')"
             )
         section, index, name = parts[0], int(parts[1]), parts[2]
         value = flat[key]

@@ -10,7 +10,9 @@ import contextlib
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
-from adamp_core.arrays import check_array, check_grad, namespace_name
+from array_api_compat import is_torch_array, is_writeable_array
+
+from adamp_core.arrays import check_array, check_grad
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
 
@@ -40,13 +42,10 @@ def _label(group: int | None, key: Any) -> str:
 def _write_in_place(param: Any, new: Any) -> bool:
     """Copy ``new`` into the user's array ``param`` when its library allows it; False when it does not
     (JAX, read-only NumPy, ...), in which case the optimizer holds ``new`` instead."""
-    lib = namespace_name(param)
-    if lib == "jax":
-        return False
-    if lib == "numpy" and not getattr(getattr(param, "flags", None), "writeable", False):
+    if not is_writeable_array(param):  # JAX, read-only NumPy, ...
         return False
     try:
-        if lib == "torch":
+        if is_torch_array(param):
             param.copy_(new)  # under torch.no_grad() (see step)
         else:
             param[...] = new
@@ -76,6 +75,7 @@ class ArrayOptimizer:
         self.param_groups: list[dict[str, Any]] = []
         self._kinds: list[type] = []  # list, tuple or dict: how each group's params were given
         self._states: list[dict[Any, Any]] = []
+        self._held: set[tuple[int, Any]] = set()  # params the optimizer holds (their library refused a write)
         seen: dict[int, str] = {}
         grouped = self._layout == "groups"
         for gi, given in enumerate(groups):
@@ -118,8 +118,7 @@ class ArrayOptimizer:
     def _parse(params: Any) -> tuple[list[Mapping[str, Any]], str]:
         if _is_array(params) or isinstance(params, (str, bytes)) or not isinstance(params, Iterable):
             raise TypeError(
-                "params must be a list or dict of arrays, or a list of param-group dicts, "
-                f"got {type(params).__name__}"
+                f"params must be a list or dict of arrays, or a list of param-group dicts, got {type(params).__name__}"
             )
         if isinstance(params, Mapping):
             return [{"params": params}], "dict"
@@ -177,8 +176,10 @@ class ArrayOptimizer:
         for gi, (g, group) in enumerate(zip(grads, self.param_groups, strict=True)):
             params = group["params"]
             # Accept the group-dict form {"params": grads} as well as the bare container.
-            if isinstance(g, Mapping) and set(g) == {"params"} and not (
-                isinstance(params, Mapping) and set(params) == {"params"}
+            if (
+                isinstance(g, Mapping)
+                and set(g) == {"params"}
+                and not (isinstance(params, Mapping) and set(params) == {"params"})
             ):
                 g = g["params"]
             out.append(self._match(g, params, f"grads[{gi}]"))
@@ -252,7 +253,10 @@ class ArrayOptimizer:
         with self._no_grad(todo):
             for gi, k, xp, p, g in todo:
                 new_p, new_s = self._update(xp, p, g, self._states[gi][k], hps[gi])
-                if not _write_in_place(p, new_p):
+                # Once a param's array refused a write (JAX, read-only NumPy) the optimizer holds a new
+                # array at every step, so arrays handed out earlier are never changed afterwards.
+                if (gi, k) in self._held or not _write_in_place(p, new_p):
+                    self._held.add((gi, k))
                     self.param_groups[gi]["params"][k] = new_p
                 self._states[gi][k] = new_s
         return self.params
@@ -260,7 +264,7 @@ class ArrayOptimizer:
     @staticmethod
     def _no_grad(todo: list[Any]) -> Any:
         # Torch tensors used as plain arrays: no autograd graph through the update (or the stored state).
-        if any(namespace_name(item[3]) == "torch" for item in todo):
+        if any(is_torch_array(item[3]) for item in todo):
             import torch
 
             return torch.no_grad()
@@ -363,4 +367,3 @@ class ArrayOptimizer:
             lines.append(f"Parameter Group {gi}")
             lines.extend(f"    {n}: {g[n]}" for n in self._hp_names)
         return "\n".join(lines) + "\n)"
-
