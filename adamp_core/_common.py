@@ -6,9 +6,7 @@ import math
 import numbers
 from typing import Any
 
-from array_api_compat import device
-
-from .arrays import check_grad
+from .arrays import check_grad, device
 
 __all__ = ["bias_correction", "scalar", "state_zeros", "check_step_count", "is_python_int"]
 

@@ -18,10 +18,8 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from array_api_compat import device
-
 from ._common import bias_correction, check_state_arrays, check_step_count, is_python_int, scalar, state_zeros
-from .arrays import check_array, check_grad, compute_dtype
+from .arrays import check_array, check_grad, compute_dtype, device
 from .hyperparams import AdamPHyperparams, check_adamp
 from .projection import project_update
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from array_api_compat import device
+from .arrays import device
 
 __all__ = ["RowStats", "ViewDecision", "row_stats", "decide_view", "project_update", "projected_view", "VIEW_NONE",
            "VIEW_CHANNEL", "VIEW_LAYER"]

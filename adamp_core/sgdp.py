@@ -18,10 +18,8 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from array_api_compat import device
-
 from ._common import check_state_arrays, scalar, state_zeros
-from .arrays import check_array, check_grad, compute_dtype
+from .arrays import check_array, check_grad, compute_dtype, device
 from .hyperparams import SGDPHyperparams, check_sgdp
 from .projection import project_update
 

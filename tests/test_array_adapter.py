@@ -9,11 +9,11 @@ from __future__ import annotations
 import io
 import math
 
-import adamp_array
 import numpy as np
 import pytest
-from adamp_array._convert import library
 
+import adamp_array
+from adamp_array._convert import library
 from adamp_core.testing.adapters_conformance import run_array_adapter
 from adamp_core.testing.backends import BACKENDS, Backend
 from adamp_core.testing.oracle import REGIMES, make_grad, reference_run, rel_error

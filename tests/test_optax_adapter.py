@@ -15,9 +15,8 @@ jax = pytest.importorskip("jax")
 jnp = pytest.importorskip("jax.numpy")
 optax = pytest.importorskip("optax")
 
-import adamp_optax  # noqa: E402
-
 import adamp_core as ac  # noqa: E402
+import adamp_optax  # noqa: E402
 from adamp_core.testing.adapters_conformance import optax_kwargs, run_optax_adapter  # noqa: E402
 from adamp_core.testing.backends import Backend  # noqa: E402
 from adamp_core.testing.oracle import ADAMP_CASES, REGIMES, make_grad, rel_error  # noqa: E402

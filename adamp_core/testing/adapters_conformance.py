@@ -80,9 +80,10 @@ def run_optax_adapter(
 ) -> float:
     """Max normwise relative error of ``adamp_optax`` (``update`` + ``optax.apply_updates``, under
     ``jax.jit`` by default) on a JAX ``backend`` against the official optimizer."""
-    import adamp_optax
     import jax
     import optax
+
+    import adamp_optax
 
     shapes = list(SHAPES) if shapes is None else list(shapes)
     refs = _references(optimizer, case, dtype, steps, shapes)

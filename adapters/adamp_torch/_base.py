@@ -7,7 +7,7 @@ No maths lives here; the update rules are in :mod:`adamp_core`.
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.torch as _xp_torch
@@ -52,6 +52,9 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
     return dtype
 
 
+_EXTRA_KEYS = ("maximize", "state_dtype")  # group keys that adamp 0.3.0 does not have
+
+
 def _label(gi: int, pi: int) -> str:
     return f"param_groups[{gi}]['params'][{pi}]"
 
@@ -94,6 +97,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("state_dtype", None)
+        self.defaults.setdefault("maximize", False)
+        self.defaults.setdefault("state_dtype", None)
 
     # -- grads ------------------------------------------------------------------------------------
     def _check_grads(self) -> list[Any]:
@@ -180,7 +185,15 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                         f"state_dict state {saved_id!r} ({key}) has shape {tuple(v.shape)} but {label} has shape"
                         f" {tuple(p.shape)}"
                     )
+        # Our extra group keys that a saved group lacks (adamp 0.3.0 has neither) keep this
+        # optimizer's values: loading an official checkpoint must not drop state_dtype=float32.
+        kept = [
+            {k: g[k] for k in _EXTRA_KEYS if k in g and k not in sg}
+            for g, sg in zip(self.param_groups, state_dict.get("param_groups", []), strict=False)
+        ]
         super().load_state_dict(state_dict)
+        for g, extra in zip(self.param_groups, kept, strict=False):
+            g.update(extra)
         groups = {id(p): g for g in self.param_groups for p in g["params"]}
         for saved_id, p, _ in pairs:
             st = self.state.get(p)
@@ -204,7 +217,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for gi, (sg, g) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             if len(sg["params"]) != len(g["params"]):
                 return []
-            pairs += [(sid, p, _label(gi, pi)) for pi, (sid, p) in enumerate(zip(sg["params"], g["params"], strict=True))]
+            pairs += [
+                (sid, p, _label(gi, pi)) for pi, (sid, p) in enumerate(zip(sg["params"], g["params"], strict=True))
+            ]
         return pairs
 
 
@@ -221,7 +236,3 @@ def _step_tensor(step: Any, device: torch.device) -> torch.Tensor:
 def _check_saved_step(step: Any, label: str) -> None:
     if isinstance(step, bool) or not isinstance(step, int | float) or not (0 <= step < 2**62) or step != int(step):
         raise ValueError(f"Invalid saved step for {label}: {step!r} (expected a non-negative integer count)")
-
-
-def params_with_grad(group: dict[str, Any]) -> Iterable[torch.Tensor]:
-    return (p for p in group["params"] if p.grad is not None)

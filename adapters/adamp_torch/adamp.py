@@ -26,7 +26,8 @@ class AdamP(ProjectedOptimizer):
 
         m_t &= \beta_1 m_{t-1} + (1-\beta_1) g_t, \qquad v_t = \beta_2 v_{t-1} + (1-\beta_2) g_t^2 \\
         p_t &= \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t} + \epsilon}
-            \quad\Big(\text{nesterov: } \frac{\beta_1 m_t + (1-\beta_1) g_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\Big) \\
+            \quad\Big(\text{nesterov: }
+            \frac{\beta_1 m_t + (1-\beta_1) g_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\Big) \\
         q_t &= \begin{cases} \Pi_{w_t}(p_t) = p_t - (\hat w_t \cdot p_t)\,\hat w_t,
             \ \hat w_t = \frac{w_t}{\lVert w_t\rVert + \epsilon}
             & \text{if } \max_r \lvert\cos(g_{t,r}, w_{t,r})\rvert < \delta/\sqrt{\dim r} \\
