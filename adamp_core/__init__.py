@@ -6,7 +6,7 @@ Python array API. The same code runs on NumPy, CuPy, PyTorch, JAX and array-api-
 >>> w, state = ac.adamp_step(w, np.full((4, 3), 0.1), state, lr=1e-3)
 """
 
-from . import tree
+from . import diagnostics, tree
 from .adamp import AdamPState, adamp_init, adamp_step
 from .hyperparams import ADAMP_DEFAULTS, SGDP_DEFAULTS, check_adamp, check_sgdp
 from .projection import VIEW_CHANNEL, VIEW_LAYER, VIEW_NONE, project_update, projected_view
@@ -26,6 +26,7 @@ __all__ = [
     "adamp_step",
     "check_adamp",
     "check_sgdp",
+    "diagnostics",
     "project_update",
     "projected_view",
     "sgdp_init",
