@@ -7,6 +7,7 @@ Python array API. The same code runs on NumPy, CuPy, PyTorch, JAX and array-api-
 """
 
 from . import diagnostics, tree
+from ._common import all_finite
 from .adamp import AdamPState, adamp_init, adamp_step
 from .hyperparams import ADAMP_DEFAULTS, SGDP_DEFAULTS, check_adamp, check_sgdp
 from .projection import VIEW_CHANNEL, VIEW_LAYER, VIEW_NONE, project_update, projected_view
@@ -22,6 +23,7 @@ __all__ = [
     "VIEW_CHANNEL",
     "VIEW_LAYER",
     "VIEW_NONE",
+    "all_finite",
     "adamp_init",
     "adamp_step",
     "check_adamp",

@@ -8,11 +8,21 @@ from typing import Any
 
 from .arrays import check_grad, device
 
-__all__ = ["bias_correction", "scalar", "state_zeros", "check_step_count", "is_python_int"]
+__all__ = [
+    "all_finite",
+    "bias_correction",
+    "check_step_count",
+    "finite_flag",
+    "is_python_int",
+    "keep_if_finite",
+    "scalar",
+    "state_zeros",
+]
 
 
 def is_python_int(x: Any) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+    # NumPy integer scalars (what a 0-d int array + 1 gives) are arrays here, not host counts.
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and not hasattr(x, "dtype")
 
 
 def scalar(xp: Any, value: Any, dtype: Any) -> Any:
@@ -69,3 +79,45 @@ def check_step_count(step: Any) -> None:
 def check_state_arrays(param: Any, **arrays: Any) -> None:
     for name, arr in arrays.items():
         check_grad(param, arr, f"state.{name}")
+
+
+# -- non-finite gradients ---------------------------------------------------------------------------
+# Policy (the same in the core, the tree functions and every adapter): by default a NaN/inf gradient
+# flows into the param and the state exactly as the arithmetic gives, like torch.optim and
+# adamp==0.3.0. With skip_nonfinite=True a param whose gradient has any non-finite entry is left as
+# it was, param and state (the step count does not advance: the step did not happen, as with
+# torch.amp.GradScaler and optax.apply_if_finite), decided by xp.where on a 0-d flag (no sync).
+
+
+def finite_flag(xp: Any, grad: Any, rows: Any = None) -> Any:
+    """0-d bool array: every entry of ``grad`` is finite. ``rows`` (a
+    :class:`adamp_core.projection.RowReduce`) also combines the flags of every shard of a param whose
+    rows are split across processes, so that all of them decide alike."""
+    ok = xp.all(xp.isfinite(grad))
+    if rows is None:
+        return ok
+    flag = xp.reshape(xp.astype(ok, xp.float32), (1,))
+    (low,) = rows.min(xp, flag)
+    return low > 0
+
+
+def all_finite(grad: Any) -> Any:
+    r"""0-d boolean array, true when every entry of ``grad`` is finite: the test ``skip_nonfinite=True``
+    makes before a step (:math:`\bigwedge_i \operatorname{isfinite}(g_i)`). Sync-free."""
+    from .arrays import check_array
+
+    xp = check_array(grad, "grad")
+    return finite_flag(xp, grad)
+
+
+def keep_if_finite(xp: Any, ok: Any, new_param: Any, new_state: Any, param: Any, state: Any) -> tuple[Any, Any]:
+    """``(new_param, new_state)`` where the 0-d flag ``ok`` is true, else ``(param, state)`` unchanged.
+
+    Arrays are selected with ``xp.where`` (no sync). A state holding a Python-int step count (the host
+    count of adamp 0.3.0) cannot be selected on the device: ``ok`` is then read on the host, one sync
+    (free for NumPy).
+    """
+    if any(is_python_int(f) for f in state):
+        return (new_param, new_state) if bool(ok) else (param, state)
+    fields = (xp.where(ok, n, o) for n, o in zip(new_state, state, strict=True))
+    return xp.where(ok, new_param, param), type(state)(*fields)

@@ -18,10 +18,19 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from ._common import bias_correction, check_state_arrays, check_step_count, is_python_int, scalar, state_zeros
+from ._common import (
+    bias_correction,
+    check_state_arrays,
+    check_step_count,
+    finite_flag,
+    is_python_int,
+    keep_if_finite,
+    scalar,
+    state_zeros,
+)
 from .arrays import check_array, check_grad, compute_dtype, device
-from .hyperparams import AdamPHyperparams, check_adamp
-from .projection import project_update
+from .hyperparams import AdamPHyperparams, _flag, check_adamp
+from .projection import RowReduce, project_update
 
 __all__ = ["AdamPState", "adamp_init", "adamp_step"]
 
@@ -62,6 +71,8 @@ def adamp_step(
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
     nesterov: bool = False,
+    *,
+    skip_nonfinite: bool = False,
 ) -> tuple[Any, AdamPState]:
     r"""One AdamP step (Heo et al., ICLR 2021, Algorithm 2); returns ``(new_param, new_state)``.
 
@@ -76,16 +87,29 @@ def adamp_step(
     Params with ``ndim <= 1`` take the plain AdamW-style step with full weight decay.
     Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
     the grad or the state does not fit the param.
+
+    Non-finite gradients: by default NaN/inf propagate into the param and the state exactly as the
+    arithmetic gives (as in ``adamp==0.3.0`` and ``torch.optim``). With ``skip_nonfinite=True`` a
+    gradient with any NaN/inf entry leaves ``param`` and ``state`` as they are (the step count does
+    not advance); the test is :func:`adamp_core.all_finite` and the choice an ``xp.where``
+    (sync-free, except with a Python-int ``state.step``, where the flag is read on the host).
     """
     hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
+    skip = _flag(skip_nonfinite, "skip_nonfinite")
     xp = check_array(param)
     check_grad(param, grad)
     check_adamp_state(param, state)
-    return adamp_update(xp, param, grad, state, hp)
+    new_param, new_state = adamp_update(xp, param, grad, state, hp)
+    if skip:
+        return keep_if_finite(xp, finite_flag(xp, grad), new_param, new_state, param, state)
+    return new_param, new_state
 
 
-def adamp_update(xp: Any, param: Any, grad: Any, state: AdamPState, hp: AdamPHyperparams) -> tuple[Any, AdamPState]:
-    """:func:`adamp_step` without the checks (callers have validated everything)."""
+def adamp_update(
+    xp: Any, param: Any, grad: Any, state: AdamPState, hp: AdamPHyperparams, rows: RowReduce | None = None
+) -> tuple[Any, AdamPState]:
+    """:func:`adamp_step` without the checks (callers have validated everything). ``rows``: see
+    :class:`adamp_core.projection.RowReduce` (for a param whose rows are sharded across processes)."""
     cdt = compute_dtype(xp, param.dtype)
     lr, eps = scalar(xp, hp.lr, cdt), scalar(xp, hp.eps, cdt)
     beta1, beta2 = (scalar(xp, b, cdt) for b in hp.betas)
@@ -111,7 +135,7 @@ def adamp_update(xp: Any, param: Any, grad: Any, state: AdamPState, hp: AdamPHyp
 
     ratio: Any = 1.0
     if param.ndim > 1:  # static: projection only for ndim > 1 (Alg. 2 lines 5-9)
-        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps)
+        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
     if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):

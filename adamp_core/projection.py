@@ -23,6 +23,14 @@ Everything is computed from one set of per-row reductions of the channel view
 layer view's statistics are their sums over rows, so the tensor is read once and never
 reshaped to ``(1, -1)``. The decision is a 0-d boolean array (``xp.where``), never a
 Python ``if``, so there is no device-to-host sync and the step traces under ``jax.jit``.
+
+No sum of squares overflows or underflows where the true norm fits the dtype: before the
+reductions each row of :math:`w` and :math:`g` is multiplied by a power of two
+:math:`s_r = 2^{-k_r}`, :math:`2^{k_r} \le \max_i |x_{ri}| < 2^{k_r+1}` (so its largest entry is in
+:math:`[1, 2)`), and every formula is rewritten in the scaled quantities (:math:`\epsilon` becomes
+:math:`\epsilon s_r`). Scaling by a power of two is exact, so in the normal range the results are
+bit for bit those of the unscaled formulas (and of ``adamp==0.3.0``); float32 weights or gradients
+near :math:`10^{19}` or :math:`10^{-20}` keep exact cosines and projections instead of ``inf``/``nan``.
 """
 
 from __future__ import annotations
@@ -32,19 +40,24 @@ from typing import Any, NamedTuple
 
 from .arrays import device
 
-__all__ = ["RowStats", "ViewDecision", "row_stats", "decide_view", "project_update", "projected_view", "VIEW_NONE",
-           "VIEW_CHANNEL", "VIEW_LAYER"]
+__all__ = ["RowStats", "ViewDecision", "RowReduce", "row_stats", "decide_view", "project_update", "projected_view",
+           "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
 
 VIEW_NONE, VIEW_CHANNEL, VIEW_LAYER = 0, 1, 2
 
 
 class RowStats(NamedTuple):
-    """Per-row statistics of the channel view, each of shape ``(shape[0],)``."""
+    r"""Per-row statistics of the channel view, each of shape ``(shape[0],)``, computed on the rows
+    scaled by exact powers of two, :math:`\tilde w_r = s_r w_r` and :math:`\tilde g_r = t_r g_r`
+    (``sw``, ``sg``; see the module docstring), so that none of them overflows or underflows."""
 
-    wg: Any  # w_r . g_r
-    ww: Any  # |w_r|^2
-    gg: Any  # |g_r|^2
-    wu: Any  # w_r . u_r  (None when only the test is needed)
+    wg: Any  # ~w_r . ~g_r  = s_r t_r (w_r . g_r)
+    ww: Any  # |~w_r|^2     = s_r^2 |w_r|^2
+    gg: Any  # |~g_r|^2     = t_r^2 |g_r|^2
+    wu: Any  # ~w_r . u_r   = s_r (w_r . u_r)  (None when only the test is needed)
+    sw: Any = None  # s_r = 2^-k_r, max |w_r| in [2^k_r, 2^(k_r+1)) (None: s_r = 1, unscaled stats)
+    sg: Any = None  # t_r, the same for g
+    w_scaled: Any = None  # ~w, the rows of w times s (what the projection subtracts from)
 
 
 class ViewDecision(NamedTuple):
@@ -58,62 +71,148 @@ class ViewDecision(NamedTuple):
     threshold_layer: float  # delta / sqrt(size)
 
 
+class RowReduce:
+    """Reductions over all rows of the channel view, and the shape of the whole tensor.
+
+    Every statistic of the layer view and the max over rows goes through ``sum``/``max``/``min``
+    (each takes per-row arrays of shape ``(rows,)``, several at once, and returns a tuple of 0-d
+    arrays); per-row statistics never leave their row. This default holds all rows in one array.
+    When the rows are split across processes (FSDP2 shards dim 0), pass an instance whose ``shape``
+    is the whole tensor's and whose reductions also combine the shards (local rows may be empty):
+    the step then runs on the local rows alone and is the same as on the whole tensor.
+    """
+
+    def __init__(self, shape: tuple[int, ...] | None = None) -> None:
+        self.shape = None if shape is None else tuple(int(s) for s in shape)  # None: the local array's
+
+    def sum(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
+        return tuple(xp.sum(x) for x in xs)
+
+    def max(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
+        return tuple(xp.max(x) for x in xs)
+
+    def min(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
+        return tuple(xp.min(x) for x in xs)
+
+
+_LOCAL_ROWS = RowReduce()
+
+
 def _rows(xp: Any, x: Any) -> Any:
-    return xp.reshape(x, (x.shape[0], -1))
+    # Explicit row length, not -1: a shard may hold no rows, and (0, -1) is ambiguous.
+    return xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))
+
+
+def _pow2_scale(xp: Any, rows: Any) -> Any:
+    """Per row, the power of two ``s_r = 2**-floor(log2(max|x_r|))`` (so ``s_r x_r`` has its largest
+    entry in [1, 2)), kept within the normal range (``s_r`` and ``1/s_r`` normal numbers); 1 for a row
+    that is all zero, subnormal or NaN (a NaN row is never projected: its statistics are NaN)."""
+    tiny = float(xp.finfo(rows.dtype).smallest_normal)  # 2**-126 (float32), 2**-1022 (float64)
+    m = xp.max(xp.abs(rows), axis=1)
+    # Python scalars only in operators and where(): torch.compile traces them without recompiling.
+    m = xp.where(m >= tiny, m, 1.0)
+    m = xp.where(m <= 1.0 / tiny, m, 1.0 / tiny)  # inf and the top binade: s = 2**-126 (float32)
+    return 0.5 ** xp.floor(xp.log2(m))  # exact: an integer power of two, in the normal range
 
 
 def row_stats(xp: Any, w: Any, g: Any, u: Any | None = None) -> RowStats:
-    """One set of reductions over the rows of the channel view of ``w``, ``g`` (and ``u``)."""
+    """One set of reductions over the rows of the channel view of ``w``, ``g`` (and ``u``), on the
+    rows scaled by powers of two (one max-abs reduction per array first)."""
     wr, gr = _rows(xp, w), _rows(xp, g)
+    sw, sg = _pow2_scale(xp, wr), _pow2_scale(xp, gr)
+    # Exact scaling: the largest entry of each row is in [1, 2), so |~w_r|^2 <= 4 * row length.
+    wr, gr = wr * xp.reshape(sw, (-1, 1)), gr * xp.reshape(sg, (-1, 1))
     wu = None if u is None else xp.vecdot(wr, _rows(xp, u))
-    return RowStats(xp.vecdot(wr, gr), xp.vecdot(wr, wr), xp.vecdot(gr, gr), wu)
+    return RowStats(xp.vecdot(wr, gr), xp.vecdot(wr, wr), xp.vecdot(gr, gr), wu, sw, sg, wr)
 
 
-def _cosine(xp: Any, wg: Any, ww: Any, gg: Any, eps: Any) -> Any:
-    # torch's cosine_similarity clamps each norm at eps separately.
-    return xp.abs(wg) / (xp.maximum(xp.sqrt(ww), eps) * xp.maximum(xp.sqrt(gg), eps))
+def _cosine(xp: Any, wg: Any, ww: Any, gg: Any, eps_w: Any, eps_g: Any) -> Any:
+    # torch's cosine_similarity clamps each norm at eps separately (here eps times the row's scale).
+    return xp.abs(wg) / (xp.maximum(xp.sqrt(ww), eps_w) * xp.maximum(xp.sqrt(gg), eps_g))
 
 
-def decide_view(xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any) -> ViewDecision:
-    """The scale-invariance test of ``adamp==0.3.0`` on both views, from channel-view ``stats``.
+class _Layer(NamedTuple):
+    """Layer-view statistics: the channel-view ones rescaled to the tensor's largest row, summed."""
 
-    ``w`` must have ``ndim > 1`` and ``size > 0``; only its shape is read.
-    """
-    size = math.prod(w.shape)
-    rows = w.shape[0]
-    thr_c = delta / math.sqrt(size // rows)
+    ww: Any  # S^2 |w|^2
+    wg: Any  # S T (w . g)
+    gg: Any  # T^2 |g|^2
+    rho: Any  # per row s_r -> S: S / s_r (<= 1, a power of two)
+    sw: Any  # S = min_r s_r
+    sg: Any  # T = min_r t_r
+
+
+def _layer(xp: Any, stats: RowStats, rows: RowReduce) -> _Layer:
+    if stats.sw is None:
+        one = xp.ones((), dtype=stats.ww.dtype, device=device(stats.ww))
+        return _Layer(*rows.sum(xp, stats.ww, stats.wg, stats.gg), one, one, one)
+    sw, sg = rows.min(xp, stats.sw, stats.sg)
+    rho, sig = sw / stats.sw, sg / stats.sg  # exact powers of two <= 1: rows far below the largest vanish
+    ww, wg, gg = rows.sum(xp, stats.ww * (rho * rho), stats.wg * (rho * sig), stats.gg * (sig * sig))
+    return _Layer(ww, wg, gg, rho, sw, sg)
+
+
+def _decide(
+    xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: RowReduce = _LOCAL_ROWS
+) -> tuple[ViewDecision, _Layer]:
+    shape = w.shape if rows.shape is None else rows.shape  # the whole tensor's (w may be a shard)
+    size = math.prod(shape)
+    thr_c = delta / math.sqrt(size // shape[0])
     thr_l = delta / math.sqrt(size)
-    cos_c = xp.max(_cosine(xp, stats.wg, stats.ww, stats.gg, eps))
-    cos_l = _cosine(xp, xp.sum(stats.wg), xp.sum(stats.ww), xp.sum(stats.gg), eps)
+    lay = _layer(xp, stats, rows)
+    if stats.sw is None:
+        eps_cw = eps_cg = eps
+    else:
+        eps_cw, eps_cg = eps * stats.sw, eps * stats.sg
+    (cos_c,) = rows.max(xp, _cosine(xp, stats.wg, stats.ww, stats.gg, eps_cw, eps_cg))
+    cos_l = _cosine(xp, lay.wg, lay.ww, lay.gg, eps * lay.sw, eps * lay.sg)
     channel = cos_c < thr_c
     layer = xp.logical_and(xp.logical_not(channel), cos_l < thr_l)
-    return ViewDecision(channel, layer, cos_c, cos_l, thr_c, thr_l)
+    return ViewDecision(channel, layer, cos_c, cos_l, thr_c, thr_l), lay
 
 
-def project_update(xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any) -> tuple[Any, Any, ViewDecision | None]:
+def decide_view(xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: RowReduce | None = None) -> ViewDecision:
+    r"""The scale-invariance test of ``adamp==0.3.0`` on both views, from channel-view ``stats``.
+
+    ``w`` must have ``ndim > 1`` and ``size > 0``; only its shape is read. With scaled stats the
+    cosines are computed as :math:`|\tilde w_r\cdot\tilde g_r| / (\max(|\tilde w_r|, \epsilon s_r)
+    \max(|\tilde g_r|, \epsilon t_r))`, which equals the unscaled formula exactly.
+    """
+    return _decide(xp, w, stats, delta, eps, _LOCAL_ROWS if rows is None else rows)[0]
+
+
+def project_update(
+    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None
+) -> tuple[Any, Any, ViewDecision | None]:
     """Return ``(Pi(u), projected, decision)`` for a weight ``w`` with ``ndim > 1``.
 
     ``Pi(u) = u - w_n * sum_row(w_n * u)`` with ``w_n = w / (|w_row| + eps)`` on the view chosen
     by :func:`decide_view`, and ``u`` itself when neither view is scale-invariant. ``projected`` is a
     0-d boolean array. Arrays of size 0 are returned unchanged (the official code fails on them).
+    ``rows`` (default: ``w`` holds every row) says how to reduce over rows when ``w``, ``g`` and ``u``
+    hold only some of them; see :class:`RowReduce`.
     """
     dev = device(w)
-    if math.prod(w.shape) == 0:
+    rows = _LOCAL_ROWS if rows is None else rows
+    if math.prod(w.shape if rows.shape is None else rows.shape) == 0:  # static; every shard agrees
         return u, xp.asarray(False, device=dev), None
     eps_a = xp.asarray(eps, dtype=w.dtype, device=dev)
     stats = row_stats(xp, w, g, u)
-    dec = decide_view(xp, w, stats, delta, eps_a)
+    dec, lay = _decide(xp, w, stats, delta, eps_a, rows)
     # sum_row(w_n * u) * w_n = w * (w.u) / (|w| + eps)^2, per row (channel) or for the whole tensor (layer).
-    n_c = xp.sqrt(stats.ww) + eps_a
-    n_l = xp.sqrt(xp.sum(stats.ww)) + eps_a
+    # In scaled terms (~w = s w): ~w * (~w.u) / (|~w| + eps s)^2, the same number exactly.
+    n_c = xp.sqrt(stats.ww) + eps_a * stats.sw
+    n_l = xp.sqrt(lay.ww) + eps_a * lay.sw
     coef_c = stats.wu / n_c / n_c
-    coef_l = xp.sum(stats.wu) / n_l / n_l
+    (wu_l,) = rows.sum(xp, stats.wu * lay.rho)
+    coef_l = lay.rho * (wu_l / n_l / n_l)  # row r: ~w_r * rho_r = S w_r
     zero = xp.zeros((), dtype=w.dtype, device=dev)
     coef = xp.where(dec.channel, coef_c, xp.where(dec.layer, coef_l, zero))
     coef = xp.reshape(coef, (w.shape[0],) + (1,) * (w.ndim - 1))
     projected = xp.logical_or(dec.channel, dec.layer)
-    # Where nothing is projected coef is 0 and u - w * 0 == u exactly for finite w.
-    return u - w * coef, projected, dec
+    # Where nothing is projected coef is 0 and u - w * 0 == u for finite w; an infinite weight (never
+    # projected: its cosines are NaN) would make it NaN, so select u itself, as adamp 0.3.0 leaves it.
+    return xp.where(projected, u - xp.reshape(stats.w_scaled, w.shape) * coef, u), projected, dec
 
 
 def projected_view(param: Any, grad: Any, delta: Any = 0.1, eps: Any = 1e-8) -> Any:

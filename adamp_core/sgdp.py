@@ -18,10 +18,10 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._common import check_state_arrays, scalar, state_zeros
+from ._common import check_state_arrays, finite_flag, keep_if_finite, scalar, state_zeros
 from .arrays import check_array, check_grad, compute_dtype, device
-from .hyperparams import SGDPHyperparams, check_sgdp
-from .projection import project_update
+from .hyperparams import SGDPHyperparams, _flag, check_sgdp
+from .projection import RowReduce, project_update
 
 __all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
 
@@ -56,6 +56,8 @@ def sgdp_step(
     eps: Any = 1e-8,
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
+    *,
+    skip_nonfinite: bool = False,
 ) -> tuple[Any, SGDPState]:
     r"""One SGDP step (Heo et al., ICLR 2021, Algorithm 1); returns ``(new_param, new_state)``.
 
@@ -71,16 +73,28 @@ def sgdp_step(
     Params with ``ndim <= 1`` take the plain SGD step with full weight decay.
     Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
     the grad or the state does not fit the param.
+
+    Non-finite gradients: by default NaN/inf propagate into the param and the state exactly as the
+    arithmetic gives (as in ``adamp==0.3.0`` and ``torch.optim``). With ``skip_nonfinite=True`` a
+    gradient with any NaN/inf entry leaves ``param`` and ``state`` as they are; the test is
+    :func:`adamp_core.all_finite` and the choice an ``xp.where`` (sync-free).
     """
     hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
+    skip = _flag(skip_nonfinite, "skip_nonfinite")
     xp = check_array(param)
     check_grad(param, grad)
     check_sgdp_state(param, state)
-    return sgdp_update(xp, param, grad, state, hp)
+    new_param, new_state = sgdp_update(xp, param, grad, state, hp)
+    if skip:
+        return keep_if_finite(xp, finite_flag(xp, grad), new_param, new_state, param, state)
+    return new_param, new_state
 
 
-def sgdp_update(xp: Any, param: Any, grad: Any, state: SGDPState, hp: SGDPHyperparams) -> tuple[Any, SGDPState]:
-    """:func:`sgdp_step` without the checks (callers have validated everything)."""
+def sgdp_update(
+    xp: Any, param: Any, grad: Any, state: SGDPState, hp: SGDPHyperparams, rows: RowReduce | None = None
+) -> tuple[Any, SGDPState]:
+    """:func:`sgdp_step` without the checks (callers have validated everything). ``rows``: see
+    :class:`adamp_core.projection.RowReduce` (for a param whose rows are sharded across processes)."""
     cdt = compute_dtype(xp, param.dtype)
     lr, mu = scalar(xp, hp.lr, cdt), scalar(xp, hp.momentum, cdt)
     # Half-precision params and state are promoted: all maths and reductions in float32.
@@ -88,12 +102,14 @@ def sgdp_update(xp: Any, param: Any, grad: Any, state: SGDPState, hp: SGDPHyperp
     g = xp.astype(grad, cdt, copy=False)
     buf = xp.astype(state.momentum, cdt, copy=False)
 
-    buf = mu * buf + (1 - scalar(xp, hp.dampening, cdt)) * g  # Alg. 1 line 2 (torch SGD form)
+    # Alg. 1 line 2 (torch SGD form); without dampening (the default) 1 * g == g exactly: skip that pass.
+    damped = g if isinstance(hp.dampening, float) and hp.dampening == 0.0 else (1 - scalar(xp, hp.dampening, cdt)) * g
+    buf = mu * buf + damped
     d_p = g + mu * buf if hp.nesterov else buf
 
     ratio: Any = 1.0
     if param.ndim > 1:  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
-        d_p, projected, _ = project_update(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt))
+        d_p, projected, _ = project_update(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
         if not hp.nesterov:

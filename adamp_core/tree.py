@@ -12,10 +12,11 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from ._common import finite_flag, keep_if_finite
 from .adamp import AdamPState, adamp_update, check_adamp_state
 from .adamp import adamp_init as _adamp_init
 from .arrays import check_array, check_grad
-from .hyperparams import check_adamp, check_sgdp
+from .hyperparams import _flag, check_adamp, check_sgdp
 from .sgdp import SGDPState, check_sgdp_state, sgdp_update
 from .sgdp import sgdp_init as _sgdp_init
 
@@ -51,7 +52,10 @@ def _match(params: Any, other: Any, what: str) -> list[Any]:
 
 
 def _init(params: Any, init: Any, state_dtype: Any) -> Any:
-    return _rebuild(params, {k: init(params[k], state_dtype=state_dtype) for k in _keys(params, "params")})
+    keys = _keys(params, "params")
+    for k in keys:  # name the bad entry before anything is allocated
+        check_array(params[k], _label("params", k))
+    return _rebuild(params, {k: init(params[k], state_dtype=state_dtype) for k in keys})
 
 
 def adamp_init(params: Any, *, state_dtype: Any = None) -> Any:
@@ -82,12 +86,18 @@ def _validate(params: Any, grads: Any, states: Any, check_state: Any) -> list[tu
     return todo
 
 
-def _step(params: Any, grads: Any, states: Any, hp: Any, check_state: Any, update: Any) -> tuple[Any, Any]:
+def _step(
+    params: Any, grads: Any, states: Any, hp: Any, check_state: Any, update: Any, skip_nonfinite: Any = False
+) -> tuple[Any, Any]:
+    skip = _flag(skip_nonfinite, "skip_nonfinite")
     todo = _validate(params, grads, states, check_state)
     new_p = {k: params[k] for k in _keys(params, "params")}
     new_s = {k: states[k] for k in _keys(params, "params")}
     for k, xp in todo:
         new_p[k], new_s[k] = update(xp, params[k], grads[k], states[k], hp)
+        if skip:  # each param on its own: a NaN in one grad leaves only that param (and state) as it was
+            ok = finite_flag(xp, grads[k])
+            new_p[k], new_s[k] = keep_if_finite(xp, ok, new_p[k], new_s[k], params[k], states[k])
     return _rebuild(params, new_p), _rebuild(params, new_s)
 
 
@@ -102,10 +112,13 @@ def adamp_step(
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
     nesterov: bool = False,
+    *,
+    skip_nonfinite: bool = False,
 ) -> tuple[Any, Any]:
-    """:func:`adamp_core.adamp_step` over a list/tuple/dict; returns ``(params, states)``."""
+    """:func:`adamp_core.adamp_step` over a list/tuple/dict; returns ``(params, states)``.
+    ``skip_nonfinite``: as in :func:`adamp_core.adamp_step`, param by param."""
     hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
-    return _step(params, grads, states, hp, check_adamp_state, adamp_update)
+    return _step(params, grads, states, hp, check_adamp_state, adamp_update, skip_nonfinite)
 
 
 def sgdp_step(
@@ -120,10 +133,13 @@ def sgdp_step(
     eps: Any = 1e-8,
     delta: Any = 0.1,
     wd_ratio: Any = 0.1,
+    *,
+    skip_nonfinite: bool = False,
 ) -> tuple[Any, Any]:
-    """:func:`adamp_core.sgdp_step` over a list/tuple/dict; returns ``(params, states)``."""
+    """:func:`adamp_core.sgdp_step` over a list/tuple/dict; returns ``(params, states)``.
+    ``skip_nonfinite``: as in :func:`adamp_core.sgdp_step`, param by param."""
     hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
-    return _step(params, grads, states, hp, check_sgdp_state, sgdp_update)
+    return _step(params, grads, states, hp, check_sgdp_state, sgdp_update, skip_nonfinite)
 
 
 # Re-exported so that `from adamp_core.tree import AdamPState` works in tree-level code.

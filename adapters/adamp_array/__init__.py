@@ -18,6 +18,9 @@ Thin adapters: every update is ``adamp_core``'s (paper Algorithms 1 and 2, match
   returned by ``step``).
 * Every group's hyperparameters and every grad are checked before any param or state changes.
 * ``opt.param_groups[i]["lr"] = ...`` edits a group's hyperparameters (checked at the next step).
+* Non-finite grads: NaN/inf flow into params and state as the arithmetic gives (as ``adamp==0.3.0``).
+  With ``skip_nonfinite=True`` (keyword only) a param whose grad has a NaN/inf entry is left as it
+  was, param and state (the step count does not advance), and ``opt.nonfinite_skips`` counts it.
 * ``state_dict()`` / ``load_state_dict()``: the ``torch.optim`` layout (state keys ``step``,
   ``exp_avg``, ``exp_avg_sq`` / ``momentum`` as in ``adamp==0.3.0``), loadable onto another library
   or device; ``numpy.savez(f, **flatten_state_dict(sd))`` saves it and
@@ -81,12 +84,13 @@ class AdamP(ArrayOptimizer):
         nesterov: bool = False,
         *,
         state_dtype: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov
         )
         check_adamp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype)
+        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
 
 
 class SGDP(ArrayOptimizer):
@@ -122,6 +126,7 @@ class SGDP(ArrayOptimizer):
         wd_ratio: Any = 0.1,
         *,
         state_dtype: Any = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -135,4 +140,4 @@ class SGDP(ArrayOptimizer):
         )
         if lr is not REQUIRED:
             check_sgdp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype)
+        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)

@@ -12,7 +12,9 @@ from typing import Any
 
 from array_api_compat import is_torch_array, is_writeable_array
 
+from adamp_core._common import finite_flag
 from adamp_core.arrays import check_array, check_grad
+from adamp_core.hyperparams import _flag
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
 
@@ -25,6 +27,10 @@ class _Required:
 
 
 REQUIRED: Any = _Required()
+
+# Group keys of adamp_torch's state dicts that adamp_array has as optimizer-wide options (or not at all):
+# a checkpoint of the torch adapter loads here (maximize must be False).
+_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite")
 
 
 def _is_array(x: Any) -> bool:
@@ -68,9 +74,13 @@ class ArrayOptimizer:
     _check_state: Callable[[Any, Any], None]
     _update: Callable[..., tuple[Any, Any]]
 
-    def __init__(self, params: Any, defaults: dict[str, Any], *, state_dtype: Any = None) -> None:
+    def __init__(
+        self, params: Any, defaults: dict[str, Any], *, state_dtype: Any = None, skip_nonfinite: bool = False
+    ) -> None:
         self.defaults = dict(defaults)
         self._state_dtype = state_dtype
+        self.skip_nonfinite = _flag(skip_nonfinite, "skip_nonfinite")
+        self._skips: dict[tuple[int, Any], int] = {}  # (group, key) -> steps skipped for a non-finite grad
         groups, self._layout = self._parse(params)
         self.param_groups: list[dict[str, Any]] = []
         self._kinds: list[type] = []  # list, tuple or dict: how each group's params were given
@@ -156,6 +166,17 @@ class ArrayOptimizer:
         """The current params, in the structure given to the constructor. Arrays updated in place are
         the user's own objects; immutable ones (JAX, read-only NumPy) are the optimizer's new arrays."""
         return self._structure([self._export(gi, g["params"]) for gi, g in enumerate(self.param_groups)])
+
+    @property
+    def nonfinite_skips(self) -> Any:
+        """How many steps each param skipped for a non-finite grad (``skip_nonfinite=True``), as Python
+        ints in the params' structure. Not part of :meth:`state_dict`."""
+        return self._structure(
+            [
+                self._export(gi, {k: self._skips.get((gi, k), 0) for k in _keys(g["params"])})
+                for gi, g in enumerate(self.param_groups)
+            ]
+        )
 
     @property
     def states(self) -> Any:
@@ -252,6 +273,11 @@ class ArrayOptimizer:
                 todo.append((gi, k, xp, p, g))
         with self._no_grad(todo):
             for gi, k, xp, p, g in todo:
+                # skip_nonfinite: a NaN/inf grad leaves param and state (step included) as they were.
+                # The flag is read on the host: free for NumPy, one sync per param on a device.
+                if self.skip_nonfinite and not bool(finite_flag(xp, g)):
+                    self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
+                    continue
                 new_p, new_s = self._update(xp, p, g, self._states[gi][k], hps[gi])
                 # Once a param's array refused a write (JAX, read-only NumPy) the optimizer holds a new
                 # array at every step, so arrays handed out earlier are never changed afterwards.
@@ -310,10 +336,16 @@ class ArrayOptimizer:
         new_hps, new_states = [], []
         for gi, (saved, group) in enumerate(zip(saved_groups, self.param_groups, strict=True)):
             keys = _keys(group["params"])
-            extra = sorted(set(saved) - {"params", "param_names", *self._hp_names}, key=str)
+            extra = sorted(set(saved) - {"params", "param_names", *self._hp_names, *_TORCH_GROUP_KEYS}, key=str)
+            if saved.get("maximize", False) not in (False, 0):
+                raise ValueError(
+                    f"loaded param_groups[{gi}] has maximize={saved['maximize']!r}: {self._name} of adamp_array"
+                    " minimizes (negate the gradients instead)"
+                )
             if extra:
                 raise ValueError(
-                    f"loaded param_groups[{gi}] has unexpected key(s) {extra}: not a {self._name} state dict?"
+                    f"loaded param_groups[{gi}] has unexpected key(s) {extra}: not a {self._name} state dict (a state"
+                    " dict of another optimizer?)"
                 )
             missing = [n for n in ("params", *self._hp_names) if n not in saved]
             if missing:
@@ -346,7 +378,7 @@ class ArrayOptimizer:
         if not isinstance(entry, Mapping):
             raise TypeError(f"{what} must be a dict, got {type(entry).__name__}")
         names = type(fresh)._fields
-        extra = sorted(set(entry) - set(names), key=str)
+        extra = sorted(set(entry) - set(names) - {"nonfinite_skips"}, key=str)  # adamp_torch's skip count
         missing = [n for n in names if n not in entry]
         if extra or missing:
             raise ValueError(

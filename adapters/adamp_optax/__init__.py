@@ -33,6 +33,7 @@ import jax.numpy as jnp
 import optax
 
 import adamp_core as ac
+from adamp_core.hyperparams import _flag
 
 __all__ = ["ScaleByAdamPState", "ScaleBySGDPState", "adamp", "sgdp"]
 
@@ -42,6 +43,9 @@ class ScaleByAdamPState(NamedTuple):
 
     count: Any  # int32 array: updates done so far (the learning-rate schedule's argument)
     states: Any  # pytree like the params, with an AdamPState(step, exp_avg, exp_avg_sq) per leaf
+    # skip_nonfinite=True: pytree like the params of int32 counts of the updates each leaf skipped
+    # for a non-finite gradient (read with jax.tree.map(int, state.nonfinite_skips)); else None.
+    nonfinite_skips: Any = None
 
 
 class ScaleBySGDPState(NamedTuple):
@@ -49,6 +53,7 @@ class ScaleBySGDPState(NamedTuple):
 
     count: Any
     states: Any  # pytree like the params, with an SGDPState(momentum) per leaf
+    nonfinite_skips: Any = None  # as in ScaleByAdamPState
 
 
 _NO_PARAMS = (
@@ -64,33 +69,67 @@ def _check_learning_rate(learning_rate: Any) -> None:
         raise TypeError(f"Invalid learning rate: {learning_rate!r} (expected a number, an array or a schedule)")
 
 
+def _flatten_like(treedef: Any, tree: Any, what: str, updates: Any) -> list[Any]:
+    """``treedef.flatten_up_to(tree)``, with an error that names a missing gradient."""
+    try:
+        return treedef.flatten_up_to(tree)
+    except (ValueError, TypeError) as exc:
+        leaves = jax.tree_util.tree_flatten_with_path(updates, is_leaf=lambda x: x is None)[0]
+        missing = [jax.tree_util.keystr(path) for path, x in leaves if x is None]
+        if missing:
+            raise TypeError(
+                f"grads{missing[0]} is None; a gradient is required for every param (mask params without"
+                " one with optax.masked)"
+            ) from None
+        raise ValueError(f"{what} must have the structure of the gradients: {exc}") from None
+
+
 def _transformation(
     name: str,
     learning_rate: Any,
     init_leaf: Callable[[Any], Any],
     step_leaf: Callable[[Any, Any, Any, Any], tuple[Any, Any]],
     state_cls: type,
+    skip_nonfinite: bool,
 ) -> optax.GradientTransformation:
+    def init_one(path: Any, p: Any) -> Any:
+        try:
+            return init_leaf(p)
+        except (TypeError, ValueError) as exc:  # name the leaf of a bad param
+            raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
+
     def init_fn(params: Any) -> Any:
-        states = jax.tree.map(init_leaf, params)
-        return state_cls(jnp.zeros([], jnp.int32), states)
+        states = jax.tree_util.tree_map_with_path(init_one, params)
+        skips = jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params) if skip_nonfinite else None
+        return state_cls(jnp.zeros([], jnp.int32), states, skips)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
             raise ValueError(_NO_PARAMS.format(name=name))
+        if not isinstance(state, state_cls):
+            raise TypeError(f"state must be a {state_cls.__name__} (from {name}(...).init), got {type(state).__name__}")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
         # The updates' structure drives: params and states are flattened up to it (states hold one
         # core NamedTuple per leaf; empty nodes such as optax.MaskedNode have no leaves).
-        grads, treedef = jax.tree.flatten(updates)
-        params_l = treedef.flatten_up_to(params)
-        states_l = treedef.flatten_up_to(state.states)
-        new_updates, new_states = [], []
-        for p, g, s in zip(params_l, grads, states_l, strict=True):
-            new_p, new_s = step_leaf(p, g, s, lr)
+        paths_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        params_l = _flatten_like(treedef, params, "params", updates)
+        states_l = _flatten_like(treedef, state.states, "state.states", updates)
+        skips_l = (
+            _flatten_like(treedef, state.nonfinite_skips, "state.nonfinite_skips", updates) if skip_nonfinite else []
+        )
+        new_updates, new_states, new_skips = [], [], []
+        for i, ((path, g), p, s) in enumerate(zip(paths_grads, params_l, states_l, strict=True)):
+            try:
+                new_p, new_s = step_leaf(p, g, s, lr)
+            except (TypeError, ValueError) as exc:  # name the leaf; nothing has changed (pure functions)
+                raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
+            if skip_nonfinite:  # the core kept p and s for a non-finite g; count it (no sync)
+                new_skips.append(skips_l[i] + jnp.logical_not(ac.all_finite(g)).astype(jnp.int32))
             # optax applies updates additively: p + (new_p - p) == new_p up to one rounding.
             new_updates.append(new_p - p)
             new_states.append(new_s)
-        new_state = state_cls(optax.safe_increment(state.count), treedef.unflatten(new_states))
+        skips = treedef.unflatten(new_skips) if skip_nonfinite else None
+        new_state = state_cls(optax.safe_increment(state.count), treedef.unflatten(new_states), skips)
         return treedef.unflatten(new_updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -107,6 +146,7 @@ def adamp(
     nesterov: bool = False,
     *,
     state_dtype: Any = None,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     r"""AdamP (paper Algorithm 2) as an optax transformation.
 
@@ -126,6 +166,11 @@ def adamp(
     ``state_dtype`` (keyword only) keeps the moments in another dtype (e.g. ``jnp.float32`` for
     bfloat16 params). Arguments are those of ``adamp.AdamP`` with optax's names
     (``learning_rate``, ``b1``, ``b2``); numbers are checked here, before anything runs.
+
+    Non-finite gradients propagate into the params and the state as the arithmetic gives (as in
+    ``adamp==0.3.0``). With ``skip_nonfinite=True`` a leaf whose gradient has a NaN/inf entry gets a
+    zero update and keeps its state (its step count does not advance; ``count`` still does), and
+    ``state.nonfinite_skips`` counts the skips per leaf; all of this under ``jax.jit``, without a sync.
     """
     _check_learning_rate(learning_rate)
     hp = ac.check_adamp(
@@ -133,12 +178,13 @@ def adamp(
     )
     kwargs = hp._asdict()
     del kwargs["lr"]
+    skip = _flag(skip_nonfinite, "skip_nonfinite")
 
     def step_leaf(p: Any, g: Any, s: Any, lr: Any) -> tuple[Any, Any]:
-        return ac.adamp_step(p, g, s, lr=lr, **kwargs)
+        return ac.adamp_step(p, g, s, lr=lr, skip_nonfinite=skip, **kwargs)
 
     return _transformation(
-        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState
+        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState, skip
     )
 
 
@@ -153,6 +199,7 @@ def sgdp(
     wd_ratio: Any = 0.1,
     *,
     state_dtype: Any = None,
+    skip_nonfinite: bool = False,
 ) -> optax.GradientTransformation:
     r"""SGDP (paper Algorithm 1) as an optax transformation.
 
@@ -163,7 +210,8 @@ def sgdp(
 
     and ``update`` :math:`= w_{t+1} - w_t`. Arguments are those of ``adamp.SGDP`` (``learning_rate``
     for ``lr``, required); it may be an optax schedule. ``update`` requires ``params``. Without
-    nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``.
+    nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``. ``skip_nonfinite``: as in
+    :func:`adamp`.
     """
     _check_learning_rate(learning_rate)
     hp = ac.check_sgdp(
@@ -178,10 +226,11 @@ def sgdp(
     )
     kwargs = hp._asdict()
     del kwargs["lr"]
+    skip = _flag(skip_nonfinite, "skip_nonfinite")
 
     def step_leaf(p: Any, g: Any, s: Any, lr: Any) -> tuple[Any, Any]:
-        return ac.sgdp_step(p, g, s, lr=lr, **kwargs)
+        return ac.sgdp_step(p, g, s, lr=lr, skip_nonfinite=skip, **kwargs)
 
     return _transformation(
-        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState
+        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState, skip
     )

@@ -14,6 +14,8 @@ import array_api_compat.torch as _xp_torch
 import torch
 from torch.optim.optimizer import required
 
+from adamp_core._common import finite_flag, keep_if_finite
+
 __all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
 
 # The array-API namespace of every torch tensor (what ``array_namespace(p)`` returns), resolved
@@ -52,7 +54,7 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
     return dtype
 
 
-_EXTRA_KEYS = ("maximize", "state_dtype")  # group keys that adamp 0.3.0 does not have
+_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite")  # group keys that adamp 0.3.0 does not have
 
 
 def _label(gi: int, pi: int) -> str:
@@ -97,8 +99,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for group in self.param_groups:
             group.setdefault("maximize", False)
             group.setdefault("state_dtype", None)
+            group.setdefault("skip_nonfinite", False)
         self.defaults.setdefault("maximize", False)
         self.defaults.setdefault("state_dtype", None)
+        self.defaults.setdefault("skip_nonfinite", False)
 
     # -- grads ------------------------------------------------------------------------------------
     def _check_grads(self) -> list[Any]:
@@ -143,6 +147,28 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
         return state
 
+    # -- non-finite gradients (skip_nonfinite=True) ----------------------------------------------
+    @staticmethod
+    def _check_flags(group: dict[str, Any]) -> None:
+        for name in ("maximize", "skip_nonfinite"):
+            if not isinstance(group.get(name, False), bool):
+                raise TypeError(f"Invalid {name} value: {group[name]!r} (expected True or False)")
+
+    def _skip_counter(self, p: torch.Tensor) -> torch.Tensor:
+        """``state["nonfinite_skips"]`` of ``p``: a 0-d int64 tensor on its device counting the steps
+        skipped for a non-finite grad (created at the first step with ``skip_nonfinite=True``)."""
+        state = self.state[p]
+        if "nonfinite_skips" not in state:
+            state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
+        return state["nonfinite_skips"]
+
+    @staticmethod
+    def _keep_if_finite(counter: torch.Tensor, g: Any, new_p: Any, new: Any, p: Any, old: Any, rows: Any) -> Any:
+        """The core's ``(new_p, new)`` if ``g`` is finite, else ``(p, old)``; counts the skip. No sync."""
+        ok = finite_flag(XP, g, rows)
+        counter.add_(torch.logical_not(ok).to(counter.dtype))
+        return keep_if_finite(XP, ok, new_p, new, p, old)
+
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """``torch.optim.Optimizer.state_dict`` with each ``step`` as a Python int, as ``adamp==0.3.0``
@@ -174,8 +200,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         group's ``state_dtype`` (torch would have cast them to the param's dtype).
         """
         pairs = self._saved_pairs(state_dict)
+        for gi, sg in enumerate(state_dict.get("param_groups", [])):
+            missing = sorted(k for k in self.defaults if k not in sg and k not in _EXTRA_KEYS)
+            if missing:
+                raise ValueError(
+                    f"loaded param_groups[{gi}] is missing {missing}: not a {self._name} state dict (a state dict of"
+                    " another optimizer?)"
+                )
         for saved_id, p, label in pairs:
             saved = state_dict["state"].get(saved_id, {})
+            absent = [k for k in self._state_keys if saved and k not in saved]
+            if absent:
+                raise ValueError(
+                    f"state_dict state {saved_id!r} of {label} has keys {sorted(saved)} but {self._name} needs"
+                    f" {list(self._state_keys)}: not a {self._name} state dict (a state dict of another optimizer?)"
+                )
             if self._has_step and "step" in saved and not torch.is_tensor(saved["step"]):
                 _check_saved_step(saved["step"], label)
             for key in self._state_keys:
@@ -201,6 +240,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 continue
             if self._has_step and "step" in st:
                 st["step"] = _step_tensor(st["step"], p.device)
+            if "nonfinite_skips" in st:  # torch casts it to the param's dtype: back to an int64 count
+                st["nonfinite_skips"] = _step_tensor(st["nonfinite_skips"], p.device)
             dtype = groups[id(p)].get("state_dtype")
             if dtype is not None:
                 saved = state_dict["state"].get(saved_id, {})

@@ -11,6 +11,7 @@ from adamp_core.adamp import AdamPState, adamp_update
 from adamp_core.hyperparams import AdamPHyperparams, check_adamp
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype
+from ._distributed import local_shards
 
 __all__ = ["AdamP"]
 
@@ -52,6 +53,10 @@ class AdamP(ProjectedOptimizer):
         maximize: maximize the objective (the update uses :math:`-g`).
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` (default: the param's); e.g. ``torch.float32``
             for bfloat16/float16 params. The maths of 16-bit params always runs in float32.
+        skip_nonfinite: if True, a param whose grad has a NaN/inf entry is left as it was, param and
+            state (``step`` does not advance), and ``state["nonfinite_skips"]`` (a 0-d int64 tensor) counts it; read it
+            with ``int(opt.state[p]["nonfinite_skips"])`` (one sync) when you want to know. Default:
+            NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
 
     State per param: ``step`` (0-d int64 tensor on the param's device; a Python int in
     :meth:`state_dict`, as adamp 0.3.0 stores it), ``exp_avg``, ``exp_avg_sq``.
@@ -74,6 +79,7 @@ class AdamP(ProjectedOptimizer):
         *,
         maximize: bool = False,
         state_dtype: torch.dtype | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -85,13 +91,13 @@ class AdamP(ProjectedOptimizer):
             nesterov=nesterov,
             maximize=maximize,
             state_dtype=normalize_state_dtype(state_dtype),
+            skip_nonfinite=skip_nonfinite,
         )
         self._check_hyper(defaults)
         super().__init__(params, defaults)
 
     def _check_hyper(self, group: dict[str, Any]) -> AdamPHyperparams:
-        if not isinstance(group.get("maximize", False), bool):
-            raise TypeError(f"Invalid maximize value: {group['maximize']!r} (expected True or False)")
+        self._check_flags(group)
         return check_adamp(
             group["lr"],
             group["betas"],
@@ -144,9 +150,14 @@ class AdamP(ProjectedOptimizer):
             exp_avg_sqs: list[torch.Tensor] = []
             steps: list[torch.Tensor] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-            maximize = group["maximize"]
+            maximize, skip = group["maximize"], group["skip_nonfinite"]
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-                new_p, new = adamp_update(XP, p, torch.neg(g) if maximize else g, AdamPState(t, m, v), hp)
+                counter = self._skip_counter(p) if skip else None
+                # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
+                p, g, (m, v), rows = local_shards(p, g, m, v)
+                new_p, new = adamp_update(XP, p, torch.neg(g) if maximize else g, AdamPState(t, m, v), hp, rows)
+                if skip:  # a non-finite grad leaves param and state (step included) as they were
+                    new_p, new = self._keep_if_finite(counter, g, new_p, new, p, AdamPState(t, m, v), rows)
                 # adamp_core is pure; write its results back in place (params and state keep their
                 # identity, device and memory format).
                 t.copy_(new.step)

@@ -11,6 +11,7 @@ from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
 from adamp_core.sgdp import SGDPState, sgdp_update
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype, required
+from ._distributed import local_shards
 
 __all__ = ["SGDP"]
 
@@ -47,6 +48,10 @@ class SGDP(ProjectedOptimizer):
         eps, delta, wd_ratio: as in :class:`adamp_torch.AdamP`.
         maximize: maximize the objective (the update uses :math:`-g`).
         state_dtype: dtype of the ``momentum`` buffer (default: the param's).
+        skip_nonfinite: if True, a param whose grad has a NaN/inf entry is left as it was, param and
+            state, and ``state["nonfinite_skips"]`` (a 0-d int64 tensor) counts it; read it
+            with ``int(opt.state[p]["nonfinite_skips"])`` (one sync) when you want to know. Default:
+            NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
 
     State per param: ``momentum``, as adamp 0.3.0 names it.
     """
@@ -69,6 +74,7 @@ class SGDP(ProjectedOptimizer):
         *,
         maximize: bool = False,
         state_dtype: torch.dtype | str | None = None,
+        skip_nonfinite: bool = False,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -81,14 +87,14 @@ class SGDP(ProjectedOptimizer):
             wd_ratio=wd_ratio,
             maximize=maximize,
             state_dtype=normalize_state_dtype(state_dtype),
+            skip_nonfinite=skip_nonfinite,
         )
         # lr may be left to the param groups (adamp 0.3.0 uses torch's `required` too).
         self._check_hyper({**defaults, "lr": 0.0} if lr is required else defaults)
         super().__init__(params, defaults)
 
     def _check_hyper(self, group: dict[str, Any]) -> SGDPHyperparams:
-        if not isinstance(group.get("maximize", False), bool):
-            raise TypeError(f"Invalid maximize value: {group['maximize']!r} (expected True or False)")
+        self._check_flags(group)
         return check_sgdp(
             group["lr"],
             group["momentum"],
@@ -132,9 +138,14 @@ class SGDP(ProjectedOptimizer):
             grads: list[torch.Tensor] = []
             bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)
-            maximize = group["maximize"]
+            maximize, skip = group["maximize"], group["skip_nonfinite"]
             for p, g, b in zip(params, grads, bufs, strict=True):
-                new_p, new = sgdp_update(XP, p, torch.neg(g) if maximize else g, SGDPState(b), hp)
+                counter = self._skip_counter(p) if skip else None
+                # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
+                p, g, (b,), rows = local_shards(p, g, b)
+                new_p, new = sgdp_update(XP, p, torch.neg(g) if maximize else g, SGDPState(b), hp, rows)
+                if skip:  # a non-finite grad leaves param and buffer as they were
+                    new_p, new = self._keep_if_finite(counter, g, new_p, new, p, SGDPState(b), rows)
                 b.copy_(new.momentum)
                 p.copy_(new_p)
         return loss

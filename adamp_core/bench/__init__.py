@@ -1,0 +1,35 @@
+"""Benchmarks of AdamP/SGDP across backends: workloads, runners and the ``adamp-xp bench`` command.
+
+* :mod:`adamp_core.bench.workloads`: parameter shapes (ResNet-50, a transformer block,
+  2,000 small tensors, one 64M-element tensor), scaled by ``ADAMP_BENCH_SCALE``.
+* :mod:`adamp_core.bench.runners`: one optimizer step of an implementation (ours, the adapters,
+  ``torch.optim``, the official ``adamp``, optax) on a backend, with device synchronization.
+* ``adamp-xp bench``: all rows on the same workload, interleaved; prints ms/step and the ratio
+  to ``torch.optim.AdamW(fused=True)`` and to ``adamp==0.3.0``.
+
+The asv suite in ``asv_benchmarks/`` uses the same workloads and runners. Importing this
+package imports neither torch nor jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+__all__ = ["register"]
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    """Add the ``bench`` subcommand to an ``argparse`` subparsers object."""
+    from ._cli import add_arguments, run
+
+    p = subparsers.add_parser(
+        "bench",
+        help="time one optimizer step on every installed backend against torch.optim and adamp==0.3.0",
+        description=__doc__.split("\n\n")[0] + " Every installed backend and the reference optimizers run on the "
+        "same workload, interleaved round by round; the table gives the median ms/step and the ratio to "
+        "torch.optim.AdamW(fused=True) (SGD(fused=True) for SGDP) and to the official adamp 0.3.0.",
+    )
+    add_arguments(p)
+    p.set_defaults(func=run)
+    return p

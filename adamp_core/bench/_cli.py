@@ -1,0 +1,489 @@
+"""``adamp-xp bench``: every installed backend and the reference optimizers on the same workload.
+
+All rows of a workload are built once and then timed round-robin (the order rotates every
+round), so machine drift (thermal, other processes) hits every row alike; each row's figure
+is the median over rounds of the mean step time of one run of ``n`` steps, after warm-up
+(JIT compilation, lazy optimizer state). GPU rows synchronize before the clock stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from .runners import (
+    BASELINE,
+    ENV_JAX_CACHE,
+    IMPLS,
+    OFFICIAL,
+    OPTIMIZERS,
+    GradCache,
+    Unavailable,
+    build_runner,
+    enable_jax_compilation_cache,
+    impl_rows,
+)
+from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
+
+__all__ = ["add_arguments", "run"]
+
+QUICK_SCALE = 0.05
+_STATE_ARRAYS = {"adamp": 2, "sgdp": 1}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cpu: numpy, array_api_strict, torch:cpu, jax:cpu; cuda: torch:cuda, cupy, jax:gpu",
+    )
+    p.add_argument(
+        "--workload",
+        action="append",
+        choices=[*WORKLOAD_NAMES, "all"],
+        help="repeatable; default: all (" + ", ".join(WORKLOAD_NAMES) + ")",
+    )
+    p.add_argument("--optimizer", choices=[*OPTIMIZERS, "all"], default="adamp", help="default: adamp")
+    p.add_argument("--impl", action="append", choices=list(IMPLS), help="only these rows (repeatable); default: all")
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"small sizes (scale {QUICK_SCALE}), 5 runs of >= 20 ms, single-threaded: a smoke-test table",
+    )
+    p.add_argument(
+        "--scale",
+        type=float,
+        default=None,
+        help=f"workload size factor (default: ${ENV_SCALE}, else {QUICK_SCALE} with --quick, else 1)",
+    )
+    p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 7; 5 with --quick)")
+    p.add_argument(
+        "--min-time",
+        type=float,
+        default=None,
+        help="seconds per timed run; sets the steps per run (default 0.2; 0.02 with --quick)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads (1 also turns XLA's Eigen pool off); default: the libraries' own, 1 with --quick",
+    )
+    p.add_argument(
+        "--jax-cache",
+        metavar="DIR",
+        default=None,
+        help=f"JAX persistent compilation cache (default: ${ENV_JAX_CACHE}, else ~/.cache/adamp-xp/jax; 'none': off)",
+    )
+    p.add_argument("--seed", type=int, default=0, help="seed of the params and grads (default 0)")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+
+
+def _positive(value: Any, name: str, kind: type) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, kind) or isinstance(value, bool) or not math.isfinite(value) or value <= 0:
+        raise ValueError(f"Invalid {name}: {value!r} (expected a positive {kind.__name__})")
+    return value
+
+
+def _settings(args: argparse.Namespace) -> dict[str, Any]:
+    _positive(args.scale, "--scale", float)
+    _positive(args.repeats, "--repeats", int)
+    _positive(args.min_time, "--min-time", float)
+    _positive(args.threads, "--threads", int)
+    if args.scale is not None:
+        scale = bench_scale(args.scale)
+    elif os.environ.get(ENV_SCALE, "").strip():
+        scale = bench_scale()
+    else:
+        scale = QUICK_SCALE if args.quick else 1.0
+    names = args.workload or ["all"]
+    workloads = list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))
+    return dict(
+        device=args.device,
+        scale=scale,
+        workloads=workloads,
+        optimizers=list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer],
+        impls=list(dict.fromkeys(args.impl)) if args.impl else None,
+        repeats=args.repeats or (5 if args.quick else 7),
+        min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.2),
+        # --quick is a smoke test on possibly shared machines: single-threaded unless told otherwise (two
+        # OpenMP threads on two busy cores make torch's small ops 10x slower and very noisy).
+        threads=args.threads if args.threads is not None else (1 if args.quick else None),
+        seed=args.seed,
+    )
+
+
+def _configure_threads(device: str, threads: int | None) -> None:
+    # Must happen before jax is imported to take effect (bench imports it lazily, after this).
+    if device == "cuda":  # several libraries share the GPU: no JAX up-front preallocation of 75% of it
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    if threads is None:
+        return
+    if threads == 1 and "jax" not in sys.modules:
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+    try:
+        import torch
+
+        torch.set_num_threads(threads)
+    except ImportError:
+        pass
+
+
+def _mem_available() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _device_free(device: str) -> int | None:
+    if device == "cpu":
+        return _mem_available()
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            return int(torch.cuda.mem_get_info()[0])
+    except ImportError:
+        pass
+    return None
+
+
+def _fits(rows: list[tuple[str, str]], optimizer: str, n_bytes: int, device: str) -> bool:
+    """Whether every row's params + state (plus one backend's grads each, and step temporaries) fit
+    in 60% of the free memory at once; else rows are rebuilt one at a time every round."""
+    free = _device_free(device)
+    if free is None:
+        return True
+    backends = {b for _, b in rows}
+    need = n_bytes * (len(rows) * (1 + _STATE_ARRAYS[optimizer]) + len(backends) + 2 + 8)
+    return need < 0.6 * free
+
+
+def _timed(runner: Any, steps: int) -> float:
+    """Mean seconds per step over ``steps`` steps, the device synchronized before the clock stops."""
+    gc_was = gc.isenabled()
+    gc.disable()
+    try:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            runner.step()
+        runner.sync()
+        return (time.perf_counter() - t0) / steps
+    finally:
+        if gc_was:
+            gc.enable()
+
+
+def _calibrate(runner: Any, min_time: float) -> int:
+    """Steps per timed run so that one run lasts about ``min_time`` (median of 3 single steps)."""
+    one = statistics.median(_timed(runner, 1) for _ in range(3))
+    return max(1, min(10_000, math.ceil(min_time / max(one, 1e-9))))
+
+
+def _error_note(exc: BaseException) -> str:
+    last = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    where = f" at {os.path.basename(last.filename)}:{last.lineno}" if last else ""
+    return f"error: {type(exc).__name__}: {exc}"[:200] + where
+
+
+def measure(
+    rows: list[tuple[str, str]],
+    optimizer: str,
+    cache: GradCache,
+    repeats: int,
+    min_time: float,
+    device: str,
+    log: Any = None,
+) -> list[dict[str, Any]]:
+    """Time every ``(impl, backend)`` row on ``cache``'s workload, interleaved; one result dict per row."""
+    w = cache.workload
+    results = {
+        row: {
+            "impl": row[0],
+            "label": IMPLS[row[0]].label(optimizer),
+            "backend": row[1],
+            "reference": IMPLS[row[0]].reference,
+            "status": "ok",
+        }
+        for row in rows
+    }
+    itemsize = cache.params[0].dtype.itemsize if cache.params else 4
+    resident = _fits(rows, optimizer, w.n_elements * itemsize, device)
+    runners: dict[tuple[str, str], Any] = {}
+    steps: dict[tuple[str, str], int] = {}
+
+    def build(row: tuple[str, str]) -> Any:
+        try:
+            return build_runner(row[0], optimizer, row[1], cache)
+        except Unavailable as exc:
+            results[row].update(status="skip", note=str(exc))
+        except Exception as exc:  # an adapter in progress must not take the whole table down
+            results[row].update(status="error", note=_error_note(exc))
+        return None
+
+    def prepare(row: tuple[str, str], r: Any) -> Any:
+        """Two untimed steps: JIT compilation, lazy optimizer state, first-touch allocation."""
+        try:
+            for _ in range(2):
+                r.step()
+                r.sync()
+        except Exception as exc:
+            results[row].update(status="error", note=_error_note(exc))
+            return None
+        return r
+
+    def calibrate(row: tuple[str, str], r: Any) -> bool:
+        try:
+            steps[row] = _calibrate(r, min_time)
+        except Exception as exc:
+            results[row].update(status="error", note=_error_note(exc))
+            return False
+        if log:
+            log(f"  ready: {results[row]['label']} [{row[1]}], {steps[row]} steps/run")
+        return True
+
+    if resident:
+        # Build everything, then warm up; the JIT rows compile in background threads (XLA compiles
+        # outside the GIL) while the other rows warm up. Nothing is timed until all are ready.
+        t0 = time.perf_counter()
+        built = {row: build(row) for row in rows}
+        jit_rows = [row for row in rows if built[row] is not None and row[0].endswith("+jit")]
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            futures = {row: pool.submit(prepare, row, built[row]) for row in jit_rows}
+            ready = {row: prepare(row, r) for row, r in built.items() if r is not None and row not in futures}
+            ready.update({row: f.result() for row, f in futures.items()})
+        if log:
+            log(f"  built and warmed up in {time.perf_counter() - t0:.1f} s")
+        for row in rows:  # calibration (timed) one row at a time, in row order
+            if ready.get(row) is not None and calibrate(row, ready[row]):
+                runners[row] = ready[row]
+        ready.clear()
+        built.clear()
+    else:  # not enough memory for every row at once: one at a time here, rebuilt in every round
+        for row in rows:
+            r = build(row)
+            if r is not None and prepare(row, r) is not None:
+                calibrate(row, r)
+            r = None
+            gc.collect()
+    live = [row for row in rows if row in steps]
+    times: dict[tuple[str, str], list[float]] = {row: [] for row in live}
+    for k in range(repeats):
+        order = live[k % len(live) :] + live[: k % len(live)] if live else []
+        for row in order:
+            if row not in steps:  # failed in an earlier round
+                continue
+            try:
+                if resident:
+                    r = runners[row]
+                else:
+                    r = build_runner(row[0], optimizer, row[1], cache)
+                    r.step()
+                    r.sync()
+                times[row].append(_timed(r, steps[row]))
+            except Exception as exc:
+                results[row].update(status="error", note=_error_note(exc))
+                steps.pop(row)
+            finally:
+                if not resident:
+                    r = None
+                    gc.collect()
+    runners.clear()
+    gc.collect()
+    for row in live:
+        if row not in steps or not times[row]:
+            continue
+        ts = sorted(times[row])
+        med = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0], ts[0], ts[0]]
+        results[row].update(
+            ms_per_step=med * 1e3,
+            runs_ms=[t * 1e3 for t in times[row]],
+            steps_per_run=steps[row],
+            repeats=len(ts),
+            iqr_pct=(q[2] - q[0]) / med * 100 if med > 0 else 0.0,
+            interleaved=resident,
+        )
+    out = [results[row] for row in rows]
+    _add_ratios(out)
+    return out
+
+
+def _add_ratios(results: list[dict[str, Any]]) -> None:
+    ok = {r["impl"]: r for r in results if r["status"] == "ok" and "ms_per_step" in r}
+    base = ok.get(BASELINE) or ok.get("torch-foreach")
+    official = ok.get(OFFICIAL)
+    for r in results:
+        if "ms_per_step" not in r:
+            continue
+        if base:
+            r["baseline"] = base["label"]
+            r["ratio_baseline"] = r["ms_per_step"] / base["ms_per_step"]
+        if official:
+            r["ratio_official"] = r["ms_per_step"] / official["ms_per_step"]
+
+
+def _fmt_ms(ms: float) -> str:
+    return f"{ms:.3g}" if ms < 100 else f"{ms:.0f}"
+
+
+def format_table(results: list[dict[str, Any]]) -> str:
+    """The rows of one workload and optimizer as a Markdown table (skips and errors listed below it)."""
+    ran = [r for r in results if "ms_per_step" in r]
+    base = next((r["baseline"] for r in ran if "baseline" in r), None)
+    off = next((r for r in results if r["impl"] == OFFICIAL and "ms_per_step" in r), None)
+    head = ["implementation", "backend", "ms/step", "IQR", "runs x steps"]
+    if base:
+        head.append(
+            f"x {base.split('(')[0].replace('torch.optim.', '')}({base.split('(')[1]}" if "(" in base else f"x {base}"
+        )
+    if off:
+        head.append("x adamp 0.3.0")
+    body = []
+    for r in ran:
+        cells = [
+            r["label"],
+            r["backend"],
+            _fmt_ms(r["ms_per_step"]),
+            f"{r['iqr_pct']:.0f}%",
+            f"{r['repeats']} x {r['steps_per_run']}",
+        ]
+        if base:
+            cells.append(f"{r['ratio_baseline']:.2f}")
+        if off:
+            cells.append(f"{r['ratio_official']:.2f}")
+        body.append(cells)
+    widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
+    right = {2, 3, 4, 5, 6}
+    line = lambda cells: (
+        "| "
+        + " | ".join(
+            (str(c).rjust(w) if i in right else str(c).ljust(w))
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
+        + " |"
+    )
+    sep = "|" + "|".join(("-" * (w + 1) + ":") if i in right else ("-" * (w + 2)) for i, w in enumerate(widths)) + "|"
+    lines = [line(head), sep, *map(line, body)]
+    for r in results:
+        if "ms_per_step" not in r:
+            lines.append(f"  {r['status']}: {r['label']} [{r['backend']}]: {r.get('note', '')}")
+    return "\n".join(lines)
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {"python": platform.python_version()}
+    for dist in ("adamp-xp", "numpy", "array-api-strict", "torch", "jax", "optax", "cupy-cuda12x", "cupy", "adamp"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{x:.2f}" for x in os.getloadavg())
+    except OSError:  # pragma: no cover - not on every platform
+        return "?"
+
+
+def run(args: argparse.Namespace) -> int:
+    """The ``bench`` subcommand: print one table per workload and optimizer; 0 when rows ran."""
+    s = _settings(args)
+    _configure_threads(s["device"], s["threads"])
+    rows = impl_rows(s["device"], s["impls"])
+    t_start = time.perf_counter()
+    jax_cache = None
+    if any(b.startswith("jax") for _, b in rows):
+        jax_cache = enable_jax_compilation_cache(args.jax_cache)
+    load0 = _load()
+    print(
+        f"adamp-xp bench: device {s['device']}, {os.cpu_count()} CPU cores, load average {load0}; "
+        f"scale {s['scale']:g}; median of {s['repeats']} interleaved runs per row after warm-up "
+        f"(each run >= {s['min_time'] * 1e3:.0f} ms: 'runs x steps'); float32; IQR = interquartile range / median",
+        flush=True,
+    )
+    if jax_cache:
+        print(f"JAX compilation cache: {jax_cache} (compilation is never timed; --jax-cache none to turn off)")
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    try:
+        if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
+            print(
+                f"warning: load average {load0} with {os.cpu_count()} cores: other processes share the CPUs; "
+                "interleaving spreads their effect over all rows, but multi-threaded rows suffer most",
+                flush=True,
+            )
+    except OSError:  # pragma: no cover
+        pass
+    all_results: list[dict[str, Any]] = []
+    for name in s["workloads"]:
+        w = get_workload(name, s["scale"])
+        cache = GradCache(w, seed=s["seed"])
+        for optimizer in s["optimizers"]:
+            log(f"{w.name} / {optimizer}: building and warming up {len(rows)} rows")
+            res = measure(rows, optimizer, cache, s["repeats"], s["min_time"], s["device"], log=log)
+            for r in res:
+                r.update(
+                    workload=w.name, optimizer=optimizer, n_tensors=w.n_tensors, n_elements=w.n_elements, scale=w.scale
+                )
+            all_results.extend(res)
+            interleaved = all(r.get("interleaved", True) for r in res)
+            print(
+                f"\n{w.summary()} | {'AdamP' if optimizer == 'adamp' else 'SGDP'}"
+                + ("" if interleaved else " | not enough memory for all rows at once: each row rebuilt per round")
+            )
+            print(format_table(res), flush=True)
+        del cache
+        gc.collect()
+    torch_threads = None
+    if "torch" in sys.modules:
+        torch_threads = sys.modules["torch"].get_num_threads()
+    meta = dict(
+        device=s["device"],
+        cpu_count=os.cpu_count(),
+        platform=platform.platform(),
+        machine=platform.machine(),
+        processor=platform.processor(),
+        torch_threads=torch_threads,
+        load_start=load0,
+        load_end=_load(),
+        scale=s["scale"],
+        repeats=s["repeats"],
+        min_time=s["min_time"],
+        seed=s["seed"],
+        jax_cache=jax_cache,
+        versions=_versions(),
+        seconds=round(time.perf_counter() - t_start, 1),
+        command="adamp-xp " + " ".join(sys.argv[1:]) if sys.argv and "adamp" in sys.argv[0] else None,
+    )
+    print(
+        f"\n{meta['seconds']:.0f} s; load average at the end {meta['load_end']}; torch threads {torch_threads}; "
+        + ", ".join(f"{k} {v}" for k, v in meta["versions"].items())
+    )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "results": all_results}, f, indent=2)
+    ran = [r for r in all_results if r["status"] == "ok"]
+    errors = [r for r in all_results if r["status"] == "error"]
+    return 0 if ran and not errors else 1

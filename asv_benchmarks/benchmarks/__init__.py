@@ -1,0 +1,1 @@
+"""asv benchmarks of adamp-xp (see asv.conf.json one folder up)."""

@@ -1,0 +1,85 @@
+"""Benchmark base classes, following scipy's ``XPBenchmark`` (scipy/benchmarks/benchmarks/common.py).
+
+Backends are ``adamp_core.testing.backends`` ids. A backend that cannot run here (library not
+installed, no GPU) raises ``NotImplementedError`` in ``setup``, which asv reports as skipped.
+Lazy and asynchronous backends are synchronized (``torch.cuda.synchronize``, CuPy's stream,
+``jax.block_until_ready``) before a timed call returns, and JIT backends are compiled and warmed
+up in ``setup`` so that compilation is never timed.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def enable_jax_compilation_cache() -> None:
+    """JAX's persistent compilation cache (``$ADAMP_BENCH_JAX_CACHE``, else ``~/.cache/adamp-xp/jax``;
+    ``none``: off): asv runs every benchmark in a fresh process, so ``time_step`` and ``peakmem_step``
+    would each compile the step again. Compilation is never timed."""
+    try:
+        from adamp_core.bench.runners import enable_jax_compilation_cache as enable
+    except ImportError:  # a commit from before adamp_core.bench
+        return
+    enable()
+
+
+class Benchmark:
+    """Base class with sensible options: full-size workloads (a 64M-element tensor on NumPy) take
+    seconds per step, so the timeout is generous; set ``ADAMP_BENCH_SCALE`` (e.g. 0.05) for quick runs."""
+
+    timeout = 900.0
+
+
+class XPBenchmark(Benchmark):
+    """Base class for benchmarks run on every array-API backend and device.
+
+    Subclasses extend ``param_names``/``params`` and call ``super().setup(backend)`` first::
+
+        class MyStep(XPBenchmark):
+            param_names = (*XPBenchmark.param_names, "workload")
+            params = (*XPBenchmark.params, ["small"])
+
+            def setup(self, backend, workload):
+                super().setup(backend)
+                ...
+                if self.warmup:
+                    run_once()                  # compile before anything is timed
+
+            def time_step(self, backend, workload):
+                self.synchronize(run_once())
+    """
+
+    backends = ["numpy", "array_api_strict", "torch:cpu", "torch:cuda", "cupy", "jax:cpu", "jax:gpu"]
+
+    param_names: tuple[str, ...] = ("backend",)
+    params: tuple[list[Any], ...] = (backends,)
+
+    def setup(self, backend: str, *args: Any) -> None:
+        """Skip (``NotImplementedError``) when ``backend`` cannot run here; set ``backend``,
+        ``library``, ``device``, ``xp`` and ``warmup`` (True for the JIT backends)."""
+        from adamp_core.testing.backends import get_backend
+
+        if backend == "cupy" or backend == "jax:gpu":
+            # Several libraries may share the GPU in one asv process: no 75% up-front JAX allocation.
+            os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+        b = get_backend(backend)
+        reason = b.skip_reason()
+        if reason:
+            raise NotImplementedError(reason)
+        from array_api_compat import array_namespace
+
+        self.backend = backend
+        self.library = b.library
+        self.device = b.device
+        self.xp = array_namespace(b.asarray([0.0], "float32"))
+        self.warmup = b.library == "jax"
+        if self.warmup:
+            enable_jax_compilation_cache()
+
+    def synchronize(self, *arrays: Any) -> Any:
+        """Wait until ``arrays`` are computed (and the device idle); return them."""
+        from adamp_core.bench.runners import synchronize
+
+        synchronize(self.backend, arrays)
+        return arrays[0] if len(arrays) == 1 else arrays

@@ -1,0 +1,178 @@
+"""One AdamP/SGDP step: adamp_core on every backend, the adapters, and the reference optimizers.
+
+Workloads (``adamp_core.bench.workloads``, scaled by ``ADAMP_BENCH_SCALE``): ResNet-50's 161
+parameter tensors (25.6M elements), one transformer block with LayerNorm, 2,000 small tensors,
+one 64M-element tensor. Every step is built by ``adamp_core.bench.runners``, the code behind
+``adamp-xp bench``.
+
+* ``time_step``: one optimizer step, synchronized.
+* ``peakmem_step``: the process's peak host memory (workload data, optimizer state, step temporaries).
+* ``track_peak_gpu_memory``: peak device memory of one step (GPU backends only; bytes).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import Benchmark, XPBenchmark, enable_jax_compilation_cache
+
+# Import the libraries once here: asv forks every benchmark from a process that imported this module,
+# so each one does not pay for the imports again (importing JAX starts no backend: fork-safe).
+for _module in ("numpy", "torch", "jax", "optax", "array_api_strict", "adamp"):
+    try:
+        __import__(_module)
+    except ImportError:
+        pass
+
+try:
+    from adamp_core.bench.workloads import WORKLOAD_NAMES
+except ImportError:  # benchmarking a commit from before adamp_core.bench existed
+    WORKLOAD_NAMES = ("resnet50", "transformer", "small", "large")
+
+OPTIMIZERS = ["AdamP", "SGDP"]
+DEVICES = ["cpu", "cuda"]
+
+
+def _build(impl: str, optimizer: str, backend: str, workload: str) -> Any:
+    """A warmed-up runner; NotImplementedError (asv: skipped) when it cannot run here."""
+    try:
+        from adamp_core.bench.runners import GradCache, Unavailable, build_runner
+        from adamp_core.bench.workloads import get_workload
+    except ImportError as exc:  # a commit from before adamp_core.bench (asv continuous against an old base)
+        raise NotImplementedError(f"adamp_core.bench is not in this version of adamp-xp ({exc})") from None
+
+    try:
+        runner = build_runner(impl, optimizer, backend, GradCache(get_workload(workload)))
+    except Unavailable as exc:
+        raise NotImplementedError(str(exc)) from None
+    # Warm-up: JIT compilation (twice: the first call's outputs are committed to the device), lazy state.
+    for _ in range(2):
+        runner.step()
+        runner.sync()
+    return runner
+
+
+class _Step:
+    """``time_step`` and ``peakmem_step`` over ``self.runner`` (built by the subclass's setup)."""
+
+    runner: Any
+
+    def time_step(self, *params: Any) -> None:
+        self.runner.step()
+        self.runner.sync()
+
+    def peakmem_step(self, *params: Any) -> None:
+        self.runner.step()
+        self.runner.sync()
+
+
+class _GPUMemory:
+    """``track_peak_gpu_memory``; its setup skips CPU devices."""
+
+    runner: Any
+
+    def track_peak_gpu_memory(self, *params: Any) -> int:
+        self.runner.reset_peak_device_bytes()
+        self.runner.step()
+        self.runner.sync()
+        peak = self.runner.peak_device_bytes()
+        if peak is None:
+            raise NotImplementedError(f"no device memory statistics for {self.runner.backend}")
+        return peak
+
+    track_peak_gpu_memory.unit = "bytes"
+
+
+# -- adamp_core -------------------------------------------------------------------------------
+
+
+class CoreSetup(XPBenchmark):
+    """``adamp_core.tree.adamp_step`` / ``sgdp_step``; on JAX the pure step under ``jax.jit``."""
+
+    param_names = (*XPBenchmark.param_names, "workload", "optimizer")
+    params = (*XPBenchmark.params, list(WORKLOAD_NAMES), OPTIMIZERS)
+
+    def setup(self, backend: str, workload: str, optimizer: str) -> None:
+        super().setup(backend)
+        impl = "core+jit" if self.warmup else "core"
+        self.runner = _build(impl, optimizer.lower(), backend, workload)
+
+
+class Core(_Step, CoreSetup):
+    pass
+
+
+class CoreGPUMemory(_GPUMemory, CoreSetup):
+    def setup(self, backend: str, workload: str, optimizer: str) -> None:
+        if not backend.startswith(("torch:cuda", "cupy", "jax:gpu")):
+            raise NotImplementedError("GPU memory: CPU backend")
+        super().setup(backend, workload, optimizer)
+
+
+# -- reference optimizers ------------------------------------------------------------------------
+
+_REFERENCES = {
+    "AdamW(fused=True)": ("torch-fused", "adamp"),
+    "AdamW(foreach=True)": ("torch-foreach", "adamp"),
+    "SGD(foreach=True)": ("torch-foreach", "sgdp"),
+    "adamp.AdamP==0.3.0": ("official", "adamp"),
+    "adamp.SGDP==0.3.0": ("official", "sgdp"),
+}
+
+
+class ReferenceSetup(Benchmark):
+    """torch.optim and the official ``adamp==0.3.0`` on the same workloads (the baselines)."""
+
+    param_names = ("device", "workload", "reference")
+    params = (DEVICES, list(WORKLOAD_NAMES), list(_REFERENCES))
+
+    def setup(self, device: str, workload: str, reference: str) -> None:
+        impl, optimizer = _REFERENCES[reference]
+        self.runner = _build(impl, optimizer, f"torch:{device}", workload)
+
+
+class Reference(_Step, ReferenceSetup):
+    pass
+
+
+class ReferenceGPUMemory(_GPUMemory, ReferenceSetup):
+    def setup(self, device: str, workload: str, reference: str) -> None:
+        if device == "cpu":
+            raise NotImplementedError("GPU memory: CPU device")
+        super().setup(device, workload, reference)
+
+
+# -- adapters ---------------------------------------------------------------------------------------
+
+_ADAPTERS = {
+    "adamp_torch.AdamP": ("adamp_torch", "adamp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
+    "adamp_torch.SGDP": ("adamp_torch", "sgdp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
+    "adamp_array.AdamP": ("adamp_array", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
+    "adamp_array.SGDP": ("adamp_array", "sgdp", {"cpu": "numpy", "cuda": "cupy"}),
+    "adamp_optax.adamp": ("adamp_optax+jit", "adamp", {"cpu": "jax:cpu", "cuda": "jax:gpu"}),
+    "adamp_optax.sgdp": ("adamp_optax+jit", "sgdp", {"cpu": "jax:cpu", "cuda": "jax:gpu"}),
+}
+
+
+class AdapterSetup(Benchmark):
+    """The framework adapters (torch.optim drop-ins, the stateful array optimizer, optax under jax.jit)."""
+
+    param_names = ("device", "workload", "adapter")
+    params = (DEVICES, list(WORKLOAD_NAMES), list(_ADAPTERS))
+
+    def setup(self, device: str, workload: str, adapter: str) -> None:
+        impl, optimizer, backends = _ADAPTERS[adapter]
+        if impl.endswith("+jit"):
+            enable_jax_compilation_cache()
+        self.runner = _build(impl, optimizer, backends[device], workload)
+
+
+class Adapter(_Step, AdapterSetup):
+    pass
+
+
+class AdapterGPUMemory(_GPUMemory, AdapterSetup):
+    def setup(self, device: str, workload: str, adapter: str) -> None:
+        if device == "cpu":
+            raise NotImplementedError("GPU memory: CPU device")
+        super().setup(device, workload, adapter)
