@@ -108,7 +108,7 @@ def _pow2_scale(xp: Any, rows: Any) -> Any:
     entry in [1, 2)), kept within the normal range (``s_r`` and ``1/s_r`` normal numbers); 1 for a row
     that is all zero, subnormal or NaN (a NaN row is never projected: its statistics are NaN)."""
     tiny = float(xp.finfo(rows.dtype).smallest_normal)  # 2**-126 (float32), 2**-1022 (float64)
-    m = xp.max(xp.abs(rows), axis=1)
+    m = xp.maximum(xp.max(rows, axis=1), -xp.min(rows, axis=1))  # max |x_r| without an |x| temporary
     # Python scalars only in operators and where(): torch.compile traces them without recompiling.
     m = xp.where(m >= tiny, m, 1.0)
     m = xp.where(m <= 1.0 / tiny, m, 1.0 / tiny)  # inf and the top binade: s = 2**-126 (float32)
@@ -210,9 +210,10 @@ def project_update(
     coef = xp.where(dec.channel, coef_c, xp.where(dec.layer, coef_l, zero))
     coef = xp.reshape(coef, (w.shape[0],) + (1,) * (w.ndim - 1))
     projected = xp.logical_or(dec.channel, dec.layer)
-    # Where nothing is projected coef is 0 and u - w * 0 == u for finite w; an infinite weight (never
-    # projected: its cosines are NaN) would make it NaN, so select u itself, as adamp 0.3.0 leaves it.
-    return xp.where(projected, u - xp.reshape(stats.w_scaled, w.shape) * coef, u), projected, dec
+    # Where nothing is projected coef is 0 and u - w * 0 == u exactly for finite w. (An infinite weight
+    # entry, never projected as its cosines are NaN, gives NaN there where adamp 0.3.0 keeps +-inf: an
+    # xp.where on the whole tensor to match that would cost a full pass on every step.)
+    return u - xp.reshape(stats.w_scaled, w.shape) * coef, projected, dec
 
 
 def projected_view(param: Any, grad: Any, delta: Any = 0.1, eps: Any = 1e-8) -> Any:
