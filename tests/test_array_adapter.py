@@ -133,9 +133,10 @@ def _init(seed=2):
 
 
 def _twin_numpy(optimizer, init, grads_list, **hp):
-    """The same run on writeable NumPy arrays (what the other libraries must reproduce)."""
+    """The same run on writeable NumPy arrays through the array-API step (what the other libraries must
+    reproduce; the fused kernels are tested against it in test_fused.py)."""
     ps = {k: v.copy() for k, v in init.items()}
-    opt = _opt(optimizer, ps, **hp)
+    opt = _opt(optimizer, ps, fused=False, **hp)
     for g in grads_list:
         opt.step(g)
     return ps

@@ -21,6 +21,10 @@ Thin adapters: every update is ``adamp_core``'s (paper Algorithms 1 and 2, match
 * Non-finite grads: NaN/inf flow into params and state as the arithmetic gives (as ``adamp==0.3.0``).
   With ``skip_nonfinite=True`` (keyword only) a param whose grad has a NaN/inf entry is left as it
   was, param and state (the step count does not advance), and ``opt.nonfinite_skips`` counts it.
+* ``fused`` (keyword only, default None): writeable C-contiguous float32/float64 NumPy params with
+  state of their dtype are updated by the two-pass kernels of :mod:`adamp_core.fused` when numba is
+  installed, params and state in place (tested against the array-API step); False: always the
+  array-API step; True: as None, and numba is required.
 * ``state_dict()`` / ``load_state_dict()``: the ``torch.optim`` layout (state keys ``step``,
   ``exp_avg``, ``exp_avg_sq`` / ``momentum`` as in ``adamp==0.3.0``), loadable onto another library
   or device; ``numpy.savez(f, **flatten_state_dict(sd))`` saves it and
@@ -31,9 +35,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from adamp_core.adamp import adamp_init, adamp_update, check_adamp_state
+from adamp_core import fused as _fused
+from adamp_core.adamp import AdamPState, adamp_init, adamp_update, check_adamp_state
 from adamp_core.hyperparams import check_adamp, check_sgdp
-from adamp_core.sgdp import check_sgdp_state, sgdp_init, sgdp_update
+from adamp_core.sgdp import SGDPState, check_sgdp_state, sgdp_init, sgdp_update
 
 from ._convert import flatten_state_dict, unflatten_state_dict
 from ._optimizer import REQUIRED, ArrayOptimizer
@@ -72,6 +77,15 @@ class AdamP(ArrayOptimizer):
     _check_state = staticmethod(check_adamp_state)
     _update = staticmethod(adamp_update)
 
+    @staticmethod
+    def _state_arrays(state: AdamPState) -> tuple[Any, ...]:
+        return state.exp_avg, state.exp_avg_sq
+
+    @staticmethod
+    def _fused_kernel(p: Any, g: Any, state: AdamPState, hp: Any, skip: bool) -> tuple[int, AdamPState]:
+        status, _ = _fused.adamp_inplace(p, g, state.exp_avg, state.exp_avg_sq, int(state.step) + 1, hp, skip)
+        return status, state._replace(step=state.step + 1)
+
     def __init__(
         self,
         params: Any,
@@ -85,12 +99,13 @@ class AdamP(ArrayOptimizer):
         *,
         state_dtype: Any = None,
         skip_nonfinite: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov
         )
         check_adamp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused)
 
 
 class SGDP(ArrayOptimizer):
@@ -113,6 +128,15 @@ class SGDP(ArrayOptimizer):
     _check_state = staticmethod(check_sgdp_state)
     _update = staticmethod(sgdp_update)
 
+    @staticmethod
+    def _state_arrays(state: SGDPState) -> tuple[Any, ...]:
+        return (state.momentum,)
+
+    @staticmethod
+    def _fused_kernel(p: Any, g: Any, state: SGDPState, hp: Any, skip: bool) -> tuple[int, SGDPState]:
+        status, _ = _fused.sgdp_inplace(p, g, state.momentum, hp, skip)
+        return status, state
+
     def __init__(
         self,
         params: Any,
@@ -127,6 +151,7 @@ class SGDP(ArrayOptimizer):
         *,
         state_dtype: Any = None,
         skip_nonfinite: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -140,4 +165,4 @@ class SGDP(ArrayOptimizer):
         )
         if lr is not REQUIRED:
             check_sgdp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite)
+        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused)

@@ -12,6 +12,7 @@ from typing import Any
 
 from array_api_compat import is_torch_array, is_writeable_array
 
+from adamp_core import fused as _fused
 from adamp_core._common import finite_flag
 from adamp_core.arrays import check_array, check_grad
 from adamp_core.hyperparams import _flag
@@ -30,7 +31,7 @@ REQUIRED: Any = _Required()
 
 # Group keys of adamp_torch's state dicts that adamp_array has as optimizer-wide options (or not at all):
 # a checkpoint of the torch adapter loads here (maximize must be False).
-_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite")
+_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused")
 
 
 def _is_array(x: Any) -> bool:
@@ -75,11 +76,19 @@ class ArrayOptimizer:
     _update: Callable[..., tuple[Any, Any]]
 
     def __init__(
-        self, params: Any, defaults: dict[str, Any], *, state_dtype: Any = None, skip_nonfinite: bool = False
+        self,
+        params: Any,
+        defaults: dict[str, Any],
+        *,
+        state_dtype: Any = None,
+        skip_nonfinite: bool = False,
+        fused: bool | None = None,
     ) -> None:
         self.defaults = dict(defaults)
         self._state_dtype = state_dtype
         self.skip_nonfinite = _flag(skip_nonfinite, "skip_nonfinite")
+        _fused.check_fused(fused)
+        self.fused = fused
         self._skips: dict[tuple[int, Any], int] = {}  # (group, key) -> steps skipped for a non-finite grad
         groups, self._layout = self._parse(params)
         self.param_groups: list[dict[str, Any]] = []
@@ -271,8 +280,12 @@ class ArrayOptimizer:
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"state{where}: {exc}") from None
                 todo.append((gi, k, xp, p, g))
+        use_fused = self.fused is not False and _fused.AVAILABLE
         with self._no_grad(todo):
             for gi, k, xp, p, g in todo:
+                # Writeable contiguous float32/float64 NumPy arrays: the fused kernels, in place (state too).
+                if use_fused and (gi, k) not in self._held and self._fused_step(gi, k, p, g, hps[gi]):
+                    continue
                 # skip_nonfinite: a NaN/inf grad leaves param and state (step included) as they were.
                 # The flag is read on the host: free for NumPy, one sync per param on a device.
                 if self.skip_nonfinite and not bool(finite_flag(xp, g)):
@@ -286,6 +299,21 @@ class ArrayOptimizer:
                     self.param_groups[gi]["params"][k] = new_p
                 self._states[gi][k] = new_s
         return self.params
+
+    def _fused_step(self, gi: int, k: Any, p: Any, g: Any, hp: Any) -> bool:
+        """Update ``p`` and its state in place with :mod:`adamp_core.fused` when it applies; False when
+        the array-API step must run instead."""
+        state = self._states[gi][k]
+        if not _fused.supports(p, g, *self._state_arrays(state)):
+            return False
+        status, new_state = self._fused_kernel(p, g, state, hp, self.skip_nonfinite)
+        if status == _fused.FALLBACK:
+            return False
+        if status == _fused.SKIPPED:
+            self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
+        else:
+            self._states[gi][k] = new_state
+        return True
 
     @staticmethod
     def _no_grad(todo: list[Any]) -> Any:

@@ -12,9 +12,12 @@ from typing import Any
 
 import array_api_compat.torch as _xp_torch
 import torch
+from torch.nn import Parameter as nn_Parameter
 from torch.optim.optimizer import required
 
+from adamp_core import fused as _fused
 from adamp_core._common import finite_flag, keep_if_finite
+from adamp_core.diagnostics import step_diagnostics
 
 __all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
 
@@ -54,7 +57,9 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
     return dtype
 
 
-_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite")  # group keys that adamp 0.3.0 does not have
+_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused")  # group keys that adamp 0.3.0 does not have
+_FUSED_DTYPES = (torch.float32, torch.float64)
+
 
 
 def _label(gi: int, pi: int) -> str:
@@ -67,6 +72,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     _name = "ProjectedOptimizer"
     _state_keys: tuple[str, ...] = ()  # per-param state arrays, shaped like the param
     _has_step = False
+    _diagnostics: dict[torch.Tensor, Any] | None = None  # see record_diagnostics
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _check_hyper(self, group: dict[str, Any]) -> Any:
@@ -100,9 +106,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             group.setdefault("maximize", False)
             group.setdefault("state_dtype", None)
             group.setdefault("skip_nonfinite", False)
+            group.setdefault("fused", None)
         self.defaults.setdefault("maximize", False)
         self.defaults.setdefault("state_dtype", None)
         self.defaults.setdefault("skip_nonfinite", False)
+        self.defaults.setdefault("fused", None)
 
     # -- grads ------------------------------------------------------------------------------------
     def _check_grads(self) -> list[Any]:
@@ -153,6 +161,44 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for name in ("maximize", "skip_nonfinite"):
             if not isinstance(group.get(name, False), bool):
                 raise TypeError(f"Invalid {name} value: {group[name]!r} (expected True or False)")
+        _fused.check_fused(group.get("fused"))
+
+    # -- the fused CPU kernels (adamp_core.fused) ---------------------------------------------------
+    @staticmethod
+    def _fused_group(group: dict[str, Any]) -> bool:
+        """Whether this step may use the fused kernels for ``group`` (never inside torch.compile)."""
+        return group.get("fused") is not False and _fused.AVAILABLE and not torch.compiler.is_compiling()
+
+    @staticmethod
+    def _fused_views(p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> list[Any] | None:
+        """Zero-copy NumPy views of ``p``, ``g`` and the state when the fused kernels apply to them: plain
+        CPU tensors (no DTensor or other subclass), float32/float64, one dtype, C-contiguous. Else None."""
+        if p.device.type != "cpu" or p.dtype not in _FUSED_DTYPES or type(p) not in (torch.Tensor, nn_Parameter):
+            return None
+        for x in (g, *state):
+            if type(x) is not torch.Tensor or x.dtype != p.dtype or not x.is_contiguous() or x.is_conj() or x.is_neg():
+                return None
+        if not p.is_contiguous():
+            return None
+        return [x.detach().numpy() for x in (p, g, *state)]
+
+    # -- diagnostics (issue: make the slowdown visible) -----------------------------------------
+    def record_diagnostics(self, enabled: bool = True) -> None:
+        """Record :func:`adamp_core.diagnostics.step_diagnostics` of every param at every step from now on
+        (``enabled=False`` stops and drops the records). Off by default: then a step computes nothing
+        for it. The latest record per param is :attr:`diagnostics`."""
+        if not isinstance(enabled, bool):
+            raise TypeError(f"Invalid enabled value: {enabled!r} (expected True or False)")
+        self._diagnostics = {} if enabled else None
+
+    @property
+    def diagnostics(self) -> dict[torch.Tensor, Any]:
+        """``{param: StepDiagnostics}`` of the last step (0-d tensors on the param's device, no sync; see
+        :func:`adamp_core.diagnostics.to_host`). Empty until a step ran with :meth:`record_diagnostics` on."""
+        return {} if self._diagnostics is None else self._diagnostics
+
+    def _record(self, p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, g: torch.Tensor, hp: Any) -> None:
+        self._diagnostics[p] = step_diagnostics(old, new, g, hp.delta, hp.eps)
 
     def _skip_counter(self, p: torch.Tensor) -> torch.Tensor:
         """``state["nonfinite_skips"]`` of ``p``: a 0-d int64 tensor on its device counting the steps

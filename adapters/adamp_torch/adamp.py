@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 
+from adamp_core import fused as _fused
 from adamp_core.adamp import AdamPState, adamp_update
 from adamp_core.hyperparams import AdamPHyperparams, check_adamp
 
@@ -57,6 +58,11 @@ class AdamP(ProjectedOptimizer):
             state (``step`` does not advance), and ``state["nonfinite_skips"]`` (a 0-d int64 tensor) counts it; read it
             with ``int(opt.state[p]["nonfinite_skips"])`` (one sync) when you want to know. Default:
             NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
+        fused: None (default) updates plain contiguous float32/float64 CPU tensors with the fused kernels
+            of :mod:`adamp_core.fused` (two passes over memory, tested against the array-API step) when
+            numba is installed, and everything else with the array-API step; False always takes the
+            array-API step; True is None but requires numba. Inside ``torch.compile`` the array-API
+            step always runs (it traces into one graph).
 
     State per param: ``step`` (0-d int64 tensor on the param's device; a Python int in
     :meth:`state_dict`, as adamp 0.3.0 stores it), ``exp_avg``, ``exp_avg_sq``.
@@ -80,6 +86,7 @@ class AdamP(ProjectedOptimizer):
         maximize: bool = False,
         state_dtype: torch.dtype | str | None = None,
         skip_nonfinite: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -92,6 +99,7 @@ class AdamP(ProjectedOptimizer):
             maximize=maximize,
             state_dtype=normalize_state_dtype(state_dtype),
             skip_nonfinite=skip_nonfinite,
+            fused=fused,
         )
         self._check_hyper(defaults)
         super().__init__(params, defaults)
@@ -151,13 +159,19 @@ class AdamP(ProjectedOptimizer):
             steps: list[torch.Tensor] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             maximize, skip = group["maximize"], group["skip_nonfinite"]
+            use_fused = self._fused_group(group)
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
-                p, g, (m, v), rows = local_shards(p, g, m, v)
-                new_p, new = adamp_update(XP, p, torch.neg(g) if maximize else g, AdamPState(t, m, v), hp, rows)
+                param, (p, g, (m, v), rows) = p, local_shards(p, g, m, v)
+                gs = torch.neg(g) if maximize else g
+                if use_fused and rows is None and self._fused_step(param, p, gs, m, v, t, hp, skip, counter):
+                    continue
+                new_p, new = adamp_update(XP, p, gs, AdamPState(t, m, v), hp, rows)
                 if skip:  # a non-finite grad leaves param and state (step included) as they were
                     new_p, new = self._keep_if_finite(counter, g, new_p, new, p, AdamPState(t, m, v), rows)
+                if self._diagnostics is not None:
+                    self._record(param, p, new_p, g, hp)
                 # adamp_core is pure; write its results back in place (params and state keep their
                 # identity, device and memory format).
                 t.copy_(new.step)
@@ -165,3 +179,24 @@ class AdamP(ProjectedOptimizer):
                 v.copy_(new.exp_avg_sq)
                 p.copy_(new_p)
         return loss
+
+    def _fused_step(
+        self, param: Any, p: Any, g: Any, m: Any, v: Any, t: Any, hp: Any, skip: bool, counter: Any
+    ) -> bool:
+        """The step of ``p`` by :func:`adamp_core.fused.adamp_inplace` when it applies; False when the
+        array-API step must run instead (not a plain contiguous float32/float64 CPU tensor, or float64
+        sums out of the kernels' range)."""
+        arrays = self._fused_views(p, g, m, v)
+        if arrays is None:
+            return False
+        old = p.clone() if self._diagnostics is not None else None
+        status, _ = _fused.adamp_inplace(*arrays, int(t) + 1, hp, skip)  # a CPU tensor: no sync to read t
+        if status == _fused.FALLBACK:
+            return False
+        if status == _fused.SKIPPED:
+            counter.add_(1)
+            return True
+        t.add_(1)
+        if old is not None:
+            self._record(param, old, p, g, hp)
+        return True

@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
+from adamp_core import fused as _fused
 from adamp_core.sgdp import SGDPState, sgdp_update
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype, required
@@ -52,6 +53,8 @@ class SGDP(ProjectedOptimizer):
             state, and ``state["nonfinite_skips"]`` (a 0-d int64 tensor) counts it; read it
             with ``int(opt.state[p]["nonfinite_skips"])`` (one sync) when you want to know. Default:
             NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
+        fused: the fused CPU kernels of :mod:`adamp_core.fused` where they apply, as in
+            :class:`adamp_torch.AdamP`.
 
     State per param: ``momentum``, as adamp 0.3.0 names it.
     """
@@ -75,6 +78,7 @@ class SGDP(ProjectedOptimizer):
         maximize: bool = False,
         state_dtype: torch.dtype | str | None = None,
         skip_nonfinite: bool = False,
+        fused: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -88,6 +92,7 @@ class SGDP(ProjectedOptimizer):
             maximize=maximize,
             state_dtype=normalize_state_dtype(state_dtype),
             skip_nonfinite=skip_nonfinite,
+            fused=fused,
         )
         # lr may be left to the param groups (adamp 0.3.0 uses torch's `required` too).
         self._check_hyper({**defaults, "lr": 0.0} if lr is required else defaults)
@@ -139,13 +144,35 @@ class SGDP(ProjectedOptimizer):
             bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)
             maximize, skip = group["maximize"], group["skip_nonfinite"]
+            use_fused = self._fused_group(group)
             for p, g, b in zip(params, grads, bufs, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
-                p, g, (b,), rows = local_shards(p, g, b)
-                new_p, new = sgdp_update(XP, p, torch.neg(g) if maximize else g, SGDPState(b), hp, rows)
+                param, (p, g, (b,), rows) = p, local_shards(p, g, b)
+                gs = torch.neg(g) if maximize else g
+                if use_fused and rows is None and self._fused_step(param, p, gs, b, hp, skip, counter):
+                    continue
+                new_p, new = sgdp_update(XP, p, gs, SGDPState(b), hp, rows)
                 if skip:  # a non-finite grad leaves param and buffer as they were
                     new_p, new = self._keep_if_finite(counter, g, new_p, new, p, SGDPState(b), rows)
+                if self._diagnostics is not None:
+                    self._record(param, p, new_p, g, hp)
                 b.copy_(new.momentum)
                 p.copy_(new_p)
         return loss
+
+    def _fused_step(self, param: Any, p: Any, g: Any, b: Any, hp: Any, skip: bool, counter: Any) -> bool:
+        """The step of ``p`` by :func:`adamp_core.fused.sgdp_inplace` when it applies (see
+        :meth:`adamp_torch.AdamP._fused_step`); False when the array-API step must run instead."""
+        arrays = self._fused_views(p, g, b)
+        if arrays is None:
+            return False
+        old = p.clone() if self._diagnostics is not None else None
+        status, _ = _fused.sgdp_inplace(*arrays, hp, skip)
+        if status == _fused.FALLBACK:
+            return False
+        if status == _fused.SKIPPED:
+            counter.add_(1)
+        elif old is not None:
+            self._record(param, old, p, g, hp)
+        return True

@@ -1,0 +1,273 @@
+r"""Fused in-place CPU kernels (numba) for AdamP and SGDP: the fast path of the stateful adapters.
+
+The pure steps (:func:`adamp_core.adamp_step`, :func:`adamp_core.sgdp_step`) stay the reference; these
+kernels compute the same update, are tested against them step by step, and are used only where they
+apply (:func:`supports`): writeable, C-contiguous float32/float64 NumPy arrays (torch CPU tensors
+through their zero-copy ``.numpy()`` view), state in the param's dtype.
+
+Each tensor takes two passes over memory instead of the ~15 of the array-API step:
+
+1. **statistics** (reads ``w, g`` and the state): per row :math:`r` of the channel view, in float64,
+   :math:`w_r\cdot g_r,\ |w_r|^2,\ |g_r|^2` and :math:`w_r\cdot p_r`, where :math:`p` is the
+   unprojected update recomputed on the fly (Alg. 2 lines 2-4: :math:`m/(\sqrt{v}/\sqrt{1-\beta_2^t}+\epsilon)`;
+   Alg. 1 line 2: the momentum buffer, or :math:`g+\mu b` with nesterov).
+2. **decision** (per tensor, from the row statistics only): channel view if
+   :math:`\max_r|\cos(g_r,w_r)| < \delta/\sqrt{\dim r}`, else the layer view if
+   :math:`|\cos(g,w)| < \delta/\sqrt{\dim w}`, else none; the per-row coefficient of the projection
+   :math:`\Pi(p) = p - w\,(w\cdot p)/(|w|+\epsilon)^2` (adamp 0.3.0's ``p_n = w/(|w|+eps)``).
+3. **update** (reads ``w, g`` and the state, writes them): the state update again, the projection with
+   the row coefficient, decoupled weight decay and the step, in one expression per element.
+
+That is 4 reads + 7 reads/writes for AdamP, about 1.6x the memory traffic of a fused AdamW step.
+Float64 accumulation makes the sums of squares of float32 data accurate and free of overflow and
+underflow. For float64 data whose row sums of squares leave :math:`[2^{-968}, 2^{968}]` (or are 0 or NaN) a
+kernel writes nothing and reports it, and the caller runs the pure step, whose power-of-two row scaling is
+exact there.
+
+Non-finite gradients propagate as in the pure step (NaN statistics never project). With
+``skip_nonfinite`` a kernel that saw a NaN/inf gradient entry writes nothing and reports it.
+
+numba is optional (the ``fast`` extra): :data:`AVAILABLE` says whether it is installed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import numpy as np
+
+try:
+    import numba
+except ImportError:  # pragma: no cover - exercised when the extra is absent
+    numba = None
+
+__all__ = ["AVAILABLE", "FALLBACK", "OK", "SKIPPED", "adamp_inplace", "check_fused", "sgdp_inplace", "supports"]
+
+AVAILABLE = numba is not None
+
+OK, SKIPPED, FALLBACK = 0, 1, 2  # kernel results: written; non-finite grad, nothing written; out of range
+_PARALLEL_MIN = 1 << 16  # elements: below this, thread start-up costs more than it saves
+_BIG, _SMALL = 2.0**968, 2.0**-968  # float64 row sums of squares outside: the pure step's scaling
+
+
+def check_fused(value: Any) -> None:
+    """The adapters' ``fused`` option: None (these kernels where they apply, else the array-API step),
+    True (the same, and numba must be installed) or False (always the array-API step)."""
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid fused value: {value!r} (expected None, True or False)")
+    if value is True and not AVAILABLE:
+        raise ValueError("Invalid fused value: True (the fused kernels need numba: pip install 'adamp-xp[fast]')")
+
+
+def supports(param: Any, *others: Any) -> bool:
+    """Whether the fused kernels can update ``param`` (and its grad and state arrays ``others``) in place:
+    NumPy arrays, float32 or float64, all the same dtype and shape, C-contiguous, ``param`` and the
+    state writeable."""
+    if not AVAILABLE or type(param) is not np.ndarray or param.dtype not in (np.float32, np.float64):
+        return False
+    for x in (param, *others):
+        if type(x) is not np.ndarray or x.dtype != param.dtype or x.shape != param.shape:
+            return False
+        if not x.flags.c_contiguous:
+            return False
+    return param.flags.writeable and all(x.flags.writeable for x in others[1:])
+
+
+def _rows(x: np.ndarray) -> np.ndarray:
+    """The channel view ``(shape[0], -1)`` for ``ndim >= 2``; one row otherwise (never projected)."""
+    if x.ndim >= 2:
+        return x.reshape(x.shape[0], x.size // x.shape[0] if x.shape[0] else 0)
+    return x.reshape(1, x.size)
+
+
+if AVAILABLE:
+    # "reassoc" lets LLVM vectorize the row sums (a different summation order, as any BLAS has);
+    # "contract" allows FMA. No nnan/ninf: NaN and inf must propagate as in the pure step.
+    _FLAGS = {"reassoc", "contract", "afn"}
+    _jit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True)
+    _pjit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, parallel=True)
+    prange = numba.prange
+
+    def _decide(stats, project, n_cols, delta, eps, coef):  # pragma: no cover - compiled
+        """Fill ``coef`` (per row) from ``stats`` (rows x [w.g, |w|^2, |g|^2, w.p]); return projected."""
+        n_rows = stats.shape[0]
+        for r in range(n_rows):
+            coef[r] = 0.0
+        if not project or n_rows * n_cols == 0:
+            return False
+        thr_c = delta / math.sqrt(n_cols)
+        channel = True
+        wg_l = ww_l = gg_l = wp_l = 0.0
+        for r in range(n_rows):
+            wg, ww, gg, wp = stats[r, 0], stats[r, 1], stats[r, 2], stats[r, 3]
+            cos = abs(wg) / (max(math.sqrt(ww), eps) * max(math.sqrt(gg), eps))
+            if not (cos < thr_c):  # NaN never passes
+                channel = False
+            wg_l += wg
+            ww_l += ww
+            gg_l += gg
+            wp_l += wp
+        if channel:
+            for r in range(n_rows):
+                n = math.sqrt(stats[r, 1]) + eps
+                coef[r] = stats[r, 3] / n / n
+            return True
+        cos_l = abs(wg_l) / (max(math.sqrt(ww_l), eps) * max(math.sqrt(gg_l), eps))
+        if cos_l < delta / math.sqrt(n_rows * n_cols):
+            n = math.sqrt(ww_l) + eps
+            c = wp_l / n / n
+            for r in range(n_rows):
+                coef[r] = c
+            return True
+        return False
+
+    def _screen(stats, bad, skip, check_range):  # pragma: no cover - compiled
+        """SKIPPED if ``skip`` and a grad entry is not finite; FALLBACK if ``check_range`` (float64) and a
+        row's |w|^2 or |g|^2 is outside [2**-968, 2**968] (overflowed, underflowed, all zero, or NaN: the
+        pure step's scaled sums are exact there); else OK."""
+        nonfinite = 0.0
+        out = False
+        for r in range(stats.shape[0]):
+            nonfinite += bad[r]
+            if not (_SMALL <= stats[r, 1] <= _BIG and _SMALL <= stats[r, 2] <= _BIG):
+                out = True
+        if skip and nonfinite > 0:
+            return SKIPPED
+        if check_range and out:
+            return FALLBACK
+        return OK
+
+    def _adamp_kernel(w, g, m, v, b1, b2, c1, c2, inv_sbc2, eps, nesterov, project, delta, eps64, decay,
+                      step_size, skip, check_range):  # pragma: no cover - compiled
+        # Scalars come in the param's dtype (elementwise maths in it, as the pure step); sums in float64.
+        n_rows, n_cols = w.shape
+        stats = np.empty((n_rows, 4))
+        bad = np.zeros(n_rows)
+        for r in prange(n_rows):
+            wg = ww = gg = wp = 0.0
+            nb = 0.0
+            for j in range(n_cols):
+                wj, gj = w[r, j], g[r, j]
+                mj = b1 * m[r, j] + c1 * gj  # Alg. 2 line 2
+                vj = b2 * v[r, j] + c2 * gj * gj  # Alg. 2 line 3
+                den = np.sqrt(vj) * inv_sbc2 + eps  # Alg. 2 line 4
+                pj = (b1 * mj + c1 * gj) / den if nesterov else mj / den
+                wd, gd = np.float64(wj), np.float64(gj)
+                wg += wd * gd
+                ww += wd * wd
+                gg += gd * gd
+                wp += wd * np.float64(pj)
+                nb += gj * 0.0  # NaN iff some g entry is NaN or inf (no branch: the loop vectorizes)
+            stats[r, 0], stats[r, 1], stats[r, 2], stats[r, 3] = wg, ww, gg, wp
+            bad[r] = 0.0 if nb == 0.0 else 1.0
+        status = _screen(stats, bad, skip, check_range)
+        if status != OK:
+            return status, False
+        coef = np.empty(n_rows)
+        projected = _decide(stats, project, n_cols, delta, eps64, coef)
+        coefs = coef.astype(w.dtype)
+        dec = decay[1] if projected else decay[0]
+        for r in prange(n_rows):
+            c = coefs[r]
+            for j in range(n_cols):
+                wj, gj = w[r, j], g[r, j]
+                mj = b1 * m[r, j] + c1 * gj
+                vj = b2 * v[r, j] + c2 * gj * gj
+                den = np.sqrt(vj) * inv_sbc2 + eps
+                pj = (b1 * mj + c1 * gj) / den if nesterov else mj / den
+                pj = pj - wj * c  # Alg. 2 line 8: the radial part removed (c = 0: not projected)
+                m[r, j] = mj
+                v[r, j] = vj
+                w[r, j] = wj * dec - step_size * pj  # Alg. 2 lines 10-11: decoupled decay, then the step
+        return OK, projected
+
+    def _sgdp_kernel(w, g, b, mu, c1, nesterov, project, delta, eps64, decay, lr, skip,
+                     check_range):  # pragma: no cover - compiled
+        n_rows, n_cols = w.shape
+        stats = np.empty((n_rows, 4))
+        bad = np.zeros(n_rows)
+        for r in prange(n_rows):
+            wg = ww = gg = wp = 0.0
+            nb = 0.0
+            for j in range(n_cols):
+                wj, gj = w[r, j], g[r, j]
+                bj = mu * b[r, j] + c1 * gj  # Alg. 1 line 2
+                pj = gj + mu * bj if nesterov else bj
+                wd, gd = np.float64(wj), np.float64(gj)
+                wg += wd * gd
+                ww += wd * wd
+                gg += gd * gd
+                wp += wd * np.float64(pj)
+                nb += gj * 0.0  # NaN iff some g entry is NaN or inf (no branch: the loop vectorizes)
+            stats[r, 0], stats[r, 1], stats[r, 2], stats[r, 3] = wg, ww, gg, wp
+            bad[r] = 0.0 if nb == 0.0 else 1.0
+        status = _screen(stats, bad, skip, check_range)
+        if status != OK:
+            return status, False
+        coef = np.empty(n_rows)
+        projected = _decide(stats, project, n_cols, delta, eps64, coef)
+        coefs = coef.astype(w.dtype)
+        dec = decay[1] if projected else decay[0]
+        for r in prange(n_rows):
+            c = coefs[r]
+            for j in range(n_cols):
+                wj, gj = w[r, j], g[r, j]
+                bj = mu * b[r, j] + c1 * gj
+                pj = gj + mu * bj if nesterov else bj
+                qj = pj - wj * c  # Alg. 1 line 6
+                # adamp 0.3.0 projects the buffer itself in place (not with nesterov).
+                b[r, j] = bj if nesterov else qj
+                w[r, j] = wj * dec - lr * qj
+        return OK, projected
+
+    _decide = _jit(_decide)
+    _screen = _jit(_screen)
+    _KERNELS = {
+        "adamp": (_jit(_adamp_kernel), _pjit(_adamp_kernel)),
+        "sgdp": (_jit(_sgdp_kernel), _pjit(_sgdp_kernel)),
+    }
+
+
+def _kernel(name: str, size: int) -> Any:
+    serial, parallel = _KERNELS[name]
+    return parallel if size >= _PARALLEL_MIN else serial
+
+
+def _bias_correction(beta: float, t: int) -> float:
+    return -math.expm1(t * math.log(beta)) if beta > 0 else 1.0
+
+
+def adamp_inplace(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, step: int,
+                  hp: Any, skip_nonfinite: bool = False) -> tuple[int, bool]:
+    """One AdamP step written into ``param``, ``exp_avg``, ``exp_avg_sq`` (``step``: the new count ``t``,
+    from 1; ``hp``: checked :class:`adamp_core.hyperparams.AdamPHyperparams` of Python floats).
+
+    Returns ``(status, projected)``: :data:`OK`; :data:`SKIPPED` (``skip_nonfinite`` and a non-finite
+    grad entry) or :data:`FALLBACK` (float64 row sums of squares out of range, see above): nothing written.
+    """
+    f = param.dtype.type
+    b1, b2 = (float(b) for b in hp.betas)
+    lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
+    decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=param.dtype)
+    return _kernel("adamp", param.size)(
+        _rows(param), _rows(grad), _rows(exp_avg), _rows(exp_avg_sq), f(b1), f(b2), f(1.0 - b1), f(1.0 - b2),
+        f(1.0 / math.sqrt(_bias_correction(b2, step))), f(hp.eps), bool(hp.nesterov), param.ndim > 1,
+        float(hp.delta), float(f(hp.eps)), decay, f(lr / _bias_correction(b1, step)), bool(skip_nonfinite),
+        param.dtype == np.float64,
+    )
+
+
+def sgdp_inplace(param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: Any,
+                 skip_nonfinite: bool = False) -> tuple[int, bool]:
+    """One SGDP step written into ``param`` and its ``momentum`` buffer; returns ``(status, projected)``
+    as :func:`adamp_inplace`."""
+    lr, mu, wd, ratio = float(hp.lr), float(hp.momentum), float(hp.weight_decay), float(hp.wd_ratio)
+    scale = lr * wd / (1.0 - mu) if wd != 0.0 else 0.0  # official sgdp.py: decay scaled by 1/(1 - momentum)
+    f = param.dtype.type
+    decay = np.array([1.0 - scale, 1.0 - scale * ratio], dtype=param.dtype)
+    return _kernel("sgdp", param.size)(
+        _rows(param), _rows(grad), _rows(momentum), f(mu), f(1.0 - float(hp.dampening)), bool(hp.nesterov),
+        param.ndim > 1, float(hp.delta), float(f(hp.eps)), decay, f(lr), bool(skip_nonfinite),
+        param.dtype == np.float64,
+    )
