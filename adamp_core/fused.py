@@ -138,8 +138,9 @@ if AVAILABLE:
             return FALLBACK
         return OK
 
-    def _adamp_kernel(w, g, m, v, b1, b2, c1, c2, inv_sbc2, eps, nesterov, project, delta, eps64, decay,
-                      step_size, skip, check_range):  # pragma: no cover - compiled
+    def _adamp_kernel(
+        w, g, m, v, b1, b2, c1, c2, inv_sbc2, eps, nesterov, project, delta, eps64, decay, step_size, skip, check_range
+    ):  # pragma: no cover - compiled
         # Scalars come in the param's dtype (elementwise maths in it, as the pure step); sums in float64.
         n_rows, n_cols = w.shape
         stats = np.empty((n_rows, 4))
@@ -182,8 +183,9 @@ if AVAILABLE:
                 w[r, j] = wj * dec - step_size * pj  # Alg. 2 lines 10-11: decoupled decay, then the step
         return OK, projected
 
-    def _sgdp_kernel(w, g, b, mu, c1, nesterov, project, delta, eps64, decay, lr, skip,
-                     check_range):  # pragma: no cover - compiled
+    def _sgdp_kernel(
+        w, g, b, mu, c1, nesterov, project, delta, eps64, decay, lr, skip, check_range
+    ):  # pragma: no cover - compiled
         n_rows, n_cols = w.shape
         stats = np.empty((n_rows, 4))
         bad = np.zeros(n_rows)
@@ -238,8 +240,15 @@ def _bias_correction(beta: float, t: int) -> float:
     return -math.expm1(t * math.log(beta)) if beta > 0 else 1.0
 
 
-def adamp_inplace(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, step: int,
-                  hp: Any, skip_nonfinite: bool = False) -> tuple[int, bool]:
+def adamp_inplace(
+    param: np.ndarray,
+    grad: np.ndarray,
+    exp_avg: np.ndarray,
+    exp_avg_sq: np.ndarray,
+    step: int,
+    hp: Any,
+    skip_nonfinite: bool = False,
+) -> tuple[int, bool]:
     """One AdamP step written into ``param``, ``exp_avg``, ``exp_avg_sq`` (``step``: the new count ``t``,
     from 1; ``hp``: checked :class:`adamp_core.hyperparams.AdamPHyperparams` of Python floats).
 
@@ -251,15 +260,30 @@ def adamp_inplace(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_
     lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
     decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=param.dtype)
     return _kernel("adamp", param.size)(
-        _rows(param), _rows(grad), _rows(exp_avg), _rows(exp_avg_sq), f(b1), f(b2), f(1.0 - b1), f(1.0 - b2),
-        f(1.0 / math.sqrt(_bias_correction(b2, step))), f(hp.eps), bool(hp.nesterov), param.ndim > 1,
-        float(hp.delta), float(f(hp.eps)), decay, f(lr / _bias_correction(b1, step)), bool(skip_nonfinite),
+        _rows(param),
+        _rows(grad),
+        _rows(exp_avg),
+        _rows(exp_avg_sq),
+        f(b1),
+        f(b2),
+        f(1.0 - b1),
+        f(1.0 - b2),
+        f(1.0 / math.sqrt(_bias_correction(b2, step))),
+        f(hp.eps),
+        bool(hp.nesterov),
+        param.ndim > 1,
+        float(hp.delta),
+        float(f(hp.eps)),
+        decay,
+        f(lr / _bias_correction(b1, step)),
+        bool(skip_nonfinite),
         param.dtype == np.float64,
     )
 
 
-def sgdp_inplace(param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: Any,
-                 skip_nonfinite: bool = False) -> tuple[int, bool]:
+def sgdp_inplace(
+    param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: Any, skip_nonfinite: bool = False
+) -> tuple[int, bool]:
     """One SGDP step written into ``param`` and its ``momentum`` buffer; returns ``(status, projected)``
     as :func:`adamp_inplace`."""
     lr, mu, wd, ratio = float(hp.lr), float(hp.momentum), float(hp.weight_decay), float(hp.wd_ratio)
@@ -267,7 +291,17 @@ def sgdp_inplace(param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: 
     f = param.dtype.type
     decay = np.array([1.0 - scale, 1.0 - scale * ratio], dtype=param.dtype)
     return _kernel("sgdp", param.size)(
-        _rows(param), _rows(grad), _rows(momentum), f(mu), f(1.0 - float(hp.dampening)), bool(hp.nesterov),
-        param.ndim > 1, float(hp.delta), float(f(hp.eps)), decay, f(lr), bool(skip_nonfinite),
+        _rows(param),
+        _rows(grad),
+        _rows(momentum),
+        f(mu),
+        f(1.0 - float(hp.dampening)),
+        bool(hp.nesterov),
+        param.ndim > 1,
+        float(hp.delta),
+        float(f(hp.eps)),
+        decay,
+        f(lr),
+        bool(skip_nonfinite),
         param.dtype == np.float64,
     )

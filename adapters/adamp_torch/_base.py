@@ -61,7 +61,6 @@ _EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused")  # group ke
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
-
 def _label(gi: int, pi: int) -> str:
     return f"param_groups[{gi}]['params'][{pi}]"
 

@@ -7,8 +7,8 @@ from typing import Any
 
 import torch
 
-from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
 from adamp_core import fused as _fused
+from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
 from adamp_core.sgdp import SGDPState, sgdp_update
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype, required
