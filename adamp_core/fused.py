@@ -231,6 +231,12 @@ if AVAILABLE:
     }
 
 
+def set_threads(n: int) -> None:
+    """Threads for the parallel kernels (numba's pool), capped at numba's maximum; the torch adapter
+    passes ``torch.get_num_threads()`` so that one setting governs both libraries."""
+    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+
+
 def _kernel(name: str, size: int) -> Any:
     serial, parallel = _KERNELS[name]
     return parallel if size >= _PARALLEL_MIN else serial

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .runners import (
-    BASELINES,
+    BASELINE,
     ENV_JAX_CACHE,
     IMPLS,
     OFFICIAL,
@@ -30,7 +30,6 @@ from .runners import (
     GradCache,
     Unavailable,
     build_runner,
-    device_backends,
     enable_jax_compilation_cache,
     impl_rows,
 )
@@ -39,10 +38,6 @@ from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 __all__ = ["add_arguments", "run"]
 
 QUICK_SCALE = 0.05
-# Left out by --quick unless named with --backend: array_api_strict is the conformance backend (it checks
-# that adamp_core uses nothing beyond the standard), not a way to run an optimizer fast, and it is the
-# slowest row by far.
-QUICK_SKIP_BACKENDS = ("array_api_strict",)
 _STATE_ARRAYS = {"adamp": 2, "sgdp": 1}
 
 
@@ -61,21 +56,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--optimizer", choices=[*OPTIMIZERS, "all"], default="adamp", help="default: adamp")
     p.add_argument("--impl", action="append", choices=list(IMPLS), help="only these rows (repeatable); default: all")
-    backends = [*device_backends("cpu"), *device_backends("cuda")]
-    p.add_argument(
-        "--backend",
-        action="append",
-        choices=[*backends, "all"],
-        help="only these backends of --device (repeatable); default: all, except "
-        + ", ".join(QUICK_SKIP_BACKENDS)
-        + " with --quick",
-    )
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"small sizes (scale {QUICK_SCALE}), 5 runs of >= 20 ms, single-threaded, no "
-        + ", ".join(QUICK_SKIP_BACKENDS)
-        + " rows: a table in about a minute",
+        help=f"small sizes (scale {QUICK_SCALE}), 5 runs of >= 20 ms, single-threaded: a smoke-test table",
     )
     p.add_argument(
         "--scale",
@@ -127,26 +111,12 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         scale = QUICK_SCALE if args.quick else 1.0
     names = args.workload or ["all"]
     workloads = list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))
-    allowed = device_backends(args.device)
-    if not args.backend:
-        backends = [b for b in allowed if not (args.quick and b in QUICK_SKIP_BACKENDS)]
-    elif "all" in args.backend:
-        backends = list(allowed)
-    else:
-        for b in args.backend:
-            if b not in allowed:
-                raise ValueError(
-                    f"Invalid --backend: {b!r} for --device {args.device} (choose from {', '.join(allowed)})"
-                )
-        backends = list(dict.fromkeys(args.backend))
     return dict(
         device=args.device,
         scale=scale,
         workloads=workloads,
         optimizers=list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer],
         impls=list(dict.fromkeys(args.impl)) if args.impl else None,
-        backends=backends,
-        skipped_backends=[b for b in allowed if b not in backends],
         repeats=args.repeats or (5 if args.quick else 7),
         min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.2),
         # --quick is a smoke test on possibly shared machines: single-threaded unless told otherwise (two
@@ -224,12 +194,10 @@ def _timed(runner: Any, steps: int) -> float:
 
 def _calibrate(runner: Any, min_time: float, estimate: float | None = None) -> int:
     """Steps per timed run so that one run lasts about ``min_time``: one step when the warm-up step
-    already took that long; else from the median of 3 timed runs of ``k`` steps, ``k`` such that they
-    last about ``min_time / 10`` each by the warm-up estimate (which a single short step overstates)."""
+    already took that long, else from the median of 3 single steps."""
     if estimate is not None and estimate >= min_time:
         return 1
-    k = 1 if estimate is None else max(1, min(1_000, int(min_time / 10 / max(estimate, 1e-9))))
-    one = statistics.median(_timed(runner, k) for _ in range(3))
+    one = statistics.median(_timed(runner, 1) for _ in range(3))
     return max(1, min(10_000, math.ceil(min_time / max(one, 1e-9))))
 
 
@@ -363,13 +331,13 @@ def measure(
             interleaved=resident,
         )
     out = [results[row] for row in rows]
-    _add_ratios(out, optimizer)
+    _add_ratios(out)
     return out
 
 
-def _add_ratios(results: list[dict[str, Any]], optimizer: str) -> None:
+def _add_ratios(results: list[dict[str, Any]]) -> None:
     ok = {r["impl"]: r for r in results if r["status"] == "ok" and "ms_per_step" in r}
-    base = next((ok[k] for k in BASELINES[optimizer] if k in ok), None)
+    base = ok.get(BASELINE) or ok.get("torch-foreach")
     official = ok.get(OFFICIAL)
     for r in results:
         if "ms_per_step" not in r:
@@ -452,7 +420,7 @@ def run(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: print one table per workload and optimizer; 0 when rows ran."""
     s = _settings(args)
     _configure_threads(s["device"], s["threads"])
-    rows = impl_rows(s["device"], s["impls"], s["backends"])
+    rows = impl_rows(s["device"], s["impls"])
     t_start = time.perf_counter()
     jax_cache = None
     if any(b.startswith("jax") for _, b in rows):
@@ -466,8 +434,6 @@ def run(args: argparse.Namespace) -> int:
     )
     if jax_cache:
         print(f"JAX compilation cache: {jax_cache} (compilation is never timed; --jax-cache none to turn off)")
-    if s["skipped_backends"]:
-        print(f"backends left out: {', '.join(s['skipped_backends'])} (--backend all to include)")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
@@ -511,7 +477,6 @@ def run(args: argparse.Namespace) -> int:
         load_start=load0,
         load_end=_load(),
         scale=s["scale"],
-        backends=s["backends"],
         repeats=s["repeats"],
         min_time=s["min_time"],
         seed=s["seed"],

@@ -25,14 +25,8 @@ adamp_optax+jit     ``adamp_optax.adamp`` / ``sgdp`` under ``jax.jit`` jax
 JAX rows run under ``jax.jit`` only: eager JAX compiles every primitive for every new shape (thousands
 of compilations for the ``small`` workload), which is not how an optimizer step is run in JAX.
 
-Baselines (:data:`BASELINES`, the ``x ...`` ratio column): ``AdamW(fused=True)`` for AdamP, and
-``SGD(momentum=0.9, nesterov=True, foreach=True)`` for SGDP, the reference the fast-path goals are
-stated against; ``SGD(fused=True)`` is a row of the SGDP table like any other. Every row of an
-optimizer uses the same hyperparameters (:data:`HYPERPARAMS`; SGD with Nesterov momentum 0.9).
-
-To add an implementation (a fused or compiled variant, say): one :class:`Impl` entry in ``IMPLS`` and
-one builder in ``_BUILDERS`` returning ``(step, sync, extra)``; ``adamp-xp bench --impl KEY`` and the
-JSON pick it up, and an asv class can name it.
+``torch-fused`` for SGDP is ``SGD(fused=True)``; it is the SGDP baseline where torch supports
+it, and the issue's ``SGD(foreach=True)`` is the ``torch-foreach`` row next to it.
 """
 
 from __future__ import annotations
@@ -47,7 +41,6 @@ from typing import Any
 from .workloads import Workload, host_data
 
 __all__ = [
-    "BASELINES",
     "HYPERPARAMS",
     "IMPLS",
     "OPTIMIZERS",
@@ -55,7 +48,6 @@ __all__ = [
     "Runner",
     "Unavailable",
     "build_runner",
-    "device_backends",
     "enable_jax_compilation_cache",
     "impl_rows",
     "synchronize",
@@ -68,7 +60,7 @@ ENV_JAX_CACHE = "ADAMP_BENCH_JAX_CACHE"
 HYPERPARAMS: dict[str, dict[str, Any]] = {
     "adamp": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=0.1, wd_ratio=0.1, nesterov=False),
     "sgdp": dict(
-        lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, eps=1e-8, delta=0.1, wd_ratio=0.1
+        lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1
     ),
 }
 
@@ -134,8 +126,7 @@ IMPLS: dict[str, Impl] = {
     )
 }
 
-# The ratio column of each optimizer's table (the first one that ran), and the official implementation's row.
-BASELINES: dict[str, tuple[str, ...]] = {"adamp": ("torch-fused", "torch-foreach"), "sgdp": ("torch-foreach",)}
+BASELINE = "torch-fused"
 OFFICIAL = "official"
 
 _DEVICE_BACKENDS = {
@@ -144,28 +135,18 @@ _DEVICE_BACKENDS = {
 }
 
 
-def device_backends(device: str) -> tuple[str, ...]:
-    """The backend ids of ``device`` ("cpu" or "cuda")."""
+def impl_rows(device: str, impls: list[str] | None = None) -> list[tuple[str, str]]:
+    """``(impl key, backend id)`` pairs to run for ``device`` ("cpu" or "cuda"), references first."""
     if device not in _DEVICE_BACKENDS:
         raise ValueError(f"Invalid device: {device!r} (expected 'cpu' or 'cuda')")
-    return _DEVICE_BACKENDS[device]
-
-
-def impl_rows(device: str, impls: list[str] | None = None, backends: list[str] | None = None) -> list[tuple[str, str]]:
-    """``(impl key, backend id)`` pairs to run for ``device`` ("cpu" or "cuda"), references first;
-    only the ``impls`` and ``backends`` given (default: all of them)."""
-    allowed = device_backends(device)
     for k in impls or ():
         if k not in IMPLS:
             raise ValueError(f"Unknown impl: {k!r} (choose from {', '.join(IMPLS)})")
-    for b in backends or ():
-        if b not in allowed:
-            raise ValueError(f"Invalid backend for device {device!r}: {b!r} (choose from {', '.join(allowed)})")
     keys = [k for k in IMPLS if impls is None or k in impls]  # always in IMPLS order
     rows = []
     for k in keys:
-        for b in allowed:
-            if b.split(":")[0] in IMPLS[k].libraries and (backends is None or b in backends):
+        for b in _DEVICE_BACKENDS[device]:
+            if b.split(":")[0] in IMPLS[k].libraries:
                 rows.append((k, b))
     return rows
 
@@ -437,8 +418,6 @@ def _optax_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
     tx, fn = _jitted((impl, optimizer), make_step)
     grads = cache.grads_on(backend)
     box: dict[str, Any] = {"params": cache.params_on(backend)}
-    # Eager init on purpose: JAX compiles one zeros kernel per distinct shape, shared by every row, which
-    # is cheaper than one jitted init per row (XLA on a small CPU takes seconds for hundreds of outputs).
     box["state"] = _committed(jax, backend, tx.init(box["params"]))
 
     def step() -> None:

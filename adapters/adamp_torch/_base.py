@@ -166,7 +166,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     @staticmethod
     def _fused_group(group: dict[str, Any]) -> bool:
         """Whether this step may use the fused kernels for ``group`` (never inside torch.compile)."""
-        return group.get("fused") is not False and _fused.AVAILABLE and not torch.compiler.is_compiling()
+        if group.get("fused") is False or not _fused.AVAILABLE or torch.compiler.is_compiling():
+            return False
+        _fused.set_threads(torch.get_num_threads())  # torch.set_num_threads governs the kernels too
+        return True
 
     @staticmethod
     def _fused_views(p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> list[Any] | None:
