@@ -28,7 +28,7 @@ from ._common import (
     scalar,
     state_zeros,
 )
-from .arrays import check_array, check_grad, compute_dtype, device
+from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
 from .hyperparams import AdamPHyperparams, _flag, check_adamp
 from .projection import RowReduce, project_update
 
@@ -98,6 +98,7 @@ def adamp_step(
     skip = _flag(skip_nonfinite, "skip_nonfinite")
     xp = check_array(param)
     check_grad(param, grad)
+    check_hyper_arrays(param, hp)
     check_adamp_state(param, state)
     new_param, new_state = adamp_update(xp, param, grad, state, hp)
     if skip:

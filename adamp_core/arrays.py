@@ -6,6 +6,7 @@ values, so they cost no device sync and run before anything is computed.
 
 from __future__ import annotations
 
+import sys
 from typing import Any
 
 from array_api_compat import (
@@ -27,6 +28,11 @@ def device(x: Any) -> Any:
     torch.compile without warnings), array-api-compat's lookup otherwise."""
     if is_torch_array(x):
         return x.device
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        # A tracer has no device, and reading ``.device`` raises an error whose message
+        # renders the whole jaxpr: tracing an n-tensor step would cost O(n^2).
+        return None
     return _compat_device(x)
 
 
@@ -73,6 +79,40 @@ def check_grad(param: Any, grad: Any, what: str = "grad") -> None:
         raise TypeError(f"{what} dtype {grad.dtype} is not real floating (param dtype {param.dtype})")
     if device(grad) != device(param):
         raise ValueError(f"{what} is on device {device(grad)} but param on {device(param)}")
+
+
+_HYPER_LABELS = {
+    "lr": "learning rate",
+    "eps": "epsilon value",
+    "weight_decay": "weight_decay value",
+    "delta": "delta value",
+    "wd_ratio": "wd_ratio value",
+    "momentum": "momentum value",
+    "dampening": "dampening value",
+}
+
+
+def check_hyper_arrays(param: Any, hp: Any) -> None:
+    """Hyperparameters given as 0-d arrays (in the validated NamedTuple ``hp``) must be usable with ``param``:
+    the param's array library (or NumPy for JAX params, which JAX converts) and its device (or, for torch, a
+    CPU scalar tensor, which torch uses on any device). Metadata only: no sync."""
+    items = []
+    for name, value in hp._asdict().items():
+        if name == "betas":
+            items += [(f"beta parameter at index {i}", b) for i, b in enumerate(value)]
+        elif name in _HYPER_LABELS:
+            items.append((_HYPER_LABELS[name], value))
+    lib_p = namespace_name(param)
+    for label, value in items:
+        if not is_array_api_obj(value):
+            continue
+        lib_v = namespace_name(value)
+        if lib_v != lib_p and not (lib_v == "numpy" and lib_p == "jax"):
+            raise TypeError(f"Invalid {label}: a 0-d array from library {lib_v!r} but param from {lib_p!r}")
+        if lib_v == lib_p and device(value) != device(param):
+            if lib_v == "torch" and value.device.type == "cpu":
+                continue
+            raise ValueError(f"Invalid {label}: on device {device(value)} but param on {device(param)}")
 
 
 def check_state_array(param: Any, arr: Any, what: str) -> None:

@@ -32,7 +32,10 @@ numba is optional (the ``fast`` extra): :data:`AVAILABLE` says whether it is ins
 
 from __future__ import annotations
 
+import contextlib
 import math
+import sys
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -231,15 +234,36 @@ if AVAILABLE:
     }
 
 
+@contextlib.contextmanager
+def _keeping_torch_threads() -> Iterator[None]:
+    """numba's OpenMP layer shares libgomp with torch: starting numba's pool and each parallel
+    launch reset the calling thread's OpenMP thread count, which is what ``torch.get_num_threads()``
+    reports. Put it back, so that a user's ``torch.set_num_threads`` survives our kernels."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    try:
+        yield
+    finally:
+        if before is not None and torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
 def set_threads(n: int) -> None:
     """Threads for the parallel kernels (numba's pool), capped at numba's maximum; the torch adapter
     passes ``torch.get_num_threads()`` so that one setting governs both libraries."""
-    numba.set_num_threads(max(1, min(int(n), numba.config.NUMBA_NUM_THREADS)))
+    n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
+    with _keeping_torch_threads():  # reading numba's count starts its pool, too
+        if n != numba.get_num_threads():
+            numba.set_num_threads(n)
 
 
-def _kernel(name: str, size: int) -> Any:
+def _launch(name: str, size: int, *args: Any) -> tuple[int, bool]:
+    """Run the serial kernel below ``_PARALLEL_MIN`` elements, the parallel one above."""
     serial, parallel = _KERNELS[name]
-    return parallel if size >= _PARALLEL_MIN else serial
+    if size < _PARALLEL_MIN:
+        return serial(*args)
+    with _keeping_torch_threads():
+        return parallel(*args)
 
 
 def _bias_correction(beta: float, t: int) -> float:
@@ -265,7 +289,9 @@ def adamp_inplace(
     b1, b2 = (float(b) for b in hp.betas)
     lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
     decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=param.dtype)
-    return _kernel("adamp", param.size)(
+    return _launch(
+        "adamp",
+        param.size,
         _rows(param),
         _rows(grad),
         _rows(exp_avg),
@@ -296,7 +322,9 @@ def sgdp_inplace(
     scale = lr * wd / (1.0 - mu) if wd != 0.0 else 0.0  # official sgdp.py: decay scaled by 1/(1 - momentum)
     f = param.dtype.type
     decay = np.array([1.0 - scale, 1.0 - scale * ratio], dtype=param.dtype)
-    return _kernel("sgdp", param.size)(
+    return _launch(
+        "sgdp",
+        param.size,
         _rows(param),
         _rows(grad),
         _rows(momentum),

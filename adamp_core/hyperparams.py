@@ -70,6 +70,8 @@ def _real(value: Any, label: str) -> Any:
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         if tuple(value.shape) != ():
             raise ValueError(f"Invalid {label}: expected a scalar or a 0-d array, got shape {tuple(value.shape)}")
+        if "bool" in str(value.dtype) or "complex" in str(value.dtype):
+            raise TypeError(f"Invalid {label}: a 0-d array of dtype {value.dtype} (expected a real number)")
         return value
     raise TypeError(f"Invalid {label}: {value!r} (expected a real number)")
 

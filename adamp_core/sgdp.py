@@ -19,7 +19,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from ._common import check_state_arrays, finite_flag, keep_if_finite, scalar, state_zeros
-from .arrays import check_array, check_grad, compute_dtype, device
+from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
 from .hyperparams import SGDPHyperparams, _flag, check_sgdp
 from .projection import RowReduce, project_update
 
@@ -83,6 +83,7 @@ def sgdp_step(
     skip = _flag(skip_nonfinite, "skip_nonfinite")
     xp = check_array(param)
     check_grad(param, grad)
+    check_hyper_arrays(param, hp)
     check_sgdp_state(param, state)
     new_param, new_state = sgdp_update(xp, param, grad, state, hp)
     if skip:

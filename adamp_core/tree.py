@@ -15,7 +15,7 @@ from typing import Any
 from ._common import finite_flag, keep_if_finite
 from .adamp import AdamPState, adamp_update, check_adamp_state
 from .adamp import adamp_init as _adamp_init
-from .arrays import check_array, check_grad
+from .arrays import check_array, check_grad, check_hyper_arrays
 from .hyperparams import _flag, check_adamp, check_sgdp
 from .sgdp import SGDPState, check_sgdp_state, sgdp_update
 from .sgdp import sgdp_init as _sgdp_init
@@ -68,7 +68,7 @@ def sgdp_init(params: Any, *, state_dtype: Any = None) -> Any:
     return _init(params, _sgdp_init, state_dtype)
 
 
-def _validate(params: Any, grads: Any, states: Any, check_state: Any) -> list[tuple[Any, Any]]:
+def _validate(params: Any, grads: Any, states: Any, check_state: Any, hp: Any) -> list[tuple[Any, Any]]:
     keys = _match(params, grads, "grads")
     _match(params, states, "states")
     todo = []
@@ -78,6 +78,7 @@ def _validate(params: Any, grads: Any, states: Any, check_state: Any) -> list[tu
         if g is None:
             continue
         check_grad(p, g, _label("grads", k))
+        check_hyper_arrays(p, hp)
         try:
             check_state(p, states[k])
         except (TypeError, ValueError) as exc:
@@ -90,7 +91,7 @@ def _step(
     params: Any, grads: Any, states: Any, hp: Any, check_state: Any, update: Any, skip_nonfinite: Any = False
 ) -> tuple[Any, Any]:
     skip = _flag(skip_nonfinite, "skip_nonfinite")
-    todo = _validate(params, grads, states, check_state)
+    todo = _validate(params, grads, states, check_state, hp)
     new_p = {k: params[k] for k in _keys(params, "params")}
     new_s = {k: states[k] for k in _keys(params, "params")}
     for k, xp in todo:

@@ -97,6 +97,45 @@ HYPER: list[BadHyper] = [
 ]
 
 
+# Hyperparameters given as 0-d arrays (a learning rate held as a tensor for torch.compile, or computed by a
+# NumPy schedule). Their values are not checked (that would be a device sync), but their metadata can be:
+# a bool or complex dtype is never a learning rate, and an array the param's library cannot use (another
+# library, another device) must be refused before anything changes -- or, for another library, converted
+# so that the results stay in the param's library, dtype and device (``convertible``).
+
+
+@dataclass(frozen=True)
+class BadHyperArray:
+    """A 0-d array hyperparameter (core name ``name``) that does not fit the params of the entry point."""
+
+    id: str
+    name: str
+    dtype: str
+    error: type[Exception]
+    match: str  # names the hyperparameter, then what is wrong with the array
+    library: str = "same"  # "same" | "other"
+    device: str = "same"  # "same" | "other" (torch only here: the meta device)
+    convertible: bool = False  # converting it (results in the param's library/dtype/device) is also fine
+
+
+HYPER_ARRAYS: list[BadHyperArray] = [
+    BadHyperArray("lr-0d-bool", "lr", "bool", TypeError, r"Invalid learning rate: .*bool"),
+    BadHyperArray("lr-0d-complex128", "lr", "complex128", TypeError, r"Invalid learning rate: .*complex128"),
+    BadHyperArray(
+        "lr-0d-other-library",
+        "lr",
+        "float64",
+        TypeError,
+        r"Invalid learning rate: .*(numpy|torch|jax).*(numpy|torch|jax)",
+        library="other",
+        convertible=True,
+    ),
+    BadHyperArray(
+        "lr-0d-other-device", "lr", "float64", ValueError, r"Invalid learning rate: .*meta.*cpu", device="other"
+    ),
+]
+
+
 # ---------------------------------------------------------------------------------------------
 # Arrays: what is wrong with the last param, its grad or its state.
 

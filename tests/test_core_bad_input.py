@@ -89,8 +89,11 @@ ARRAY_BAD = [
 def test_adamp_bad_arrays(param, grad, make_state, error, match):
     if isinstance(grad, str):
         grad = _torch(np.ones((3, 4)))
-    state = make_state(param) if make_state else (ac.adamp_init(param) if hasattr(param, "dtype") and
-                                                     np.issubdtype(param.dtype, np.floating) else None)
+    state = (
+        make_state(param)
+        if make_state
+        else (ac.adamp_init(param) if hasattr(param, "dtype") and np.issubdtype(param.dtype, np.floating) else None)
+    )
     with pytest.raises(error, match=match):
         ac.adamp_step(param, grad, state)
 

@@ -236,6 +236,28 @@ def test_torch_adapter_fused_paths_and_fallbacks():
         assert int(opts[0].state[a]["step"]) == int(opts[1].state[b]["step"]) == 3
 
 
+def test_torch_thread_count_survives_the_parallel_kernels():
+    """numba's OpenMP pool shares libgomp with torch; starting it and launching a parallel kernel reset
+    the count ``torch.get_num_threads()`` reports. A fresh process (the pool starts once) checks that a
+    user's ``torch.set_num_threads(1)`` is still 1 after fused steps on a tensor above the parallel size."""
+    pytest.importorskip("torch")
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, adamp_torch\n"
+        "torch.set_num_threads(1)\n"
+        "p = torch.nn.Parameter(torch.randn(4, 70000))\n"
+        "o = adamp_torch.AdamP([p], lr=1e-3, fused=True)\n"
+        "for _ in range(2):\n"
+        "    p.grad = torch.randn(4, 70000)\n"
+        "    o.step()\n"
+        "print(torch.get_num_threads())\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "1", out.stdout + out.stderr
+
+
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
 def test_array_adapter_fused_equals_array_api_step(optimizer):
     import adamp_array

@@ -8,6 +8,8 @@ shared between the saved and the restored optimizer.
 
 from __future__ import annotations
 
+import importlib.util
+import inspect
 import io
 
 import numpy as np
@@ -113,9 +115,18 @@ def test_core_state_round_trip_is_bit_exact(backend, dtype, optimizer):
 # Adapters: checkpoint through bytes, resume bit-exact
 
 
+def _paths(module_name):
+    """Constructor options for each code path of a stateful adapter: its default (fused kernels on CPU where it
+    has them) and, where it has the option, ``fused=False`` (the pure array-API step)."""
+    module = pytest.importorskip(module_name)
+    has = "fused" in inspect.signature(module.AdamP).parameters
+    return [pytest.param({}, id="default")] + ([pytest.param({"fused": False}, id="unfused")] if has else [])
+
+
+@pytest.mark.parametrize("path", _paths("adamp_torch") if importlib.util.find_spec("torch") else [{}])
 @pytest.mark.parametrize("skip", [False, True], ids=["plain", "skip_nonfinite"])
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
-def test_torch_checkpoint_resume_is_bit_exact(optimizer, skip):
+def test_torch_checkpoint_resume_is_bit_exact(optimizer, skip, path):
     torch = pytest.importorskip("torch")
     import adamp_torch
 
@@ -124,7 +135,7 @@ def test_torch_checkpoint_resume_is_bit_exact(optimizer, skip):
 
     def make():
         ps = [torch.nn.Parameter(torch.from_numpy(w)) for w in _params()]
-        return ps, cls(ps, **HP[optimizer], skip_nonfinite=skip)
+        return ps, cls(ps, **HP[optimizer], skip_nonfinite=skip, **path)
 
     def run(ps, opt, ts):
         for t in ts:
@@ -151,8 +162,9 @@ def test_torch_checkpoint_resume_is_bit_exact(optimizer, skip):
             assert torch.equal(v, opt_b.state[pb][k]) and v.dtype == opt_b.state[pb][k].dtype, k
 
 
+@pytest.mark.parametrize("path", _paths("adamp_array"))
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
-def test_array_checkpoint_resume_is_bit_exact(backend, optimizer):
+def test_array_checkpoint_resume_is_bit_exact(backend, optimizer, path):
     import adamp_array
 
     if not backend.supports("float64"):
@@ -161,7 +173,7 @@ def test_array_checkpoint_resume_is_bit_exact(backend, optimizer):
     grads = _grads(6)
 
     def make():
-        return cls([backend.asarray(w, "float64") for w in _params()], **HP[optimizer])
+        return cls([backend.asarray(w, "float64") for w in _params()], **HP[optimizer], **path)
 
     def run(opt, ts):
         for t in ts:
@@ -171,7 +183,7 @@ def test_array_checkpoint_resume_is_bit_exact(backend, optimizer):
     run(a, range(3))
     saved = _savez(adamp_array.flatten_state_dict(a.state_dict()))
     saved_params = [backend.to_numpy(p) for p in a.params]
-    b = cls([backend.asarray(w, "float64") for w in saved_params], **HP[optimizer])
+    b = cls([backend.asarray(w, "float64") for w in saved_params], **HP[optimizer], **path)
     b.load_state_dict(saved)
     run(a, range(3, 6))
     run(b, range(3, 6))

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 
 import adamp_core as ac
+from adamp_core.testing.backends import BACKENDS
 from adamp_core.testing.oracle import make_grad
 
 RTOL = {"float32": 1e-5, "float64": 1e-12}
@@ -198,13 +199,37 @@ def _cases():
 CASES = _cases()
 
 
+def _over_backends(cases, runs_on):
+    """``(backend, *case)`` params for the cases ``(id, values)`` that ``runs_on(backend, values)`` on each
+    backend; an absent backend gets one skipped entry with its reason (reported, not hidden)."""
+    out = []
+    for b in BACKENDS:
+        reason = b.skip_reason()
+        if reason:
+            out.append(pytest.param(b, *cases[0][1], id=f"{b.id}-absent", marks=pytest.mark.skip(reason=reason)))
+            continue
+        out += [pytest.param(b, *values, id=f"{b.id}-{cid}") for cid, values in cases if runs_on(b, values)]
+    return out
+
+
+FULL_GRID = ("numpy", "torch")  # eager JAX compiles every new op (slow): other libraries run a column
+MAGNITUDE_CASES = [
+    (f"{o}-w{w}-g{g}-eps{e:g}-{regime}", (o, w, g, e, regime))
+    for regime in ("channel", "layer", "none")
+    for o, w, g, e in CASES
+]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:underflow encountered")
-@pytest.mark.parametrize("regime", ["channel", "layer", "none"])
-@pytest.mark.parametrize("optimizer,w_s,g_s,eps", CASES, ids=[f"{o}-w{w}-g{g}-eps{e:g}" for o, w, g, e in CASES])
+@pytest.mark.parametrize(
+    "backend,optimizer,w_s,g_s,eps,regime",
+    _over_backends(
+        MAGNITUDE_CASES,
+        lambda b, c: b.library in FULL_GRID or (c[4] == "channel" and c[3] == 1e-30 and c[2] == "one"),
+    ),
+)
 def test_extreme_magnitudes_float32(backend, optimizer, w_s, g_s, eps, regime):
     """float32 weights/grads near 1e19 and 1e-20: the naive |w|^2 overflows or underflows; ours does not."""
-    if backend.library not in ("numpy", "torch") and (regime != "channel" or eps != 1e-30 or g_s != "one"):
-        pytest.skip("the full grid runs on numpy and torch (eager JAX compiles every op: slow); others run a column")
     shape = SHAPES["conv4d" if regime != "none" else "linear2d"]
     rng = np.random.default_rng(zlib.crc32(f"{w_s}{g_s}{regime}".encode()))
     w_unit = rng.standard_normal(shape)
@@ -272,16 +297,131 @@ DEGENERATE = {
 JAX_DEGENERATE = ("zero_weights", "row_length_1", "scalar_0d", "empty_cols")
 
 
+DEGENERATE_CASES = [
+    (f"{name}-{optimizer}-{scale}", (name, optimizer, scale))
+    for name in DEGENERATE
+    for optimizer in ("adamp", "sgdp")
+    for scale in ("one", "big", "tiny")
+]
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:underflow encountered")
-@pytest.mark.parametrize("scale", ["one", "big", "tiny"])
-@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
-@pytest.mark.parametrize("name", list(DEGENERATE))
+@pytest.mark.parametrize(
+    "backend,name,optimizer,scale",
+    _over_backends(DEGENERATE_CASES, lambda b, c: b.library in FULL_GRID or (c[2] == "one" and c[0] in JAX_DEGENERATE)),
+)
 def test_degenerate_shapes(backend, name, optimizer, scale):
+    """Every degenerate shape at every magnitude on numpy and torch; a few at magnitude 1 elsewhere."""
     shape, kind = DEGENERATE[name]
-    if backend.library not in ("numpy", "torch") and (scale != "one" or name not in JAX_DEGENERATE):
-        pytest.skip("extreme magnitudes and all degenerate shapes run on numpy and torch; others run a few")
     rng = np.random.default_rng(2)
     v = _value("float32", scale)
     w0 = np.zeros(shape) if kind.startswith("zero") else rng.standard_normal(shape) * v
     gs = [np.zeros(shape) if kind == "zero-both" else rng.standard_normal(shape) * v for _ in range(STEPS)]
     _run(backend, optimizer, "float32", w0, gs, 1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The adapters at extreme magnitudes: each runs its own bookkeeping (and may get a faster multi-tensor
+# path), so each is held to the same wide reference, step by step, from its own previous state.
+
+ADAPTER_CASES = [c for c in CASES if c[3] == 1e-30 or c[2] == "tiny"]  # per (w, g) scale: one eps, tiny if allowed
+OPTAX_CASES = [c for c in ADAPTER_CASES if c[1:3] in (("big", "one"), ("tiny", "big"))]  # JAX compiles per case
+
+
+def _adapter_run(entry, optimizer, dtype, w0, grads, eps):
+    """STEPS steps of ``entry`` on one param of ``dtype``; yields (step, w before, grad, state before, w after,
+    state after) as NumPy arrays, the states as dicts of the core's field names."""
+    hp = {**HP[optimizer], "eps": eps}
+    names = ("exp_avg", "exp_avg_sq") if optimizer == "adamp" else ("momentum",)
+    dt = np.dtype(dtype)
+    if entry == "torch":
+        torch = pytest.importorskip("torch")
+        import adamp_torch
+
+        p = torch.nn.Parameter(torch.from_numpy(w0.astype(dt)))
+        opt = (adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP)([p], **hp)
+
+        def read():
+            st = opt.state[p]
+            return p.detach().numpy().copy(), {
+                k: (st[k].numpy().copy() if k in st else np.zeros_like(w0, dt)) for k in names
+            }
+
+        def apply(g):
+            p.grad = torch.from_numpy(g)
+            opt.step()
+    elif entry == "array":
+        import adamp_array
+
+        opt = (adamp_array.AdamP if optimizer == "adamp" else adamp_array.SGDP)([w0.astype(dt)], **hp)
+
+        def read():
+            st = opt.states[0]._asdict()
+            return np.array(opt.params[0]), {k: np.array(st[k]) for k in names}
+
+        def apply(g):
+            opt.step([g])
+    else:
+        jax = pytest.importorskip("jax")
+        import optax
+
+        import adamp_optax
+
+        kw = {("learning_rate" if k == "lr" else k): v for k, v in hp.items()}
+        if optimizer == "adamp":
+            kw["b1"], kw["b2"] = kw.pop("betas")
+        tx = (adamp_optax.adamp if optimizer == "adamp" else adamp_optax.sgdp)(**kw)
+        box = {"params": {"w": jax.numpy.asarray(w0.astype(dt))}}
+        box["state"] = tx.init(box["params"])
+
+        @jax.jit
+        def update(params, state, g):
+            updates, state = tx.update({"w": g}, state, params)
+            return optax.apply_updates(params, updates), state
+
+        def read():
+            st = box["state"].states["w"]._asdict()
+            return np.asarray(box["params"]["w"]).copy(), {k: np.asarray(st[k]).copy() for k in names}
+
+        def apply(g):
+            box["params"], box["state"] = update(box["params"], box["state"], jax.numpy.asarray(g))
+
+    for t in range(1, STEPS + 1):
+        w, st = read()
+        g = np.asarray(grads(w.astype(np.float64), t)).astype(dt)
+        apply(g)
+        yield t, w, g, st, *read()
+
+
+def _adapter_params():
+    out = []
+    for dtype in ("float32", "float64"):
+        for entry in ("torch", "array", "optax"):
+            for c in OPTAX_CASES if entry == "optax" else ADAPTER_CASES:
+                if dtype == "float64" and (entry == "optax" or not LONGDOUBLE_OK):
+                    continue
+                out.append(pytest.param(entry, dtype, *c, id=f"{entry}-{dtype}-{c[0]}-w{c[1]}-g{c[2]}-eps{c[3]:g}"))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:underflow encountered")
+@pytest.mark.parametrize("entry,dtype,optimizer,w_s,g_s,eps", _adapter_params())
+def test_adapters_at_extreme_magnitudes(entry, dtype, optimizer, w_s, g_s, eps):
+    """float32 near 1e19 / 1e-20 and float64 near 5e153 / 1e-170 (where a fast path must fall back to the
+    scaled step), through each adapter, against the wide reference from the adapter's own previous state."""
+    if dtype == "float64" and eps < 1e-20:
+        eps = 1e-200
+    rng = np.random.default_rng(zlib.crc32(f"{w_s}{g_s}adapter".encode()))
+    w0 = rng.standard_normal(SHAPES["conv4d"]) * _value(dtype, w_s)
+    hp = {**HP[optimizer], "eps": eps}
+    views = []
+    grads = _grads("channel", _value(dtype, g_s), 9)
+    for t, w, g, st, new_w, new_st in _adapter_run(entry, optimizer, dtype, w0, grads, eps):
+        ref_w, ref_st, view = reference_step(optimizer, w, g, st, hp, t, WIDE[dtype])
+        views.append(view)
+        # optax returns new - old, added back by apply_updates: one more rounding of the param (relative 1e-7)
+        _tolerance_check(new_w, ref_w, dtype, f"{entry} step {t}: param")
+        for k, v in ref_st.items():
+            _tolerance_check(new_st[k], v, dtype, f"{entry} step {t}: {k}")
+    if eps < 1e-20 or "tiny" not in (w_s, g_s):
+        assert views == [1] * STEPS, views  # the channel regime is seen at every magnitude

@@ -13,6 +13,8 @@
 
 from __future__ import annotations
 
+import inspect
+
 import numpy as np
 import pytest
 
@@ -42,6 +44,18 @@ ENTRY_POINTS = (
     "array",
     "optax",
 )
+
+
+def _has_fused_option() -> bool:
+    import adamp_array
+    import adamp_torch
+
+    return all("fused" in inspect.signature(c).parameters for c in (adamp_torch.AdamP, adamp_array.AdamP))
+
+
+# The stateful adapters' default on CPU may be their fused kernels; ":unfused" runs their pure step (fused=False).
+if _has_fused_option():
+    ENTRY_POINTS += ("torch:unfused", "array:unfused")
 
 
 def _opt(case: str) -> str:
@@ -111,7 +125,8 @@ def run_entry(entry, case, w0, grads, skip=False):
         import adamp_torch
 
         p = torch.nn.Parameter(torch.from_numpy(w0.copy()))
-        opt = (adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP)([p], **hp, skip_nonfinite=skip)
+        path = {"fused": False} if lib == "unfused" else {}
+        opt = (adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP)([p], **hp, skip_nonfinite=skip, **path)
         for g in grads:
             p.grad = torch.from_numpy(np.array(g))
             opt.step()
@@ -125,7 +140,8 @@ def run_entry(entry, case, w0, grads, skip=False):
         import adamp_array
 
         w = np.array(w0)
-        opt = (adamp_array.AdamP if optimizer == "adamp" else adamp_array.SGDP)([w], **hp, skip_nonfinite=skip)
+        path = {"fused": False} if lib == "unfused" else {}
+        opt = (adamp_array.AdamP if optimizer == "adamp" else adamp_array.SGDP)([w], **hp, skip_nonfinite=skip, **path)
         for g in grads:
             opt.step([np.array(g)])
             st = {k: _to_np(v) for k, v in opt.states[0]._asdict().items() if k != "step"}
@@ -157,11 +173,6 @@ def run_entry(entry, case, w0, grads, skip=False):
     return out, skips
 
 
-def _few_on_jax(entry, bad, keep=("nan", "-inf")):
-    if entry in ("core:jax", "optax") and bad not in keep:
-        pytest.skip(f"JAX compiles each new program (slow): it runs the {' and '.join(keep)} cases")
-
-
 def _same_nonfinite(ours, ref, what, exact_inf=True):
     ours, ref = np.asarray(ours, dtype=np.float64), np.asarray(ref, dtype=np.float64)
     assert ours.shape == ref.shape, what
@@ -175,15 +186,27 @@ def _same_nonfinite(ours, ref, what, exact_inf=True):
     assert np.max(np.abs(ours[fin] - ref[fin]), initial=0.0) <= 1e-12 * scale, what
 
 
+def _runs_on(entry, bad, keep):
+    """JAX compiles each new program (slow): there, only the ``keep`` kinds of bad gradient run."""
+    return entry not in ("core:jax", "optax") or bad in keep
+
+
+# Every shape and case on core:numpy and the torch adapter; the other entry points run linear2d with the
+# plain AdamP and SGDP cases.
+PROPAGATE_CASES = [
+    pytest.param(case, shape, bad, entry, id=f"{case}-{shape}-{bad}-{entry}")
+    for case in HP
+    for shape in SHAPES
+    for bad in BADS
+    for entry in ENTRY_POINTS
+    if (entry in ("core:numpy", "torch") or (shape == "linear2d" and case in ("adamp", "sgdp")))
+    and _runs_on(entry, bad, ("nan", "-inf"))
+]
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("bad", BADS)
-@pytest.mark.parametrize("shape", list(SHAPES))
-@pytest.mark.parametrize("case", list(HP))
+@pytest.mark.parametrize("case,shape,bad,entry", PROPAGATE_CASES)
 def test_default_propagates_like_adamp_0_3_0(case, shape, bad, entry):
-    if entry not in ("core:numpy", "torch") and (shape != "linear2d" or case not in ("adamp", "sgdp")):
-        pytest.skip("every shape and case runs on core:numpy and the torch adapter; other entry points run linear2d")
-    _few_on_jax(entry, bad)
     w0 = np.random.default_rng(1).standard_normal(SHAPES[shape])
     grads = _grads(SHAPES[shape], bad)
     ref = official_run(case, w0, grads)
@@ -200,12 +223,18 @@ def test_default_propagates_like_adamp_0_3_0(case, shape, bad, entry):
     assert not np.all(np.isfinite(ours[-1][0])), "the bad gradient should have reached the param"
 
 
+SKIP_CASES = [
+    pytest.param(case, bad, entry, id=f"{case}-{bad}-{entry}")
+    for case in ("adamp", "sgdp", "sgdp-nesterov")
+    for bad in BADS
+    for entry in ENTRY_POINTS
+    if _runs_on(entry, bad, ("nan",))
+]
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered", "ignore:overflow encountered")
-@pytest.mark.parametrize("entry", ENTRY_POINTS)
-@pytest.mark.parametrize("bad", BADS)
-@pytest.mark.parametrize("case", ["adamp", "sgdp", "sgdp-nesterov"])
+@pytest.mark.parametrize("case,bad,entry", SKIP_CASES)
 def test_skip_nonfinite_equals_a_run_without_that_step(case, bad, entry):
-    _few_on_jax(entry, bad, keep=("nan",))
     shape = SHAPES["linear2d" if entry != "core:numpy" else "conv4d"]
     w0 = np.random.default_rng(2).standard_normal(shape)
     grads = _grads(shape, bad)

@@ -93,9 +93,10 @@ def _same_place(x, like, backend, dtype=None):
 
 @pytest.mark.filterwarnings("ignore:overflow encountered", "ignore:underflow encountered")
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
-def test_dtype_shape_device_kept_and_finite_in_finite_out(backend, dtype, optimizer):
+def test_dtype_shape_device_kept_and_finite_in_finite_out(backend, dtype, optimizer, record_property):
     if not backend.supports(dtype):
         pytest.skip(f"{backend} has no {dtype}")
+    ran = []
 
     @_settings(backend)
     @given(
@@ -132,8 +133,12 @@ def test_dtype_shape_device_kept_and_finite_in_finite_out(backend, dtype, optimi
             for x in new_state:
                 assert np.all(np.isfinite(np.asarray(backend.to_numpy(x) if hasattr(x, "dtype") else x)))
             w, state = new_w, new_state
+        ran.append(shape)
 
     check()
+    # hypothesis runs max_examples distinct examples unless the space is smaller (JAX: few shapes)
+    record_property("hypothesis_examples", len(ran))
+    assert len(ran) >= min(EXAMPLES.get(backend.library, 10), 6), len(ran)
 
 
 @pytest.mark.filterwarnings(
@@ -142,12 +147,13 @@ def test_dtype_shape_device_kept_and_finite_in_finite_out(backend, dtype, optimi
     "ignore:invalid value encountered",
     "ignore:divide by zero encountered",  # eps = 0 and a zero gradient row (rows of length 1): cos is 0/0
 )
-def test_projected_update_is_orthogonal_to_the_weight(backend, dtype):
+def test_projected_update_is_orthogonal_to_the_weight(backend, dtype, record_property):
     """SGDP without momentum or decay, eps = 0: w_{t+1} - w_t = -lr * Pi_w(g), and Pi_w removes the radial
     part exactly. |w_r . dw_r| must be rounding-small relative to |w_r| |dw_r| at every magnitude."""
     if not backend.supports(dtype):
         pytest.skip(f"{backend} has no {dtype}")
     unit = float(np.finfo(dtype).eps)
+    views = []
 
     @_settings(backend)
     @given(
@@ -179,6 +185,7 @@ def test_projected_update_is_orthogonal_to_the_weight(backend, dtype):
             nw, ndw, nw1 = (np.linalg.norm(x, axis=axis) for x in (wn, dw, w1))
             return 8 * n * unit * nw * ndw + 2 * unit * nw * nw1
 
+        views.append(view)
         if view == ac.VIEW_CHANNEL:
             dots = np.abs(np.sum(wn * dw, axis=1))
             assert np.all(dots <= bound(1)), (dots, bound(1))
@@ -191,3 +198,6 @@ def test_projected_update_is_orthogonal_to_the_weight(backend, dtype):
             assert view == expected, (view, regime, shape, mags)
 
     check()
+    record_property("hypothesis_examples", len(views))
+    # the orthogonality was checked on both views (not every example skipped as degenerate)
+    assert views.count(ac.VIEW_CHANNEL) >= 1 and views.count(ac.VIEW_LAYER) >= 1, views

@@ -14,7 +14,7 @@ from array_api_compat import is_torch_array, is_writeable_array
 
 from adamp_core import fused as _fused
 from adamp_core._common import finite_flag
-from adamp_core.arrays import check_array, check_grad
+from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
 from adamp_core.hyperparams import _flag
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
@@ -275,6 +275,10 @@ class ArrayOptimizer:
                 if g is None:
                     continue
                 check_grad(p, g, "grads" + where)
+                try:
+                    check_hyper_arrays(p, hps[gi])
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{exc} (param_groups[{gi}])") from None
                 try:
                     self._check_state(p, self._states[gi][k])
                 except (TypeError, ValueError) as exc:

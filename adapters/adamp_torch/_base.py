@@ -17,6 +17,7 @@ from torch.optim.optimizer import required
 
 from adamp_core import fused as _fused
 from adamp_core._common import finite_flag, keep_if_finite
+from adamp_core.arrays import check_hyper_arrays
 from adamp_core.diagnostics import step_diagnostics
 
 __all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
@@ -139,6 +140,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     )
                 if g.device != p.device:
                     raise ValueError(f"grad of {_label(gi, pi)} is on {g.device} but the param is on {p.device}")
+                try:
+                    check_hyper_arrays(p, hypers[-1])
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{exc} (param_groups[{gi}])") from None
         return hypers
 
     # -- lazy state ---------------------------------------------------------------------------------
