@@ -18,7 +18,16 @@ import numpy as np
 import pytest
 
 from adamp_core.bench import register
-from adamp_core.bench.runners import IMPLS, impl_rows
+from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, _settings
+from adamp_core.bench.runners import (
+    HYPERPARAMS,
+    IMPLS,
+    GradCache,
+    Unavailable,
+    build_runner,
+    device_backends,
+    impl_rows,
+)
 from adamp_core.bench.workloads import ENV_SCALE, WORKLOAD_NAMES, get_workload, host_data
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +141,33 @@ def test_impl_rows_cover_every_backend():
     assert {k for k, _ in cpu} == set(IMPLS) == {k for k, _ in cuda}
     with pytest.raises(ValueError, match=r"Invalid device: 'tpu'"):
         impl_rows("tpu")
+    only = impl_rows("cpu", ["core", "torch-fused"], ["numpy", "torch:cpu"])
+    assert only == [("torch-fused", "torch:cpu"), ("core", "numpy"), ("core", "torch:cpu")]
+    with pytest.raises(ValueError, match=r"Invalid backend for device 'cpu': 'cupy'"):
+        impl_rows("cpu", None, ["cupy"])
+
+
+def test_quick_leaves_out_the_conformance_backend_unless_asked(monkeypatch):
+    monkeypatch.delenv(ENV_SCALE, raising=False)
+    parse = lambda *argv: _settings(_parser().parse_args(["bench", *argv]))
+    quick = parse("--quick")
+    assert QUICK_SKIP_BACKENDS == ("array_api_strict",)
+    assert quick["backends"] == ["numpy", "torch:cpu", "jax:cpu"] and quick["skipped_backends"] == ["array_api_strict"]
+    assert quick["threads"] == 1 and quick["repeats"] == 5
+    # --quick shrinks every workload 20x, and "small" to 40 tensors; an explicit --scale wins everywhere.
+    assert {w: get_workload(w, s).n_tensors for w, s in quick["scales"].items()} == {
+        "resnet50": 161,
+        "transformer": 12,
+        "small": 40,
+        "large": 1,
+    }
+    assert set(parse("--quick", "--scale", "0.1")["scales"].values()) == {0.1}
+    assert parse("--quick", "--backend", "all")["backends"] == list(device_backends("cpu"))
+    assert parse("--quick", "--backend", "array_api_strict")["backends"] == ["array_api_strict"]
+    full = parse()
+    assert "array_api_strict" in full["backends"] and full["skipped_backends"] == [] and full["threads"] is None
+    with pytest.raises(ValueError, match=r"Invalid --backend: 'cupy' for --device cpu"):
+        parse("--backend", "cupy")
 
 
 def test_bench_runs_end_to_end_and_writes_json(tmp_path, capsys):
@@ -202,6 +238,78 @@ def test_bench_sgdp_and_absent_devices(tmp_path, capsys):
     assert code == (0 if any(r["status"] == "ok" for r in rows) else 1)
 
 
+def _params_after_one_step(impl, optimizer, backend, cache):
+    try:
+        runner = build_runner(impl, optimizer, backend, cache)
+    except Unavailable as exc:
+        pytest.skip(str(exc))
+    runner.step()
+    runner.sync()
+    out = []
+    for p in runner._extra["params"]:
+        p = p.detach().cpu() if hasattr(p, "detach") else p
+        out.append(np.asarray(p, dtype=np.float64))
+    return out
+
+
+CPU_ROWS = [(k, b) for k, b in impl_rows("cpu")]
+
+
+@pytest.mark.parametrize(("impl", "backend"), CPU_ROWS, ids=[f"{k}-{b}" for k, b in CPU_ROWS])
+def test_adamp_rows_share_hyperparameters_with_adamw(impl, backend):
+    """Every AdamP row runs the hyperparameters of the AdamW rows: on the transformer workload nothing is
+    projected (no weight is scale-invariant), where AdamP's first step is AdamW's. Reference: AdamW's first
+    step in float64 NumPy, p (1 - lr wd) - lr g / (|g| + eps) (bias-corrected moments are g and g^2)."""
+    cache = GradCache(get_workload("transformer", 1e-4))
+    hp = HYPERPARAMS["adamp"]
+    got = _params_after_one_step(impl, "adamp", backend, cache)
+    for p0, g, p1 in zip(cache.params, cache.grads, got, strict=True):
+        p0, g = p0.astype(np.float64), g.astype(np.float64)
+        want = p0 * (1 - hp["lr"] * hp["weight_decay"]) - hp["lr"] * g / (np.abs(g) + hp["eps"])
+        np.testing.assert_allclose(p1, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize(("impl", "backend"), CPU_ROWS, ids=[f"{k}-{b}" for k, b in CPU_ROWS])
+def test_sgdp_rows_use_nesterov_momentum(impl, backend):
+    """SGD rows (torch.optim.SGD, optax.sgd) and SGDP rows run Nesterov momentum 0.9 on the same lr. First
+    step, nothing projected: the momentum buffer is g, the update lr (1 + m) g'; torch.optim and optax couple
+    the weight decay (g' = g + wd p), AdamP's authors decouple it (p (1 - lr wd) - lr (1 + m) g)."""
+    cache = GradCache(get_workload("transformer", 1e-4))
+    hp = HYPERPARAMS["sgdp"]
+    assert hp["momentum"] == 0.9 and hp["nesterov"] is True and hp["dampening"] == 0
+    lr, wd, m = hp["lr"], hp["weight_decay"], hp["momentum"]
+    got = _params_after_one_step(impl, "sgdp", backend, cache)
+    for p0, g, p1 in zip(cache.params, cache.grads, got, strict=True):
+        p0, g = p0.astype(np.float64), g.astype(np.float64)
+        if IMPLS[impl].reference and impl != "official":
+            want = p0 - lr * (1 + m) * (g + wd * p0)
+        else:
+            want = p0 * (1 - lr * wd) - lr * (1 + m) * g
+        np.testing.assert_allclose(p1, want, rtol=1e-5, atol=1e-7)
+
+
+def test_sgdp_ratios_are_against_foreach_sgd(tmp_path, capsys):
+    pytest.importorskip("torch")
+    out = tmp_path / "bench.json"
+    argv = ["--workload", "transformer", "--scale", "1e-4", "--optimizer", "sgdp", "--repeats", "1"]
+    argv += ["--min-time", "0.001", "--impl", "torch-fused", "--impl", "torch-foreach", "--impl", "core"]
+    argv += ["--backend", "numpy", "--backend", "torch:cpu", "--json", str(out)]
+    assert _bench(argv) == 0
+    text = capsys.readouterr().out
+    assert "x SGD(foreach=True)" in text and "SGDP (lr 0.01, Nesterov momentum 0.9, weight decay 0.0001)" in text
+    rows = {(r["impl"], r["backend"]): r for r in json.loads(out.read_text())["results"]}
+    assert set(rows) == {
+        ("torch-fused", "torch:cpu"),
+        ("torch-foreach", "torch:cpu"),
+        ("core", "numpy"),
+        ("core", "torch:cpu"),
+    }
+    base = rows[("torch-foreach", "torch:cpu")]
+    for r in rows.values():
+        assert r["baseline"] == "torch.optim.SGD(foreach=True)"
+        assert r["ratio_baseline"] == pytest.approx(r["ms_per_step"] / base["ms_per_step"])
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -230,6 +338,7 @@ def test_bench_package_imports_no_heavy_library():
 def asv_suite(monkeypatch):
     monkeypatch.setenv(ENV_SCALE, "0.002")
     monkeypatch.setenv("ADAMP_BENCH_JAX_CACHE", "none")
+    monkeypatch.delenv("ADAMP_BENCH_THREADS", raising=False)  # importing the suite would apply it to torch
     monkeypatch.syspath_prepend(str(ASV_DIR))
     for name in [m for m in sys.modules if m == "benchmarks" or m.startswith("benchmarks.")]:
         monkeypatch.delitem(sys.modules, name)
@@ -292,6 +401,26 @@ def test_asv_check_passes():
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "No problems found" in proc.stdout
+
+
+def test_asv_thread_setting(asv_suite, monkeypatch):
+    from benchmarks.common import apply_threads
+
+    torch = pytest.importorskip("torch")
+    before = torch.get_num_threads()
+    monkeypatch.setenv("XLA_FLAGS", "")
+    try:
+        monkeypatch.setenv("ADAMP_BENCH_THREADS", "1")
+        apply_threads()
+        assert torch.get_num_threads() == 1
+        assert "--xla_cpu_multi_thread_eigen=false" in os.environ["XLA_FLAGS"]
+    finally:
+        torch.set_num_threads(before)
+    for bad in ("0", "two"):
+        monkeypatch.setenv("ADAMP_BENCH_THREADS", bad)
+        with pytest.raises(ValueError, match=rf"Invalid ADAMP_BENCH_THREADS: '{bad}' \(expected a positive integer\)"):
+            apply_threads()
+    assert torch.get_num_threads() == before
 
 
 def test_jax_compilation_cache_can_be_turned_off(monkeypatch):

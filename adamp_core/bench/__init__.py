@@ -5,7 +5,8 @@
 * :mod:`adamp_core.bench.runners`: one optimizer step of an implementation (ours, the adapters,
   ``torch.optim``, the official ``adamp``, optax) on a backend, with device synchronization.
 * ``adamp-xp bench``: all rows on the same workload, interleaved; prints ms/step and the ratio
-  to ``torch.optim.AdamW(fused=True)`` and to ``adamp==0.3.0``.
+  to ``torch.optim.AdamW(fused=True)`` (SGDP: ``SGD(momentum=0.9, nesterov=True, foreach=True)``)
+  and to ``adamp==0.3.0``.
 
 The asv suite in ``asv_benchmarks/`` uses the same workloads and runners. Importing this
 package imports neither torch nor jax.
@@ -26,9 +27,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "bench",
         help="time one optimizer step on every installed backend against torch.optim and adamp==0.3.0",
-        description=__doc__.split("\n\n")[0] + " Every installed backend and the reference optimizers run on the "
-        "same workload, interleaved round by round; the table gives the median ms/step and the ratio to "
-        "torch.optim.AdamW(fused=True) (SGD(fused=True) for SGDP) and to the official adamp 0.3.0.",
+        description="Time one AdamP/SGDP step of every implementation on every installed backend. All rows "
+        "run on the same workload in one process, interleaved round by round; the table gives the median "
+        "ms/step and the ratio to torch.optim.AdamW(fused=True) (for SGDP: SGD(momentum=0.9, nesterov=True, "
+        "foreach=True)) and to the official adamp 0.3.0.",
     )
     add_arguments(p)
     p.set_defaults(func=run)

@@ -22,14 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from .runners import (
-    BASELINE,
+    BASELINES,
     ENV_JAX_CACHE,
+    HYPERPARAMS,
     IMPLS,
     OFFICIAL,
     OPTIMIZERS,
     GradCache,
     Unavailable,
     build_runner,
+    device_backends,
     enable_jax_compilation_cache,
     impl_rows,
 )
@@ -38,6 +40,13 @@ from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 __all__ = ["add_arguments", "run"]
 
 QUICK_SCALE = 0.05
+# --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
+# per-tensor overhead; XLA's compilation of a step grows with the tensor count: ~25 s for 100 on 2 cores).
+QUICK_SCALES = {"small": 0.02}
+# Left out by --quick unless named with --backend: array_api_strict is the conformance backend (it checks
+# that adamp_core uses nothing beyond the standard), not a way to run an optimizer fast, and it is the
+# slowest row by far.
+QUICK_SKIP_BACKENDS = ("array_api_strict",)
 _STATE_ARRAYS = {"adamp": 2, "sgdp": 1}
 
 
@@ -56,16 +65,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--optimizer", choices=[*OPTIMIZERS, "all"], default="adamp", help="default: adamp")
     p.add_argument("--impl", action="append", choices=list(IMPLS), help="only these rows (repeatable); default: all")
+    backends = [*device_backends("cpu"), *device_backends("cuda")]
+    p.add_argument(
+        "--backend",
+        action="append",
+        choices=[*backends, "all"],
+        help="only these backends of --device (repeatable); default: all, except "
+        + ", ".join(QUICK_SKIP_BACKENDS)
+        + " with --quick",
+    )
     p.add_argument(
         "--quick",
         action="store_true",
-        help=f"small sizes (scale {QUICK_SCALE}), 5 runs of >= 20 ms, single-threaded: a smoke-test table",
+        help=f"small sizes (scale {QUICK_SCALE}; "
+        + ", ".join(f"{k} {v:g}" for k, v in QUICK_SCALES.items())
+        + "), 5 runs of >= 20 ms, single-threaded, no "
+        + ", ".join(QUICK_SKIP_BACKENDS)
+        + " rows: a table in about a minute",
     )
     p.add_argument(
         "--scale",
         type=float,
         default=None,
-        help=f"workload size factor (default: ${ENV_SCALE}, else {QUICK_SCALE} with --quick, else 1)",
+        help=f"workload size factor (default: ${ENV_SCALE}, else {QUICK_SCALE} with --quick (see there), else 1)",
     )
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 7; 5 with --quick)")
     p.add_argument(
@@ -108,15 +130,30 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     elif os.environ.get(ENV_SCALE, "").strip():
         scale = bench_scale()
     else:
-        scale = QUICK_SCALE if args.quick else 1.0
+        scale = None if args.quick else 1.0  # None: QUICK_SCALE, or QUICK_SCALES[workload]
     names = args.workload or ["all"]
     workloads = list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))
+    allowed = device_backends(args.device)
+    if not args.backend:
+        backends = [b for b in allowed if not (args.quick and b in QUICK_SKIP_BACKENDS)]
+    elif "all" in args.backend:
+        backends = list(allowed)
+    else:
+        for b in args.backend:
+            if b not in allowed:
+                raise ValueError(
+                    f"Invalid --backend: {b!r} for --device {args.device} (choose from {', '.join(allowed)})"
+                )
+        backends = list(dict.fromkeys(args.backend))
     return dict(
         device=args.device,
         scale=scale,
+        scales={w: (QUICK_SCALES.get(w, QUICK_SCALE) if scale is None else scale) for w in workloads},
         workloads=workloads,
         optimizers=list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer],
         impls=list(dict.fromkeys(args.impl)) if args.impl else None,
+        backends=backends,
+        skipped_backends=[b for b in allowed if b not in backends],
         repeats=args.repeats or (5 if args.quick else 7),
         min_time=args.min_time if args.min_time is not None else (0.02 if args.quick else 0.2),
         # --quick is a smoke test on possibly shared machines: single-threaded unless told otherwise (two
@@ -126,10 +163,14 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
     )
 
 
+_TORCH_THREADS: list[int] = []  # the count --threads asked for, re-applied by _keep_threads()
+
+
 def _configure_threads(device: str, threads: int | None) -> None:
     # Must happen before jax is imported to take effect (bench imports it lazily, after this).
     if device == "cuda":  # several libraries share the GPU: no JAX up-front preallocation of 75% of it
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    _TORCH_THREADS.clear()
     if threads is None:
         return
     if threads == 1 and "jax" not in sys.modules:
@@ -138,8 +179,19 @@ def _configure_threads(device: str, threads: int | None) -> None:
         import torch
 
         torch.set_num_threads(threads)
+        _TORCH_THREADS.append(threads)
     except ImportError:
         pass
+
+
+def _keep_threads() -> None:
+    """Re-apply ``--threads``: a library that starts its own OpenMP pool in the same process (numba's
+    ``omp`` threading layer does, on its first parallel kernel) resets the libgomp thread count torch
+    reads, and torch's rows would then run with a different number of threads than asked for."""
+    if _TORCH_THREADS and "torch" in sys.modules:
+        torch = sys.modules["torch"]
+        if torch.get_num_threads() != _TORCH_THREADS[0]:
+            torch.set_num_threads(_TORCH_THREADS[0])
 
 
 def _mem_available() -> int | None:
@@ -194,10 +246,12 @@ def _timed(runner: Any, steps: int) -> float:
 
 def _calibrate(runner: Any, min_time: float, estimate: float | None = None) -> int:
     """Steps per timed run so that one run lasts about ``min_time``: one step when the warm-up step
-    already took that long, else from the median of 3 single steps."""
+    already took that long; else from the median of 3 timed runs of ``k`` steps, ``k`` such that they
+    last about ``min_time / 10`` each by the warm-up estimate (which a single short step overstates)."""
     if estimate is not None and estimate >= min_time:
         return 1
-    one = statistics.median(_timed(runner, 1) for _ in range(3))
+    k = 1 if estimate is None else max(1, min(1_000, int(min_time / 10 / max(estimate, 1e-9))))
+    one = statistics.median(_timed(runner, k) for _ in range(3))
     return max(1, min(10_000, math.ceil(min_time / max(one, 1e-9))))
 
 
@@ -280,6 +334,7 @@ def measure(
             ready.update({row: f.result() for row, f in futures.items()})
         if log:
             log(f"  built and warmed up in {time.perf_counter() - t0:.1f} s")
+        _keep_threads()
         for row in rows:  # calibration (timed) one row at a time, in row order
             if ready.get(row) is not None and calibrate(row, ready[row]):
                 runners[row] = ready[row]
@@ -289,12 +344,14 @@ def measure(
         for row in rows:
             r = build(row)
             if r is not None and prepare(row, r) is not None:
+                _keep_threads()
                 calibrate(row, r)
             r = None
             gc.collect()
     live = [row for row in rows if row in steps]
     times: dict[tuple[str, str], list[float]] = {row: [] for row in live}
     for k in range(repeats):
+        _keep_threads()
         order = live[k % len(live) :] + live[: k % len(live)] if live else []
         for row in order:
             if row not in steps:  # failed in an earlier round
@@ -331,13 +388,13 @@ def measure(
             interleaved=resident,
         )
     out = [results[row] for row in rows]
-    _add_ratios(out)
+    _add_ratios(out, optimizer)
     return out
 
 
-def _add_ratios(results: list[dict[str, Any]]) -> None:
+def _add_ratios(results: list[dict[str, Any]], optimizer: str) -> None:
     ok = {r["impl"]: r for r in results if r["status"] == "ok" and "ms_per_step" in r}
-    base = ok.get(BASELINE) or ok.get("torch-foreach")
+    base = next((ok[k] for k in BASELINES[optimizer] if k in ok), None)
     official = ok.get(OFFICIAL)
     for r in results:
         if "ms_per_step" not in r:
@@ -416,11 +473,31 @@ def _load() -> str:
         return "?"
 
 
+def _hyper_text(optimizer: str) -> str:
+    """The hyperparameters every row of ``optimizer`` shares, e.g. ``lr 0.01, Nesterov momentum 0.9, ...``."""
+    hp = HYPERPARAMS[optimizer]
+    if optimizer == "adamp":
+        parts = [f"lr {hp['lr']:g}", f"betas {hp['betas']}", f"eps {hp['eps']:g}"]
+    else:
+        parts = [f"lr {hp['lr']:g}", f"{'Nesterov ' if hp['nesterov'] else ''}momentum {hp['momentum']:g}"]
+    parts.append(f"weight decay {hp['weight_decay']:g}")
+    return ", ".join(parts)
+
+
+def _scales_text(scales: dict[str, float]) -> str:
+    values = list(dict.fromkeys(scales.values()))
+    if len(values) <= 1:
+        return f"{values[0]:g}" if values else "-"
+    common = max(values, key=list(scales.values()).count)
+    rest = ", ".join(f"{k} {v:g}" for k, v in scales.items() if v != common)
+    return f"{common:g} ({rest})"
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: print one table per workload and optimizer; 0 when rows ran."""
     s = _settings(args)
     _configure_threads(s["device"], s["threads"])
-    rows = impl_rows(s["device"], s["impls"])
+    rows = impl_rows(s["device"], s["impls"], s["backends"])
     t_start = time.perf_counter()
     jax_cache = None
     if any(b.startswith("jax") for _, b in rows):
@@ -428,12 +505,14 @@ def run(args: argparse.Namespace) -> int:
     load0 = _load()
     print(
         f"adamp-xp bench: device {s['device']}, {os.cpu_count()} CPU cores, load average {load0}; "
-        f"scale {s['scale']:g}; median of {s['repeats']} interleaved runs per row after warm-up "
+        f"scale {_scales_text(s['scales'])}; median of {s['repeats']} interleaved runs per row after warm-up "
         f"(each run >= {s['min_time'] * 1e3:.0f} ms: 'runs x steps'); float32; IQR = interquartile range / median",
         flush=True,
     )
     if jax_cache:
         print(f"JAX compilation cache: {jax_cache} (compilation is never timed; --jax-cache none to turn off)")
+    if s["skipped_backends"]:
+        print(f"backends left out: {', '.join(s['skipped_backends'])} (--backend all to include)")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
@@ -446,7 +525,7 @@ def run(args: argparse.Namespace) -> int:
         pass
     all_results: list[dict[str, Any]] = []
     for name in s["workloads"]:
-        w = get_workload(name, s["scale"])
+        w = get_workload(name, s["scales"][name])
         cache = GradCache(w, seed=s["seed"])
         for optimizer in s["optimizers"]:
             log(f"{w.name} / {optimizer}: building and warming up {len(rows)} rows")
@@ -458,7 +537,7 @@ def run(args: argparse.Namespace) -> int:
             all_results.extend(res)
             interleaved = all(r.get("interleaved", True) for r in res)
             print(
-                f"\n{w.summary()} | {'AdamP' if optimizer == 'adamp' else 'SGDP'}"
+                f"\n{w.summary()} | {'AdamP' if optimizer == 'adamp' else 'SGDP'} ({_hyper_text(optimizer)})"
                 + ("" if interleaved else " | not enough memory for all rows at once: each row rebuilt per round")
             )
             print(format_table(res), flush=True)
@@ -476,7 +555,8 @@ def run(args: argparse.Namespace) -> int:
         torch_threads=torch_threads,
         load_start=load0,
         load_end=_load(),
-        scale=s["scale"],
+        scale=s["scale"] if s["scale"] is not None else s["scales"],
+        backends=s["backends"],
         repeats=s["repeats"],
         min_time=s["min_time"],
         seed=s["seed"],

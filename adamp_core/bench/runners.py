@@ -11,22 +11,30 @@ Implementations (``IMPLS``; the key is what ``--impl`` and JSON use):
 ==================  ==============================================  ====================================
 key                 AdamP / SGDP row                                backends
 ==================  ==============================================  ====================================
-torch-fused         ``torch.optim.AdamW(fused=True)`` / ``SGD(..)``  torch (the baseline of the ratios)
-torch-foreach       ``torch.optim.AdamW(foreach=True)`` / ``SGD(..)`` torch
+torch-fused         ``torch.optim.AdamW(fused=True)`` / ``SGD(..)``  torch (the AdamP baseline)
+torch-foreach       ``torch.optim.AdamW(foreach=True)`` / ``SGD(..)`` torch (the SGDP baseline)
 official            ``adamp.AdamP`` / ``adamp.SGDP`` 0.3.0            torch
 optax+jit           ``optax.adamw`` / ``optax.sgd`` under ``jax.jit``  jax
 core                ``adamp_core.tree.adamp_step`` / ``sgdp_step``   numpy, array_api_strict, torch, cupy
 core+jit            the same, ``jax.jit``-compiled (buffers donated) jax
 adamp_torch         ``adamp_torch.AdamP`` / ``SGDP``                 torch
+adamp_torch-unfused the same with ``fused=False`` (array-API step)   torch
 adamp_array         ``adamp_array.AdamP`` / ``SGDP``                 numpy, cupy
+adamp_array-unfused the same with ``fused=False`` (array-API step)   numpy, cupy
 adamp_optax+jit     ``adamp_optax.adamp`` / ``sgdp`` under ``jax.jit`` jax
 ==================  ==============================================  ====================================
 
 JAX rows run under ``jax.jit`` only: eager JAX compiles every primitive for every new shape (thousands
 of compilations for the ``small`` workload), which is not how an optimizer step is run in JAX.
 
-``torch-fused`` for SGDP is ``SGD(fused=True)``; it is the SGDP baseline where torch supports
-it, and the issue's ``SGD(foreach=True)`` is the ``torch-foreach`` row next to it.
+Baselines (:data:`BASELINES`, the ``x ...`` ratio column): ``AdamW(fused=True)`` for AdamP, and
+``SGD(momentum=0.9, nesterov=True, foreach=True)`` for SGDP, the reference the fast-path goals are
+stated against; ``SGD(fused=True)`` is a row of the SGDP table like any other. Every row of an
+optimizer uses the same hyperparameters (:data:`HYPERPARAMS`; SGD with Nesterov momentum 0.9).
+
+To add an implementation (a fused or compiled variant, say): one :class:`Impl` entry in ``IMPLS`` and
+one builder in ``_BUILDERS`` returning ``(step, sync, extra)``; ``adamp-xp bench --impl KEY`` and the
+JSON pick it up, and an asv class can name it.
 """
 
 from __future__ import annotations
@@ -41,6 +49,7 @@ from typing import Any
 from .workloads import Workload, host_data
 
 __all__ = [
+    "BASELINES",
     "HYPERPARAMS",
     "IMPLS",
     "OPTIMIZERS",
@@ -48,6 +57,7 @@ __all__ = [
     "Runner",
     "Unavailable",
     "build_runner",
+    "device_backends",
     "enable_jax_compilation_cache",
     "impl_rows",
     "synchronize",
@@ -60,7 +70,7 @@ ENV_JAX_CACHE = "ADAMP_BENCH_JAX_CACHE"
 HYPERPARAMS: dict[str, dict[str, Any]] = {
     "adamp": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, delta=0.1, wd_ratio=0.1, nesterov=False),
     "sgdp": dict(
-        lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1
+        lr=1e-2, momentum=0.9, dampening=0.0, weight_decay=1e-4, nesterov=True, eps=1e-8, delta=0.1, wd_ratio=0.1
     ),
 }
 
@@ -121,12 +131,25 @@ IMPLS: dict[str, Impl] = {
             "core+jit", ("adamp_core.tree.adamp_step + jax.jit", "adamp_core.tree.sgdp_step + jax.jit"), False, ("jax",)
         ),
         Impl("adamp_torch", ("adamp_torch.AdamP", "adamp_torch.SGDP"), False, ("torch",)),
+        Impl(
+            "adamp_torch-unfused",
+            ("adamp_torch.AdamP(fused=False)", "adamp_torch.SGDP(fused=False)"),
+            False,
+            ("torch",),
+        ),
         Impl("adamp_array", ("adamp_array.AdamP", "adamp_array.SGDP"), False, ("numpy", "cupy")),
+        Impl(
+            "adamp_array-unfused",
+            ("adamp_array.AdamP(fused=False)", "adamp_array.SGDP(fused=False)"),
+            False,
+            ("numpy", "cupy"),
+        ),
         Impl("adamp_optax+jit", ("adamp_optax.adamp + jax.jit", "adamp_optax.sgdp + jax.jit"), False, ("jax",)),
     )
 }
 
-BASELINE = "torch-fused"
+# The ratio column of each optimizer's table (the first one that ran), and the official implementation's row.
+BASELINES: dict[str, tuple[str, ...]] = {"adamp": ("torch-fused", "torch-foreach"), "sgdp": ("torch-foreach",)}
 OFFICIAL = "official"
 
 _DEVICE_BACKENDS = {
@@ -135,18 +158,28 @@ _DEVICE_BACKENDS = {
 }
 
 
-def impl_rows(device: str, impls: list[str] | None = None) -> list[tuple[str, str]]:
-    """``(impl key, backend id)`` pairs to run for ``device`` ("cpu" or "cuda"), references first."""
+def device_backends(device: str) -> tuple[str, ...]:
+    """The backend ids of ``device`` ("cpu" or "cuda")."""
     if device not in _DEVICE_BACKENDS:
         raise ValueError(f"Invalid device: {device!r} (expected 'cpu' or 'cuda')")
+    return _DEVICE_BACKENDS[device]
+
+
+def impl_rows(device: str, impls: list[str] | None = None, backends: list[str] | None = None) -> list[tuple[str, str]]:
+    """``(impl key, backend id)`` pairs to run for ``device`` ("cpu" or "cuda"), references first;
+    only the ``impls`` and ``backends`` given (default: all of them)."""
+    allowed = device_backends(device)
     for k in impls or ():
         if k not in IMPLS:
             raise ValueError(f"Unknown impl: {k!r} (choose from {', '.join(IMPLS)})")
+    for b in backends or ():
+        if b not in allowed:
+            raise ValueError(f"Invalid backend for device {device!r}: {b!r} (choose from {', '.join(allowed)})")
     keys = [k for k in IMPLS if impls is None or k in impls]  # always in IMPLS order
     rows = []
     for k in keys:
-        for b in _DEVICE_BACKENDS[device]:
-            if b.split(":")[0] in IMPLS[k].libraries:
+        for b in allowed:
+            if b.split(":")[0] in IMPLS[k].libraries and (backends is None or b in backends):
                 rows.append((k, b))
     return rows
 
@@ -293,6 +326,12 @@ def _committed(jax: Any, backend: str, tree: Any) -> Any:
     return jax.device_put(tree, jax.devices(backend.split(":")[1])[0])
 
 
+def _fused_option(impl: str) -> bool | None:
+    """``fused=False`` for the ``*-unfused`` rows (the plain array-API step, the before of the fast
+    path), else the adapters' default (the fused kernels where they apply)."""
+    return False if impl.endswith("-unfused") else None
+
+
 def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> tuple[Callable, Callable, dict]:
     torch = _require("torch")
     _backend(backend)
@@ -323,9 +362,9 @@ def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
     elif impl == "official":
         mod = _require("adamp")
         opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp)
-    else:  # adamp_torch
+    else:  # adamp_torch: the fused CPU kernels where they apply (fused=None), or the array-API step
         mod = _require("adamp_torch")
-        opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp)
+        opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, fused=_fused_option(impl))
     if dev == "cuda":
         sync = torch.cuda.synchronize
     else:
@@ -360,7 +399,7 @@ def _array_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
     hp = HYPERPARAMS[optimizer]
     params = cache.params_on(backend)
     grads = cache.grads_on(backend)
-    opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp)
+    opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, fused=_fused_option(impl))
     return (lambda: opt.step(grads)), (lambda: synchronize(backend, None)), {"optimizer": opt, "params": params}
 
 
@@ -418,6 +457,8 @@ def _optax_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
     tx, fn = _jitted((impl, optimizer), make_step)
     grads = cache.grads_on(backend)
     box: dict[str, Any] = {"params": cache.params_on(backend)}
+    # Eager init on purpose: JAX compiles one zeros kernel per distinct shape, shared by every row, which
+    # is cheaper than one jitted init per row (XLA on a small CPU takes seconds for hundreds of outputs).
     box["state"] = _committed(jax, backend, tx.init(box["params"]))
 
     def step() -> None:
@@ -431,9 +472,11 @@ _BUILDERS = {
     "torch-foreach": _torch_runner,
     "official": _torch_runner,
     "adamp_torch": _torch_runner,
+    "adamp_torch-unfused": _torch_runner,
     "core": _core_runner,
     "core+jit": _core_runner,
     "adamp_array": _array_runner,
+    "adamp_array-unfused": _array_runner,
     "optax+jit": _optax_runner,
     "adamp_optax+jit": _optax_runner,
 }

@@ -12,6 +12,33 @@ from __future__ import annotations
 import os
 from typing import Any
 
+ENV_THREADS = "ADAMP_BENCH_THREADS"
+
+
+def apply_threads() -> None:
+    """``$ADAMP_BENCH_THREADS`` (unset: the libraries' defaults) as torch's intra-op thread count and, when
+    1, XLA's CPU thread pool off (before JAX is imported). On a small or shared machine one thread gives
+    stable numbers: two OpenMP threads on two busy cores make torch's small ops many times slower.
+    Called at import and again after each warm-up: numba's ``omp`` threading layer (the adapters' fused
+    CPU kernels) resets the OpenMP thread count torch reads when it starts."""
+    raw = os.environ.get(ENV_THREADS, "").strip()
+    if not raw:
+        return
+    try:
+        n = int(raw)
+    except ValueError:
+        n = 0
+    if n < 1:
+        raise ValueError(f"Invalid {ENV_THREADS}: {raw!r} (expected a positive integer)")
+    if n == 1 and "--xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --xla_cpu_multi_thread_eigen=false".strip()
+    try:
+        import torch
+    except ImportError:
+        return
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
 
 def enable_jax_compilation_cache() -> None:
     """JAX's persistent compilation cache (``$ADAMP_BENCH_JAX_CACHE``, else ``~/.cache/adamp-xp/jax``;
@@ -26,7 +53,8 @@ def enable_jax_compilation_cache() -> None:
 
 class Benchmark:
     """Base class with sensible options: full-size workloads (a 64M-element tensor on NumPy) take
-    seconds per step, so the timeout is generous; set ``ADAMP_BENCH_SCALE`` (e.g. 0.05) for quick runs."""
+    seconds per step, so the timeout is generous; set ``ADAMP_BENCH_SCALE`` (e.g. 0.05) for quick runs
+    and ``ADAMP_BENCH_THREADS`` (e.g. 1) for stable numbers on a small or shared machine."""
 
     timeout = 900.0
 

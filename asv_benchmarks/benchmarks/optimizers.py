@@ -5,6 +5,10 @@ parameter tensors (25.6M elements), one transformer block with LayerNorm, 2,000 
 one 64M-element tensor. Every step is built by ``adamp_core.bench.runners``, the code behind
 ``adamp-xp bench``.
 
+Every row of an optimizer runs the same hyperparameters (``adamp_core.bench.runners.HYPERPARAMS``):
+AdamP and AdamW lr 1e-3, weight decay 1e-2; SGDP and ``SGD(foreach=True)`` lr 1e-2 with Nesterov
+momentum 0.9, weight decay 1e-4.
+
 * ``time_step``: one optimizer step, synchronized.
 * ``peakmem_step``: the process's peak host memory (workload data, optimizer state, step temporaries).
 * ``track_peak_gpu_memory``: peak device memory of one step (GPU backends only; bytes).
@@ -14,7 +18,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import Benchmark, XPBenchmark, enable_jax_compilation_cache
+from .common import Benchmark, XPBenchmark, apply_threads, enable_jax_compilation_cache
+
+apply_threads()  # $ADAMP_BENCH_THREADS, before JAX is imported
 
 # Import the libraries once here: asv forks every benchmark from a process that imported this module,
 # so each one does not pay for the imports again (importing JAX starts no backend: fork-safe).
@@ -49,6 +55,7 @@ def _build(impl: str, optimizer: str, backend: str, workload: str) -> Any:
     for _ in range(2):
         runner.step()
         runner.sync()
+    apply_threads()
     return runner
 
 
@@ -149,6 +156,9 @@ _ADAPTERS = {
     "adamp_torch.SGDP": ("adamp_torch", "sgdp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
     "adamp_array.AdamP": ("adamp_array", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
     "adamp_array.SGDP": ("adamp_array", "sgdp", {"cpu": "numpy", "cuda": "cupy"}),
+    # The array-API step the fused CPU kernels replace (on a GPU both rows run it): issue 7's "before".
+    "adamp_torch.AdamP(fused=False)": ("adamp_torch-unfused", "adamp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
+    "adamp_array.AdamP(fused=False)": ("adamp_array-unfused", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
     "adamp_optax.adamp": ("adamp_optax+jit", "adamp", {"cpu": "jax:cpu", "cuda": "jax:gpu"}),
     "adamp_optax.sgdp": ("adamp_optax+jit", "sgdp", {"cpu": "jax:cpu", "cuda": "jax:gpu"}),
 }
