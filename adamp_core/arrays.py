@@ -92,16 +92,22 @@ _HYPER_LABELS = {
 }
 
 
+def _is_number(value: Any) -> bool:
+    return type(value) in (float, int, bool)
+
+
 def check_hyper_arrays(param: Any, hp: Any) -> None:
     """Hyperparameters given as 0-d arrays (in the validated NamedTuple ``hp``) must be usable with ``param``:
     the param's array library (or NumPy for JAX params, which JAX converts) and its device (or, for torch, a
     CPU scalar tensor, which torch uses on any device). Metadata only: no sync."""
     items = []
-    for name, value in hp._asdict().items():
+    for name, value in zip(hp._fields, hp, strict=True):
         if name == "betas":
-            items += [(f"beta parameter at index {i}", b) for i, b in enumerate(value)]
-        elif name in _HYPER_LABELS:
+            items += [(f"beta parameter at index {i}", b) for i, b in enumerate(value) if not _is_number(b)]
+        elif name in _HYPER_LABELS and not _is_number(value):
             items.append((_HYPER_LABELS[name], value))
+    if not items:  # the common case, once per param: Python numbers only
+        return
     lib_p = namespace_name(param)
     for label, value in items:
         if not is_array_api_obj(value):

@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import types
 from collections.abc import Iterator
 from typing import Any
 
@@ -42,15 +43,33 @@ import numpy as np
 
 try:
     import numba
+    import numba.core.cgutils
+    import numba.extending
 except ImportError:  # pragma: no cover - exercised when the extra is absent
     numba = None
 
-__all__ = ["AVAILABLE", "FALLBACK", "OK", "SKIPPED", "adamp_inplace", "check_fused", "sgdp_inplace", "supports"]
+__all__ = [
+    "AVAILABLE",
+    "BATCH_MAX_SIZE",
+    "FALLBACK",
+    "OK",
+    "SKIPPED",
+    "adamp_batch",
+    "adamp_inplace",
+    "channel_shape",
+    "check_fused",
+    "sgdp_batch",
+    "sgdp_inplace",
+    "supports",
+]
 
 AVAILABLE = numba is not None
 
 OK, SKIPPED, FALLBACK = 0, 1, 2  # kernel results: written; non-finite grad, nothing written; out of range
 _PARALLEL_MIN = 1 << 16  # elements: below this, thread start-up costs more than it saves
+# Tensors below this size are best updated together by adamp_batch/sgdp_batch (threads share out the
+# tensors); above it, one parallel kernel per tensor (threads share out the rows).
+BATCH_MAX_SIZE = _PARALLEL_MIN
 _BIG, _SMALL = 2.0**968, 2.0**-968  # float64 row sums of squares outside: the pure step's scaling
 
 
@@ -88,8 +107,8 @@ if AVAILABLE:
     # "reassoc" lets LLVM vectorize the row sums (a different summation order, as any BLAS has);
     # "contract" allows FMA. No nnan/ninf: NaN and inf must propagate as in the pure step.
     _FLAGS = {"reassoc", "contract", "afn"}
-    _jit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True)
-    _pjit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, parallel=True)
+    _jit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, error_model="numpy")
+    _pjit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, parallel=True, error_model="numpy")
     prange = numba.prange
 
     def _decide(stats, project, n_cols, delta, eps, coef):  # pragma: no cover - compiled
@@ -228,10 +247,59 @@ if AVAILABLE:
 
     _decide = _jit(_decide)
     _screen = _jit(_screen)
+
+    def _variant(func, suffix):
+        """A copy of ``func`` under another name. numba's on-disk cache keys a function by its name and
+        line, not by its options: a serial and a parallel compilation of one function would load each
+        other's machine code (a parallel kernel run serially, or threads started for a tiny tensor)."""
+        copy = types.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix)
+        copy.__qualname__ = func.__qualname__ + suffix
+        return copy
+
     _KERNELS = {
-        "adamp": (_jit(_adamp_kernel), _pjit(_adamp_kernel)),
-        "sgdp": (_jit(_sgdp_kernel), _pjit(_sgdp_kernel)),
+        name: (_jit(_variant(kernel, "_serial")), _pjit(_variant(kernel, "_parallel")))
+        for name, kernel in (("adamp", _adamp_kernel), ("sgdp", _sgdp_kernel))
     }
+    _adamp_serial, _sgdp_serial = _KERNELS["adamp"][0], _KERNELS["sgdp"][0]
+
+    @numba.extending.intrinsic
+    def _pointer(typingctx, address):  # pragma: no cover - compiled
+        """An int64 address as a ``void*`` (for ``numba.carray``)."""
+
+        def codegen(context, builder, signature, args):
+            return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
+
+        return numba.types.voidptr(address), codegen
+
+    def _view(address, shape, like):  # pragma: no cover - compiled
+        return numba.carray(_pointer(address), (shape[0], shape[1]), like.dtype)
+
+    def _adamp_batch(
+        like, addr, shapes, project, sc, inv_sbc2, step_size, nesterov, delta, eps64, decay, skip, check_range, out
+    ):  # pragma: no cover - compiled
+        # One tensor per iteration, each by the serial kernel: threads share out the tensors.
+        for i in prange(addr.shape[0]):
+            w, g = _view(addr[i, 0], shapes[i], like), _view(addr[i, 1], shapes[i], like)
+            m, v = _view(addr[i, 2], shapes[i], like), _view(addr[i, 3], shapes[i], like)
+            status, _ = _adamp_serial(
+                w, g, m, v, sc[0], sc[1], sc[2], sc[3], inv_sbc2[i], sc[4], nesterov, project[i], delta, eps64,
+                decay, step_size[i], skip, check_range,
+            )  # fmt: skip
+            out[i] = status
+
+    def _sgdp_batch(
+        like, addr, shapes, project, sc, nesterov, delta, eps64, decay, skip, check_range, out
+    ):  # pragma: no cover - compiled
+        for i in prange(addr.shape[0]):
+            w, g = _view(addr[i, 0], shapes[i], like), _view(addr[i, 1], shapes[i], like)
+            b = _view(addr[i, 2], shapes[i], like)
+            status, _ = _sgdp_serial(
+                w, g, b, sc[0], sc[1], nesterov, project[i], delta, eps64, decay, sc[2], skip, check_range
+            )
+            out[i] = status
+
+    _view = _jit(_view)
+    _BATCH = {"adamp": _pjit(_adamp_batch), "sgdp": _pjit(_sgdp_batch)}
 
 
 @contextlib.contextmanager
@@ -339,3 +407,70 @@ def sgdp_inplace(
         bool(skip_nonfinite),
         param.dtype == np.float64,
     )
+
+
+def channel_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, row length)`` of the kernels' view of an array of ``shape``: the channel view
+    ``(shape[0], -1)`` for ``ndim >= 2``, one row otherwise."""
+    size = math.prod(shape)
+    if len(shape) >= 2:
+        return shape[0], size // shape[0] if shape[0] else 0
+    return 1, size
+
+
+def _batch_inputs(shapes: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+    dims = np.array([channel_shape(tuple(s)) for s in shapes], dtype=np.int64).reshape(-1, 2)
+    project = np.array([len(s) > 1 for s in shapes], dtype=np.bool_)
+    return dims, project, np.empty(0, dtype=dtype)
+
+
+def adamp_batch(
+    addresses: np.ndarray, shapes: Any, dtype: Any, steps: Any, hp: Any, skip_nonfinite: bool = False
+) -> Any:
+    """:func:`adamp_inplace` for many tensors in one kernel call (the tensors are shared out among
+    numba's threads, each tensor by the serial kernel): no per-tensor Python or dispatch cost, which
+    dominates for small tensors.
+
+    ``addresses``: int64 array ``(n, 4)``, the data addresses of ``param``, ``grad``, ``exp_avg`` and
+    ``exp_avg_sq`` of each tensor, all C-contiguous arrays of ``shapes[i]`` and ``dtype`` (float32 or
+    float64) that the caller has checked (as :func:`supports` does) and keeps alive; ``steps``: the new
+    step count ``t`` of each. Returns the int8 status of each tensor (:data:`OK`, :data:`SKIPPED`,
+    :data:`FALLBACK`; as :func:`adamp_inplace`, nothing is written for the last two). The step counts
+    are the caller's to advance.
+    """
+    dims, project, like = _batch_inputs(shapes, dtype)
+    f = np.dtype(dtype).type
+    b1, b2 = (float(b) for b in hp.betas)
+    lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
+    # The bias corrections once per distinct step count, with the same Python maths as adamp_inplace.
+    uniq, inverse = np.unique(np.asarray(steps, dtype=np.int64), return_inverse=True)
+    inv_sbc2 = np.array([1.0 / math.sqrt(_bias_correction(b2, int(t))) for t in uniq], dtype=dtype)[inverse]
+    step_size = np.array([lr / _bias_correction(b1, int(t)) for t in uniq], dtype=dtype)[inverse]
+    sc = np.array([b1, b2, 1.0 - b1, 1.0 - b2, hp.eps], dtype=dtype)
+    decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=dtype)
+    out = np.empty(len(dims), dtype=np.int8)
+    with _keeping_torch_threads():
+        _BATCH["adamp"](
+            like, np.ascontiguousarray(addresses, dtype=np.int64), dims, project, sc, inv_sbc2, step_size,
+            bool(hp.nesterov), float(hp.delta), float(f(hp.eps)), decay, bool(skip_nonfinite), like.dtype == np.float64,
+            out,
+        )  # fmt: skip
+    return out
+
+
+def sgdp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, hp: Any, skip_nonfinite: bool = False) -> Any:
+    """:func:`sgdp_inplace` for many tensors in one kernel call, as :func:`adamp_batch`; ``addresses``:
+    ``(n, 3)``, of ``param``, ``grad`` and ``momentum``."""
+    dims, project, like = _batch_inputs(shapes, dtype)
+    f = np.dtype(dtype).type
+    lr, mu, wd, ratio = float(hp.lr), float(hp.momentum), float(hp.weight_decay), float(hp.wd_ratio)
+    scale = lr * wd / (1.0 - mu) if wd != 0.0 else 0.0  # as sgdp_inplace
+    sc = np.array([mu, 1.0 - float(hp.dampening), lr], dtype=dtype)
+    decay = np.array([1.0 - scale, 1.0 - scale * ratio], dtype=dtype)
+    out = np.empty(len(dims), dtype=np.int8)
+    with _keeping_torch_threads():
+        _BATCH["sgdp"](
+            like, np.ascontiguousarray(addresses, dtype=np.int64), dims, project, sc, bool(hp.nesterov),
+            float(hp.delta), float(f(hp.eps)), decay, bool(skip_nonfinite), like.dtype == np.float64, out,
+        )  # fmt: skip
+    return out

@@ -152,6 +152,13 @@ def test_skip_nonfinite_in_the_kernel(optimizer):
     assert all(not b.any() for b in bufs)
 
 
+def test_serial_and_parallel_kernels_have_their_own_cache_entries():
+    """numba's on-disk cache keys a function by name and line only: a serial and a parallel compilation
+    under one name loaded each other's machine code (measured: the parallel kernel 4x slower)."""
+    names = [k.py_func.__qualname__ for pair in fused._KERNELS.values() for k in pair]
+    assert len(set(names)) == len(names) == 4
+
+
 def test_supports():
     a = np.zeros((3, 4), np.float32)
     assert fused.supports(a, a.copy(), a.copy())
@@ -204,6 +211,92 @@ def test_torch_adapter_fused_equals_array_api_step(optimizer, dtype):
                     assert int(got) == int(v)
                 else:
                     assert _rel(got.numpy(), v.numpy()) <= TOL[np.dtype(dtype).type], f"step {t}: {k}"
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("dtype", [np.float64, np.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_batch_kernel_equals_one_kernel_per_tensor(optimizer, dtype):
+    """adamp_batch/sgdp_batch (many tensors, one call) write bit for bit what adamp_inplace/sgdp_inplace
+    write tensor by tensor, and report the same statuses: every shape of SHAPES but the wide one, step
+    counts that differ per tensor, a non-finite grad (skipped) and a float64 row out of range (FALLBACK)."""
+    rng = np.random.default_rng(3)
+    shapes = [s for k, s in SHAPES.items() if k != "wide"] + [(4, 2, 5)]
+    n_state = 2 if optimizer == "adamp" else 1
+    arrays = []
+    for i, shape in enumerate(shapes):
+        w = np.asarray(rng.standard_normal(shape), dtype=dtype)
+        g = _grad(rng, w, i, dtype)
+        state = [np.asarray(np.abs(rng.standard_normal(shape)) * 0.1, dtype=dtype) for _ in range(n_state)]
+        arrays.append([w, g, *state])
+    arrays[1][1][0, 0] = np.inf  # skipped
+    if dtype == np.float64:
+        arrays[-1][0][:] = 1e-300  # |w|^2 underflows: FALLBACK
+    steps = np.arange(1, len(shapes) + 1) % 4 + 1
+    hp = (
+        check_adamp(1e-2, (0.9, 0.999), 1e-8, 1e-2, 0.1, 0.1, True)
+        if optimizer == "adamp"
+        else check_sgdp(0.1, 0.9, 0.0, 1e-2, True, 1e-8, 0.1, 0.1)
+    )
+    single = [[x.copy() for x in a] for a in arrays]
+    addresses = np.array([[x.ctypes.data for x in a] for a in arrays], dtype=np.int64)
+    if optimizer == "adamp":
+        status = fused.adamp_batch(addresses, shapes, dtype, steps, hp, skip_nonfinite=True)
+        want = [fused.adamp_inplace(*a, int(t), hp, True)[0] for a, t in zip(single, steps, strict=True)]
+    else:
+        status = fused.sgdp_batch(addresses, shapes, dtype, hp, skip_nonfinite=True)
+        want = [fused.sgdp_inplace(*a, hp, True)[0] for a in single]
+    assert list(status) == want
+    assert want[1] == fused.SKIPPED and (want[-1] == fused.FALLBACK) == (dtype == np.float64)
+    assert want.count(fused.OK) >= len(shapes) - 2
+    for a, b in zip(arrays, single, strict=True):
+        for x, y in zip(a, b, strict=True):
+            np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_torch_batched_group_equals_array_api_step(optimizer, monkeypatch):
+    """One group of many small params (float32 and float64, 0-d to 4-d, one whose float64 sums fall back)
+    and one above the batch size: the batched kernel call, the per-tensor kernel and the fallback against
+    fused=False, with maximize and skip_nonfinite (an inf grad in a small param at step 3)."""
+    torch = pytest.importorskip("torch")
+    import adamp_torch
+
+    gen = torch.Generator().manual_seed(5)
+    shapes = [(8, 3, 3, 3), (6, 10), (7,), (), (5, 1), (1, 9), (0, 4), (4, 2, 5), (2, fused.BATCH_MAX_SIZE)]
+    dtypes = [torch.float32, torch.float64] * 4 + [torch.float32]
+    w0 = [torch.randn(s, generator=gen, dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+    w0[7] = torch.full((4, 2, 5), 1e-300, dtype=torch.float64)  # float64 sums underflow: the fallback
+    cls = adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP
+    kw = dict(lr=1e-2, weight_decay=1e-2) if optimizer == "adamp" else dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ps = [[torch.nn.Parameter(w.clone()) for w in w0] for _ in range(2)]
+    opts = [cls(ps[i], maximize=True, skip_nonfinite=True, fused=f, **kw) for i, f in enumerate((None, False))]
+    batched: list[int] = []  # tensors per batched call: the small ones of each dtype, every step
+    kernel = getattr(fused, f"{optimizer}_batch")
+    monkeypatch.setattr(
+        fused,
+        f"{optimizer}_batch",
+        lambda addresses, *a, **k: batched.append(len(addresses)) or kernel(addresses, *a, **k),
+    )
+    for t in range(5):
+        grads = [torch.randn(s, generator=gen, dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+        if t == 3:
+            grads[1][2, 2] = float("inf")
+        for pair in ps:
+            for p, g in zip(pair, grads, strict=True):
+                p.grad = g.clone()
+        for o in opts:
+            o.step()
+        for a, b in zip(*ps, strict=True):
+            assert _rel(a.detach().numpy(), b.detach().numpy()) <= TOL[a.detach().numpy().dtype.type], f"step {t}"
+    for a, b in zip(*ps, strict=True):
+        sa, sb = opts[0].state[a], opts[1].state[b]
+        assert set(sa) == set(sb)
+        assert int(sa["nonfinite_skips"]) == int(sb["nonfinite_skips"]) == (1 if a.shape == (6, 10) else 0)
+        if "step" in sa:
+            assert int(sa["step"]) == int(sb["step"]) == (4 if a.shape == (6, 10) else 5)
+    assert sorted(batched) == [4, 4] * 5
 
 
 def test_torch_adapter_fused_paths_and_fallbacks():

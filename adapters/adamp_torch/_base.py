@@ -11,6 +11,7 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.torch as _xp_torch
+import numpy as np
 import torch
 from torch.nn import Parameter as nn_Parameter
 from torch.optim.optimizer import required
@@ -120,6 +121,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         hypers = []
         for gi, group in enumerate(self.param_groups):
             hypers.append(self._check_hyper(group))
+            devices = set()  # array hyperparameters are checked once per device of the group's params
             for pi, p in enumerate(group["params"]):
                 g = p.grad
                 if g is None:
@@ -140,10 +142,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     )
                 if g.device != p.device:
                     raise ValueError(f"grad of {_label(gi, pi)} is on {g.device} but the param is on {p.device}")
-                try:
-                    check_hyper_arrays(p, hypers[-1])
-                except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"{exc} (param_groups[{gi}])") from None
+                if p.device not in devices:
+                    devices.add(p.device)
+                    try:
+                        check_hyper_arrays(p, hypers[-1])
+                    except (TypeError, ValueError) as exc:
+                        raise type(exc)(f"{exc} (param_groups[{gi}])") from None
         return hypers
 
     # -- lazy state ---------------------------------------------------------------------------------
@@ -177,17 +181,53 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         return True
 
     @staticmethod
-    def _fused_views(p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> list[Any] | None:
-        """Zero-copy NumPy views of ``p``, ``g`` and the state when the fused kernels apply to them: plain
-        CPU tensors (no DTensor or other subclass), float32/float64, one dtype, C-contiguous. Else None."""
+    def _fusable(p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> bool:
+        """Whether the fused kernels apply to ``p``, ``g`` and the state: plain CPU tensors (no DTensor or
+        other subclass), float32/float64, one dtype, C-contiguous."""
         if p.device.type != "cpu" or p.dtype not in _FUSED_DTYPES or type(p) not in (torch.Tensor, nn_Parameter):
-            return None
+            return False
         for x in (g, *state):
             if type(x) is not torch.Tensor or x.dtype != p.dtype or not x.is_contiguous() or x.is_conj() or x.is_neg():
-                return None
-        if not p.is_contiguous():
-            return None
-        return [x.detach().numpy() for x in (p, g, *state)]
+                return False
+        return p.is_contiguous()
+
+    def _batchable(self, p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> bool:
+        """Whether ``p`` joins its group's one batched kernel call (:func:`adamp_core.fused.adamp_batch`):
+        a fusable tensor small enough that per-tensor call overhead would dominate its update, and no
+        diagnostics to record (they need each param's old value)."""
+        return p.numel() < _fused.BATCH_MAX_SIZE and self._diagnostics is None and self._fusable(p, g, *state)
+
+    def _fused_views(self, p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> list[Any] | None:
+        """Zero-copy NumPy views of ``p``, ``g`` and the state when :meth:`_fusable`, else None."""
+        return [x.detach().numpy() for x in (p, g, *state)] if self._fusable(p, g, *state) else None
+
+    @staticmethod
+    def _fused_batch(batch: list[tuple[Any, ...]], hp: Any, skip: bool) -> list[tuple[Any, ...]]:
+        """Update the small tensors of a group with one fused kernel call per dtype.
+
+        ``batch`` holds ``(param, p, g, state tensors, step or None, skip counter or None)``; AdamP's
+        entries have a step tensor (the kernel gets ``t + 1``, advanced here where the step ran), SGDP's
+        None. Returns the entries the kernel left unwritten for the array-API step (float64 sums out of
+        range, :data:`adamp_core.fused.FALLBACK`)."""
+        fallback: list[tuple[Any, ...]] = []
+        for dtype in {entry[1].dtype for entry in batch}:
+            items = [entry for entry in batch if entry[1].dtype == dtype]
+            addresses = np.array([[x.data_ptr() for x in (e[1], e[2], *e[3])] for e in items], dtype=np.int64)
+            shapes = [tuple(e[1].shape) for e in items]
+            np_dtype = np.float32 if dtype == torch.float32 else np.float64
+            steps = [e[4] for e in items]
+            if steps[0] is not None:  # CPU tensors: reading them is no device sync
+                status = _fused.adamp_batch(addresses, shapes, np_dtype, torch.stack(steps).numpy() + 1, hp, skip)
+            else:
+                status = _fused.sgdp_batch(addresses, shapes, np_dtype, hp, skip)
+            done = [e[4] for e, s in zip(items, status, strict=True) if s == _fused.OK and e[4] is not None]
+            skipped = [e[5] for e, s in zip(items, status, strict=True) if s == _fused.SKIPPED]
+            if done:
+                torch._foreach_add_(done, 1)
+            if skipped:
+                torch._foreach_add_(skipped, 1)
+            fallback += [e for e, s in zip(items, status, strict=True) if s == _fused.FALLBACK]
+        return fallback
 
     # -- diagnostics (issue: make the slowdown visible) -----------------------------------------
     def record_diagnostics(self, enabled: bool = True) -> None:

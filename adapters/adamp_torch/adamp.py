@@ -160,25 +160,39 @@ class AdamP(ProjectedOptimizer):
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             maximize, skip = group["maximize"], group["skip_nonfinite"]
             use_fused = self._fused_group(group)
+            batch: list[tuple[Any, ...]] = []  # small fusable tensors: one kernel call for all of them
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
                 param, (p, g, (m, v), rows) = p, local_shards(p, g, m, v)
                 gs = torch.neg(g) if maximize else g
-                if use_fused and rows is None and self._fused_step(param, p, gs, m, v, t, hp, skip, counter):
-                    continue
-                new_p, new = adamp_update(XP, p, gs, AdamPState(t, m, v), hp, rows)
-                if skip:  # a non-finite grad leaves param and state (step included) as they were
-                    new_p, new = self._keep_if_finite(counter, g, new_p, new, p, AdamPState(t, m, v), rows)
-                if self._diagnostics is not None:
-                    self._record(param, p, new_p, g, hp)
-                # adamp_core is pure; write its results back in place (params and state keep their
-                # identity, device and memory format).
-                t.copy_(new.step)
-                m.copy_(new.exp_avg)
-                v.copy_(new.exp_avg_sq)
-                p.copy_(new_p)
+                if use_fused and rows is None:
+                    if self._batchable(p, gs, m, v):
+                        batch.append((param, p, gs, (m, v), t, counter))
+                        continue
+                    if self._fused_step(param, p, gs, m, v, t, hp, skip, counter):
+                        continue
+                self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, rows)
+            if batch:
+                for param, p, gs, (m, v), t, counter in self._fused_batch(batch, hp, skip):
+                    self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, None)
         return loss
+
+    def _array_api_step(
+        self, param: Any, p: Any, g: Any, m: Any, v: Any, t: Any, hp: Any, skip: bool, counter: Any, rows: Any
+    ) -> None:
+        """The step of ``p`` by :func:`adamp_core.adamp.adamp_update` (``g``: the grad, negated for
+        ``maximize``), written back in place: params and state keep their identity, device and memory
+        format."""
+        new_p, new = adamp_update(XP, p, g, AdamPState(t, m, v), hp, rows)
+        if skip:  # a non-finite grad leaves param and state (step included) as they were
+            new_p, new = self._keep_if_finite(counter, g, new_p, new, p, AdamPState(t, m, v), rows)
+        if self._diagnostics is not None:
+            self._record(param, p, new_p, g, hp)
+        t.copy_(new.step)
+        m.copy_(new.exp_avg)
+        v.copy_(new.exp_avg_sq)
+        p.copy_(new_p)
 
     def _fused_step(
         self, param: Any, p: Any, g: Any, m: Any, v: Any, t: Any, hp: Any, skip: bool, counter: Any

@@ -145,21 +145,33 @@ class SGDP(ProjectedOptimizer):
             self._init_group(group, params, grads, bufs)
             maximize, skip = group["maximize"], group["skip_nonfinite"]
             use_fused = self._fused_group(group)
+            batch: list[tuple[Any, ...]] = []  # small fusable tensors: one kernel call for all of them
             for p, g, b in zip(params, grads, bufs, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
                 param, (p, g, (b,), rows) = p, local_shards(p, g, b)
                 gs = torch.neg(g) if maximize else g
-                if use_fused and rows is None and self._fused_step(param, p, gs, b, hp, skip, counter):
-                    continue
-                new_p, new = sgdp_update(XP, p, gs, SGDPState(b), hp, rows)
-                if skip:  # a non-finite grad leaves param and buffer as they were
-                    new_p, new = self._keep_if_finite(counter, g, new_p, new, p, SGDPState(b), rows)
-                if self._diagnostics is not None:
-                    self._record(param, p, new_p, g, hp)
-                b.copy_(new.momentum)
-                p.copy_(new_p)
+                if use_fused and rows is None:
+                    if self._batchable(p, gs, b):
+                        batch.append((param, p, gs, (b,), None, counter))
+                        continue
+                    if self._fused_step(param, p, gs, b, hp, skip, counter):
+                        continue
+                self._array_api_step(param, p, gs, b, hp, skip, counter, rows)
+            if batch:
+                for param, p, gs, (b,), _, counter in self._fused_batch(batch, hp, skip):
+                    self._array_api_step(param, p, gs, b, hp, skip, counter, None)
         return loss
+
+    def _array_api_step(self, param: Any, p: Any, g: Any, b: Any, hp: Any, skip: bool, counter: Any, rows: Any) -> None:
+        """The step of ``p`` by :func:`adamp_core.sgdp.sgdp_update`, written back in place."""
+        new_p, new = sgdp_update(XP, p, g, SGDPState(b), hp, rows)
+        if skip:  # a non-finite grad leaves param and buffer as they were
+            new_p, new = self._keep_if_finite(counter, g, new_p, new, p, SGDPState(b), rows)
+        if self._diagnostics is not None:
+            self._record(param, p, new_p, g, hp)
+        b.copy_(new.momentum)
+        p.copy_(new_p)
 
     def _fused_step(self, param: Any, p: Any, g: Any, b: Any, hp: Any, skip: bool, counter: Any) -> bool:
         """The step of ``p`` by :func:`adamp_core.fused.sgdp_inplace` when it applies (see
