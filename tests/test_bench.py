@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from adamp_core.bench import register
-from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, _settings
+from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, _settings, extra_peak_bytes
 from adamp_core.bench.runners import (
     HYPERPARAMS,
     IMPLS,
@@ -429,3 +429,35 @@ def test_jax_compilation_cache_can_be_turned_off(monkeypatch):
     assert enable_jax_compilation_cache("none") is None
     monkeypatch.setenv(ENV_JAX_CACHE, "NONE")
     assert enable_jax_compilation_cache() is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak resident set: Linux /proc only")
+def test_extra_peak_bytes_sees_a_steps_temporaries():
+    """The instrument behind the 'extra MiB' column: a step that fills a 64 MiB temporary shows at least
+    that much, a step that allocates nothing shows (almost) nothing, and the in-place fused AdamP step
+    needs far less than one param's bytes where the pure step needs several."""
+    n = 16 * 2**20  # float32: 64 MiB
+
+    def temporary() -> None:
+        np.ones(n, dtype=np.float32).sum()
+
+    big = extra_peak_bytes(temporary, lambda: None, "numpy")
+    if big == 0:
+        pytest.skip("this kernel does not reset the peak resident set (clear_refs)")
+    assert big >= 0.9 * 4 * n
+    assert extra_peak_bytes(lambda: None, lambda: None, "numpy") < 0.1 * 4 * n
+    import adamp_array
+
+    w, g = np.random.default_rng(0).standard_normal((2, 2048, 2048), dtype=np.float32)
+    fused, pure = adamp_array.AdamP([w.copy()], lr=1e-3), adamp_array.AdamP([w.copy()], lr=1e-3, fused=False)
+    for opt in (fused, pure):
+        opt.step([g])  # the state exists before measuring
+    if _fused_available():
+        assert extra_peak_bytes(lambda: fused.step([g]), lambda: None, "numpy") < 0.25 * w.nbytes
+    assert extra_peak_bytes(lambda: pure.step([g]), lambda: None, "numpy") > 2 * w.nbytes
+
+
+def _fused_available() -> bool:
+    from adamp_core import fused
+
+    return fused.AVAILABLE

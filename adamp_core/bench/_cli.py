@@ -37,7 +37,7 @@ from .runners import (
 )
 from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 
-__all__ = ["add_arguments", "run"]
+__all__ = ["add_arguments", "extra_peak_bytes", "run"]
 
 QUICK_SCALE = 0.05
 # --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
@@ -261,6 +261,63 @@ def _error_note(exc: BaseException) -> str:
     return f"error: {type(exc).__name__}: {exc}"[:200] + where
 
 
+def _proc_status_bytes(field: str) -> int | None:
+    """``VmRSS``/``VmHWM`` of this process from ``/proc/self/status``, in bytes (None off Linux)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:  # pragma: no cover - not Linux
+        return None
+    return None
+
+
+def _reset_host_peak() -> bool:
+    """Reset the process's peak resident set (``VmHWM``) to its current size (Linux ``clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:  # pragma: no cover - not Linux, or not permitted
+        return False
+    return True
+
+
+def extra_peak_bytes(step: Any, sync: Any, backend: str) -> int | None:
+    """Memory one call of ``step`` (then ``sync``) needs beyond what is live before it: on a CPU backend
+    the growth of the process's peak resident set (Linux; memory the allocator already holds and reuses
+    is not counted, as it is not new), on torch:cuda and CuPy the growth of allocated device memory.
+    None where it cannot be measured (JAX, which has no peak reset; not Linux)."""
+    gc.collect()
+    sync()
+    if backend == "torch:cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        step()
+        sync()
+        return max(0, int(torch.cuda.max_memory_allocated()) - int(before))
+    if backend == "cupy":
+        import cupy
+
+        pool = cupy.get_default_memory_pool()
+        pool.free_all_blocks()
+        before = pool.used_bytes()
+        step()
+        sync()
+        return max(0, int(pool.total_bytes()) - int(before))  # the pool kept every block the step used
+    if backend.startswith("jax"):
+        return None
+    before = _proc_status_bytes("VmRSS")
+    if before is None or not _reset_host_peak():
+        return None
+    step()
+    sync()
+    peak = _proc_status_bytes("VmHWM")
+    return None if peak is None else max(0, peak - before)
+
+
 def measure(
     rows: list[tuple[str, str]],
     optimizer: str,
@@ -371,6 +428,15 @@ def measure(
                 if not resident:
                     r = None
                     gc.collect()
+    param_bytes = w.n_elements * itemsize
+    for row in live:  # extra memory of one more step, rows one at a time (after timing: it perturbs nothing)
+        if resident and row in steps:
+            try:
+                extra = extra_peak_bytes(runners[row].step, runners[row].sync, row[1])
+            except Exception:  # pragma: no cover - measuring must not take the table down
+                extra = None
+            if extra is not None:
+                results[row].update(extra_peak_bytes=extra, extra_peak_x_params=extra / param_bytes)
     runners.clear()
     gc.collect()
     for row in live:
@@ -422,6 +488,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         )
     if off:
         head.append("x adamp 0.3.0")
+    mem = any("extra_peak_bytes" in r for r in ran)
+    if mem:
+        head.append("extra MiB (x params)")
     body = []
     for r in ran:
         cells = [
@@ -435,9 +504,12 @@ def format_table(results: list[dict[str, Any]]) -> str:
             cells.append(f"{r['ratio_baseline']:.2f}")
         if off:
             cells.append(f"{r['ratio_official']:.2f}")
+        if mem:
+            extra = r.get("extra_peak_bytes")
+            cells.append("-" if extra is None else f"{extra / 2**20:.1f} ({r['extra_peak_x_params']:.2f})")
         body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
-    right = {2, 3, 4, 5, 6}
+    right = set(range(2, len(head)))
     line = lambda cells: (
         "| "
         + " | ".join(
