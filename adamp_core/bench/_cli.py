@@ -9,6 +9,7 @@ is the median over rounds of the mean step time of one run of ``n`` steps, after
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -273,6 +274,16 @@ def _proc_status_bytes(field: str) -> int | None:
     return None
 
 
+def _release_free_heap() -> None:
+    """Hand the allocator's free pages back to the OS (glibc ``malloc_trim``), so that a step's
+    temporaries need fresh pages and show in the peak resident set instead of reusing pages that an
+    earlier step freed but the allocator kept."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
 def _reset_host_peak() -> bool:
     """Reset the process's peak resident set (``VmHWM``) to its current size (Linux ``clear_refs``)."""
     try:
@@ -285,8 +296,9 @@ def _reset_host_peak() -> bool:
 
 def extra_peak_bytes(step: Any, sync: Any, backend: str) -> int | None:
     """Memory one call of ``step`` (then ``sync``) needs beyond what is live before it: on a CPU backend
-    the growth of the process's peak resident set (Linux; memory the allocator already holds and reuses
-    is not counted, as it is not new), on torch:cuda and CuPy the growth of allocated device memory.
+    the growth of the process's peak resident set (Linux; the allocator's free pages are released first,
+    so temporaries count even where an earlier step's freed memory would have been reused), on
+    torch:cuda and CuPy the growth of allocated device memory.
     None where it cannot be measured (JAX, which has no peak reset; not Linux)."""
     gc.collect()
     sync()
@@ -309,6 +321,7 @@ def extra_peak_bytes(step: Any, sync: Any, backend: str) -> int | None:
         return max(0, int(pool.total_bytes()) - int(before))  # the pool kept every block the step used
     if backend.startswith("jax"):
         return None
+    _release_free_heap()
     before = _proc_status_bytes("VmRSS")
     if before is None or not _reset_host_peak():
         return None
