@@ -6,6 +6,7 @@ values, so they cost no device sync and run before anything is computed.
 
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Any
 
@@ -52,8 +53,25 @@ def _shape(x: Any) -> tuple[int, ...]:
     return tuple(int(s) for s in x.shape)
 
 
+def _ndarray() -> Any:
+    """``numpy.ndarray`` when NumPy is loaded (this module does not import it), else None."""
+    np = sys.modules.get("numpy")
+    return None if np is None else np.ndarray
+
+
+@functools.cache
+def _numpy_namespace() -> Any:
+    import array_api_compat.numpy  # only once a NumPy array was seen: NumPy is loaded already
+
+    return array_api_compat.numpy
+
+
 def check_array(param: Any, what: str = "param") -> Any:
     """Check that ``param`` is a real floating array; return its array-API namespace."""
+    if type(param) is _ndarray():  # the same checks, without array-api-compat's dispatch (per param, per step)
+        if param.dtype.kind != "f":
+            raise TypeError(f"{what} must have a real floating dtype, got {param.dtype}")
+        return _numpy_namespace()
     if not is_array_api_obj(param):
         raise TypeError(f"{what} must be an array, got {type(param).__name__}")
     xp = array_namespace(param)
@@ -66,6 +84,13 @@ def check_grad(param: Any, grad: Any, what: str = "grad") -> None:
     """Check that ``grad`` can update ``param``: same library, device and shape, floating dtype."""
     if grad is None:
         raise TypeError(f"{what} is None; a gradient is required")
+    ndarray = _ndarray()
+    if type(grad) is ndarray and type(param) is ndarray:  # NumPy: one library, one device
+        if grad.shape != param.shape:
+            raise ValueError(f"{what} shape {_shape(grad)} differs from param shape {_shape(param)}")
+        if grad.dtype.kind != "f":
+            raise TypeError(f"{what} dtype {grad.dtype} is not real floating (param dtype {param.dtype})")
+        return
     if not is_array_api_obj(grad):
         raise TypeError(f"{what} must be an array, got {type(grad).__name__}")
     if namespace_name(grad) != namespace_name(param):

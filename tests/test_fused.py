@@ -381,6 +381,48 @@ def test_array_adapter_fused_equals_array_api_step(optimizer):
                 assert _rel(np.asarray(sd_fast["state"][i][k]), np.asarray(v)) <= 1e-5
 
 
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_array_batched_groups_equal_array_api_step(optimizer, monkeypatch):
+    """adamp_array: two param groups of small arrays (float32 and float64, 0-d to 4-d, one whose float64
+    sums fall back) and one above the batch size, with skip_nonfinite (an inf grad at step 3): one batched
+    kernel call per group and dtype, against fused=False."""
+    import adamp_array
+
+    rng = np.random.default_rng(7)
+    shapes = [(8, 3, 3, 3), (6, 10), (7,), (), (5, 1), (1, 9), (4, 2, 5), (2, fused.BATCH_MAX_SIZE)]
+    dtypes = [np.float32, np.float64] * 4
+    w0 = [np.asarray(rng.standard_normal(s), dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+    w0[5] = np.full((1, 9), 1e-300)  # float64 sums underflow: the fallback
+    cls = adamp_array.AdamP if optimizer == "adamp" else adamp_array.SGDP
+    kw = dict(lr=1e-2, weight_decay=1e-2) if optimizer == "adamp" else dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
+    ps = [[w.copy() for w in w0] for _ in range(2)]
+    groups = lambda p: [{"params": p[:4]}, {"params": p[4:], "weight_decay": 0.0}]  # noqa: E731
+    opts = [cls(groups(ps[i]), skip_nonfinite=True, fused=f, **kw) for i, f in enumerate((None, False))]
+    batched: list[int] = []
+    kernel = getattr(fused, f"{optimizer}_batch")
+    monkeypatch.setattr(
+        fused,
+        f"{optimizer}_batch",
+        lambda addresses, *a, **k: batched.append(len(addresses)) or kernel(addresses, *a, **k),
+    )
+    for t in range(5):
+        grads = [np.asarray(rng.standard_normal(s), dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
+        if t == 3:
+            grads[1][2, 2] = np.inf
+        for o in opts:
+            o.step([grads[:4], grads[4:]])
+        for a, b in zip(*ps, strict=True):
+            assert a.dtype == b.dtype and _rel(a, b) <= TOL[a.dtype.type], f"step {t}"
+    assert sorted(batched) == sorted([2, 2, 2, 1] * 5)  # group 0: 2 + 2; group 1: 2 float32, 1 float64
+    assert opts[0].nonfinite_skips == opts[1].nonfinite_skips
+    sd = [o.state_dict()["state"] for o in opts]
+    for i, st in sd[1].items():
+        for k, v in st.items():
+            want = np.asarray(v)
+            assert _rel(np.asarray(sd[0][i][k]), want) <= 1e-5 * max(1.0, float(np.max(np.abs(want), initial=0)))
+
+
 def test_fused_option_is_checked(monkeypatch):
     torch = pytest.importorskip("torch")
     import adamp_array

@@ -35,6 +35,8 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
+
 from adamp_core import fused as _fused
 from adamp_core.adamp import AdamPState, adamp_init, adamp_update, check_adamp_state
 from adamp_core.hyperparams import check_adamp, check_sgdp
@@ -86,6 +88,15 @@ class AdamP(ArrayOptimizer):
         status, _ = _fused.adamp_inplace(p, g, state.exp_avg, state.exp_avg_sq, int(state.step) + 1, hp, skip)
         return status, state._replace(step=state.step + 1)
 
+    @staticmethod
+    def _batch_kernel(addresses: Any, shapes: Any, dtype: Any, states: Any, hp: Any, skip: bool) -> Any:
+        steps = [int(s.step) + 1 for s in states]
+        return _fused.adamp_batch(np.asarray(addresses, dtype=np.int64), shapes, dtype, steps, hp, skip)
+
+    @staticmethod
+    def _advanced(state: AdamPState) -> AdamPState:
+        return state._replace(step=state.step + 1)
+
     def __init__(
         self,
         params: Any,
@@ -136,6 +147,14 @@ class SGDP(ArrayOptimizer):
     def _fused_kernel(p: Any, g: Any, state: SGDPState, hp: Any, skip: bool) -> tuple[int, SGDPState]:
         status, _ = _fused.sgdp_inplace(p, g, state.momentum, hp, skip)
         return status, state
+
+    @staticmethod
+    def _batch_kernel(addresses: Any, shapes: Any, dtype: Any, states: Any, hp: Any, skip: bool) -> Any:
+        return _fused.sgdp_batch(np.asarray(addresses, dtype=np.int64), shapes, dtype, hp, skip)
+
+    @staticmethod
+    def _advanced(state: SGDPState) -> SGDPState:
+        return state
 
     def __init__(
         self,

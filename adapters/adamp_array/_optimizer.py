@@ -285,24 +285,56 @@ class ArrayOptimizer:
                     raise type(exc)(f"state{where}: {exc}") from None
                 todo.append((gi, k, xp, p, g))
         use_fused = self.fused is not False and _fused.AVAILABLE
+        batches: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}  # (group, dtype): small fusable arrays
         with self._no_grad(todo):
             for gi, k, xp, p, g in todo:
-                # Writeable contiguous float32/float64 NumPy arrays: the fused kernels, in place (state too).
-                if use_fused and (gi, k) not in self._held and self._fused_step(gi, k, p, g, hps[gi]):
-                    continue
-                # skip_nonfinite: a NaN/inf grad leaves param and state (step included) as they were.
-                # The flag is read on the host: free for NumPy, one sync per param on a device.
-                if self.skip_nonfinite and not bool(finite_flag(xp, g)):
-                    self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-                    continue
-                new_p, new_s = self._update(xp, p, g, self._states[gi][k], hps[gi])
-                # Once a param's array refused a write (JAX, read-only NumPy) the optimizer holds a new
-                # array at every step, so arrays handed out earlier are never changed afterwards.
-                if (gi, k) in self._held or not _write_in_place(p, new_p):
-                    self._held.add((gi, k))
-                    self.param_groups[gi]["params"][k] = new_p
-                self._states[gi][k] = new_s
+                # Writeable contiguous float32/float64 NumPy arrays: the fused kernels, in place (state too);
+                # the small ones of a group all in one kernel call.
+                if use_fused and (gi, k) not in self._held:
+                    state = self._states[gi][k]
+                    if _fused.supports(p, g, *self._state_arrays(state)) and p.size < _fused.BATCH_MAX_SIZE:
+                        batches.setdefault((gi, p.dtype), []).append((k, xp, p, g))
+                        continue
+                    if self._fused_step(gi, k, p, g, hps[gi]):
+                        continue
+                self._array_api_step(gi, k, xp, p, g, hps[gi])
+            for (gi, dtype), entries in batches.items():
+                for k, xp, p, g in self._fused_batch(gi, dtype, entries, hps[gi]):
+                    self._array_api_step(gi, k, xp, p, g, hps[gi])
         return self.params
+
+    def _array_api_step(self, gi: int, k: Any, xp: Any, p: Any, g: Any, hp: Any) -> None:
+        # skip_nonfinite: a NaN/inf grad leaves param and state (step included) as they were.
+        # The flag is read on the host: free for NumPy, one sync per param on a device.
+        if self.skip_nonfinite and not bool(finite_flag(xp, g)):
+            self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
+            return
+        new_p, new_s = self._update(xp, p, g, self._states[gi][k], hp)
+        # Once a param's array refused a write (JAX, read-only NumPy) the optimizer holds a new
+        # array at every step, so arrays handed out earlier are never changed afterwards.
+        if (gi, k) in self._held or not _write_in_place(p, new_p):
+            self._held.add((gi, k))
+            self.param_groups[gi]["params"][k] = new_p
+        self._states[gi][k] = new_s
+
+    def _fused_batch(self, gi: int, dtype: Any, entries: list[tuple[Any, ...]], hp: Any) -> list[tuple[Any, ...]]:
+        """Update ``entries`` (``(k, xp, p, g)``, checked by :func:`adamp_core.fused.supports`) with one
+        batched kernel call; return those it left unwritten (FALLBACK) for the array-API step."""
+        states = [self._states[gi][e[0]] for e in entries]
+        addresses = [
+            [x.ctypes.data for x in (e[2], e[3], *self._state_arrays(s))] for e, s in zip(entries, states, strict=True)
+        ]
+        shapes = [e[2].shape for e in entries]
+        status = self._batch_kernel(addresses, shapes, dtype, states, hp, self.skip_nonfinite)
+        fallback = []
+        for e, state, st in zip(entries, states, status, strict=True):
+            if st == _fused.OK:
+                self._states[gi][e[0]] = self._advanced(state)
+            elif st == _fused.SKIPPED:
+                self._skips[(gi, e[0])] = self._skips.get((gi, e[0]), 0) + 1
+            else:
+                fallback.append(e)
+        return fallback
 
     def _fused_step(self, gi: int, k: Any, p: Any, g: Any, hp: Any) -> bool:
         """Update ``p`` and its state in place with :mod:`adamp_core.fused` when it applies; False when
