@@ -403,7 +403,7 @@ BAD_GRADS = [
     (_dtype, TypeError, rf"grad of {LAST} has dtype torch\.float32 but the param has dtype torch\.float64"),
     (_shape, ValueError, rf"grad of {LAST} has shape \(7,\) but the param has shape \(5,\)"),
     (_complex, TypeError, rf"real floating params only: {LAST} has dtype torch\.complex128"),
-    (_bad_lr, ValueError, r"^Invalid learning rate: -1\.0$"),
+    (_bad_lr, ValueError, r"^Invalid learning rate: -1\.0 \(param_groups\[1\]\)$"),  # the group is named
 ]
 
 

@@ -120,7 +120,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         anywhere leaves every param and every state as it was."""
         hypers = []
         for gi, group in enumerate(self.param_groups):
-            hypers.append(self._check_hyper(group))
+            try:  # a group edited after construction (group["lr"] = ...) is checked here, before any write
+                hypers.append(self._check_hyper(group))
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc} (param_groups[{gi}])") from None
             devices = set()  # array hyperparameters are checked once per device of the group's params
             for pi, p in enumerate(group["params"]):
                 g = p.grad
