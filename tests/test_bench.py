@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from adamp_core.bench import register
-from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, _settings, extra_peak_bytes
+from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, QUICK_SKIP_IMPLS, _settings, extra_peak_bytes
 from adamp_core.bench.runners import (
     HYPERPARAMS,
     IMPLS,
@@ -154,6 +154,10 @@ def test_quick_leaves_out_the_conformance_backend_unless_asked(monkeypatch):
     assert QUICK_SKIP_BACKENDS == ("array_api_strict",)
     assert quick["backends"] == ["numpy", "torch:cpu", "jax:cpu"] and quick["skipped_backends"] == ["array_api_strict"]
     assert quick["threads"] == 1 and quick["repeats"] == 5
+    assert QUICK_SKIP_IMPLS == ("adamp_torch-unfused", "adamp_array-unfused")
+    assert quick["impls"] == [k for k in IMPLS if k not in QUICK_SKIP_IMPLS]
+    assert parse("--quick", "--impl", "adamp_torch-unfused")["impls"] == ["adamp_torch-unfused"]
+    assert parse()["impls"] is None
     # --quick shrinks every workload 20x, and "small" to 40 tensors; an explicit --scale wins everywhere.
     assert {w: get_workload(w, s).n_tensors for w, s in quick["scales"].items()} == {
         "resnet50": 161,

@@ -48,6 +48,9 @@ QUICK_SCALES = {"small": 0.02}
 # that adamp_core uses nothing beyond the standard), not a way to run an optimizer fast, and it is the
 # slowest row by far.
 QUICK_SKIP_BACKENDS = ("array_api_strict",)
+# Also left out by --quick unless named with --impl: the fused=False rows (the "before" of the fused
+# kernels, for the full-size tables; the same array-API step as the core rows).
+QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused")
 _STATE_ARRAYS = {"adamp": 2, "sgdp": 1}
 
 
@@ -152,7 +155,9 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         scales={w: (QUICK_SCALES.get(w, QUICK_SCALE) if scale is None else scale) for w in workloads},
         workloads=workloads,
         optimizers=list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer],
-        impls=list(dict.fromkeys(args.impl)) if args.impl else None,
+        impls=list(dict.fromkeys(args.impl))
+        if args.impl
+        else ([k for k in IMPLS if k not in QUICK_SKIP_IMPLS] if args.quick else None),
         backends=backends,
         skipped_backends=[b for b in allowed if b not in backends],
         repeats=args.repeats or (5 if args.quick else 7),
@@ -598,6 +603,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"JAX compilation cache: {jax_cache} (compilation is never timed; --jax-cache none to turn off)")
     if s["skipped_backends"]:
         print(f"backends left out: {', '.join(s['skipped_backends'])} (--backend all to include)")
+    if args.quick and not args.impl:
+        print(f"rows left out: {', '.join(QUICK_SKIP_IMPLS)} (--impl to include)")
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     try:
         if os.getloadavg()[0] > (os.cpu_count() or 1) - 0.5:
