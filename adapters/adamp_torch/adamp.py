@@ -161,6 +161,7 @@ class AdamP(ProjectedOptimizer):
             maximize, skip = group["maximize"], group["skip_nonfinite"]
             use_fused = self._fused_group(group)
             batch: list[tuple[Any, ...]] = []  # small fusable tensors: one kernel call for all of them
+            advanced: list[torch.Tensor] = []  # step counts of the large tensors the kernels updated
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
@@ -170,9 +171,11 @@ class AdamP(ProjectedOptimizer):
                     if self._batchable(p, gs, m, v):
                         batch.append((param, p, gs, (m, v), t, counter))
                         continue
-                    if self._fused_step(param, p, gs, m, v, t, hp, skip, counter):
+                    if self._fused_step(param, p, gs, m, v, t, hp, skip, counter, advanced):
                         continue
                 self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, rows)
+            if advanced:
+                torch._foreach_add_(advanced, 1)  # one call instead of a tensor op per param
             if batch:
                 for param, p, gs, (m, v), t, counter in self._fused_batch(batch, hp, skip):
                     self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, None)
@@ -195,11 +198,22 @@ class AdamP(ProjectedOptimizer):
         p.copy_(new_p)
 
     def _fused_step(
-        self, param: Any, p: Any, g: Any, m: Any, v: Any, t: Any, hp: Any, skip: bool, counter: Any
+        self,
+        param: Any,
+        p: Any,
+        g: Any,
+        m: Any,
+        v: Any,
+        t: Any,
+        hp: Any,
+        skip: bool,
+        counter: Any,
+        advanced: list[torch.Tensor],
     ) -> bool:
         """The step of ``p`` by :func:`adamp_core.fused.adamp_inplace` when it applies; False when the
         array-API step must run instead (not a plain contiguous float32/float64 CPU tensor, or float64
-        sums out of the kernels' range)."""
+        sums out of the kernels' range). The step count ``t`` is appended to ``advanced`` (the caller
+        advances them all at once)."""
         arrays = self._fused_views(p, g, m, v)
         if arrays is None:
             return False
@@ -210,7 +224,7 @@ class AdamP(ProjectedOptimizer):
         if status == _fused.SKIPPED:
             counter.add_(1)
             return True
-        t.add_(1)
+        advanced.append(t)
         if old is not None:
             self._record(param, old, p, g, hp)
         return True
