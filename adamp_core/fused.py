@@ -98,9 +98,7 @@ def supports(param: Any, *others: Any) -> bool:
 
 def _rows(x: np.ndarray) -> np.ndarray:
     """The channel view ``(shape[0], -1)`` for ``ndim >= 2``; one row otherwise (never projected)."""
-    if x.ndim >= 2:
-        return x.reshape(x.shape[0], x.size // x.shape[0] if x.shape[0] else 0)
-    return x.reshape(1, x.size)
+    return x.reshape(channel_shape(x.shape))
 
 
 if AVAILABLE:

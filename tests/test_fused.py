@@ -254,6 +254,18 @@ def test_batch_kernel_equals_one_kernel_per_tensor(optimizer, dtype):
             np.testing.assert_array_equal(x, y)
 
 
+def _count_batched_calls(monkeypatch: pytest.MonkeyPatch, optimizer: str) -> list[int]:
+    """Spy on ``fused.adamp_batch``/``sgdp_batch``: the returned list gets the tensor count of every call."""
+    batched: list[int] = []
+    kernel = getattr(fused, f"{optimizer}_batch")
+    monkeypatch.setattr(
+        fused,
+        f"{optimizer}_batch",
+        lambda addresses, *a, **k: batched.append(len(addresses)) or kernel(addresses, *a, **k),
+    )
+    return batched
+
+
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
 def test_torch_batched_group_equals_array_api_step(optimizer, monkeypatch):
@@ -272,13 +284,7 @@ def test_torch_batched_group_equals_array_api_step(optimizer, monkeypatch):
     kw = dict(lr=1e-2, weight_decay=1e-2) if optimizer == "adamp" else dict(lr=0.1, momentum=0.9, weight_decay=1e-2)
     ps = [[torch.nn.Parameter(w.clone()) for w in w0] for _ in range(2)]
     opts = [cls(ps[i], maximize=True, skip_nonfinite=True, fused=f, **kw) for i, f in enumerate((None, False))]
-    batched: list[int] = []  # tensors per batched call: the small ones of each dtype, every step
-    kernel = getattr(fused, f"{optimizer}_batch")
-    monkeypatch.setattr(
-        fused,
-        f"{optimizer}_batch",
-        lambda addresses, *a, **k: batched.append(len(addresses)) or kernel(addresses, *a, **k),
-    )
+    batched = _count_batched_calls(monkeypatch, optimizer)
     for t in range(5):
         grads = [torch.randn(s, generator=gen, dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
         if t == 3:
@@ -399,13 +405,7 @@ def test_array_batched_groups_equal_array_api_step(optimizer, monkeypatch):
     ps = [[w.copy() for w in w0] for _ in range(2)]
     groups = lambda p: [{"params": p[:4]}, {"params": p[4:], "weight_decay": 0.0}]  # noqa: E731
     opts = [cls(groups(ps[i]), skip_nonfinite=True, fused=f, **kw) for i, f in enumerate((None, False))]
-    batched: list[int] = []
-    kernel = getattr(fused, f"{optimizer}_batch")
-    monkeypatch.setattr(
-        fused,
-        f"{optimizer}_batch",
-        lambda addresses, *a, **k: batched.append(len(addresses)) or kernel(addresses, *a, **k),
-    )
+    batched = _count_batched_calls(monkeypatch, optimizer)
     for t in range(5):
         grads = [np.asarray(rng.standard_normal(s), dtype=d) for s, d in zip(shapes, dtypes, strict=True)]
         if t == 3:
