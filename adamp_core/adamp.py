@@ -30,7 +30,7 @@ from ._common import (
 )
 from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
 from .hyperparams import AdamPHyperparams, _flag, check_adamp
-from .projection import RowReduce, project_update
+from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["AdamPState", "adamp_init", "adamp_step"]
 
@@ -135,10 +135,11 @@ def adamp_update(
     step_size = lr / bc1
 
     ratio: Any = 1.0
-    if param.ndim > 1:  # static: projection only for ndim > 1 (Alg. 2 lines 5-9)
+    if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 2 lines 5-9)
         u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
+        ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.grouped)
     if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
         w = w * (1 - lr * scalar(xp, hp.weight_decay, cdt) * ratio)  # decoupled decay, before the step
     w = w + (-step_size) * u

@@ -79,11 +79,24 @@ class RowReduce:
     arrays); per-row statistics never leave their row. This default holds all rows in one array.
     When the rows are split across processes (FSDP2 shards dim 0), pass an instance whose ``shape``
     is the whole tensor's and whose reductions also combine the shards (local rows may be empty):
-    the step then runs on the local rows alone and is the same as on the whole tensor.
+    the step then runs on the local rows alone and is the same as on the whole tensor. A group of
+    tensors concatenated row-wise reduces each tensor's rows apart (:class:`adamp_core.grouped.SegmentRows`,
+    whose reductions return per-row arrays instead of 0-d ones).
     """
 
     def __init__(self, shape: tuple[int, ...] | None = None) -> None:
         self.shape = None if shape is None else tuple(int(s) for s in shape)  # None: the local array's
+
+    def projects(self, ndim: int) -> bool:
+        """Whether a param of (local) ``ndim`` gets the scale-invariance test (paper: ``ndim > 1``)."""
+        return ndim > 1
+
+    def thresholds(self, xp: Any, w: Any, delta: Any, dtype: Any) -> tuple[Any, Any]:
+        r"""The test's thresholds :math:`\delta/\sqrt{\text{row length}}` (channel view) and
+        :math:`\delta/\sqrt{\text{size}}` (layer view) of the whole tensor (``w`` may be a shard)."""
+        shape = w.shape if self.shape is None else self.shape
+        size = math.prod(shape)
+        return delta / math.sqrt(size // shape[0]), delta / math.sqrt(size)
 
     def sum(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
         return tuple(xp.sum(x) for x in xs)
@@ -96,6 +109,19 @@ class RowReduce:
 
 
 _LOCAL_ROWS = RowReduce()
+
+
+def projects(rows: RowReduce | None, ndim: int) -> bool:
+    """Whether a param of ``ndim`` laid out as ``rows`` says gets the test (static, no array read)."""
+    return (_LOCAL_ROWS if rows is None else rows).projects(ndim)
+
+
+def per_row(xp: Any, x: Any, w: Any) -> Any:
+    """``x`` shaped to multiply ``w``: a per-row array ``(rows,)`` becomes ``(rows, 1, ...)``; a number or a
+    0-d array (one value for the whole tensor, the usual case) is returned as it is."""
+    if getattr(x, "ndim", 0) == 0:
+        return x
+    return xp.reshape(x, (x.shape[0],) + (1,) * (w.ndim - 1))
 
 
 def _rows(xp: Any, x: Any) -> Any:
@@ -155,10 +181,7 @@ def _layer(xp: Any, stats: RowStats, rows: RowReduce) -> _Layer:
 def _decide(
     xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: RowReduce = _LOCAL_ROWS
 ) -> tuple[ViewDecision, _Layer]:
-    shape = w.shape if rows.shape is None else rows.shape  # the whole tensor's (w may be a shard)
-    size = math.prod(shape)
-    thr_c = delta / math.sqrt(size // shape[0])
-    thr_l = delta / math.sqrt(size)
+    thr_c, thr_l = rows.thresholds(xp, w, delta, stats.ww.dtype)
     lay = _layer(xp, stats, rows)
     if stats.sw is None:
         eps_cw = eps_cg = eps
@@ -208,7 +231,7 @@ def project_update(
     coef_l = lay.rho * (wu_l / n_l / n_l)  # row r: ~w_r * rho_r = S w_r
     zero = xp.zeros((), dtype=w.dtype, device=dev)
     coef = xp.where(dec.channel, coef_c, xp.where(dec.layer, coef_l, zero))
-    coef = xp.reshape(coef, (w.shape[0],) + (1,) * (w.ndim - 1))
+    coef = per_row(xp, coef, w)
     projected = xp.logical_or(dec.channel, dec.layer)
     # Where nothing is projected coef is 0 and u - w * 0 == u exactly for finite w. (An infinite weight
     # entry, never projected as its cosines are NaN, gives NaN there where adamp 0.3.0 keeps +-inf: an

@@ -21,7 +21,7 @@ from typing import Any, NamedTuple
 from ._common import check_state_arrays, finite_flag, keep_if_finite, scalar, state_zeros
 from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
 from .hyperparams import SGDPHyperparams, _flag, check_sgdp
-from .projection import RowReduce, project_update
+from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
 
@@ -109,10 +109,11 @@ def sgdp_update(
     d_p = g + mu * buf if hp.nesterov else buf
 
     ratio: Any = 1.0
-    if param.ndim > 1:  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
+    if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
         d_p, projected, _ = project_update(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
+        ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.grouped)
         if not hp.nesterov:
             buf = d_p  # adamp 0.3.0 projects the buffer itself in place
     if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
