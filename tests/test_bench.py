@@ -154,7 +154,9 @@ def test_quick_leaves_out_the_conformance_backend_unless_asked(monkeypatch):
     assert QUICK_SKIP_BACKENDS == ("array_api_strict",)
     assert quick["backends"] == ["numpy", "torch:cpu", "jax:cpu"] and quick["skipped_backends"] == ["array_api_strict"]
     assert quick["threads"] == 1 and quick["repeats"] == 5
-    assert QUICK_SKIP_IMPLS == ("adamp_torch-unfused", "adamp_array-unfused")
+    assert QUICK_SKIP_IMPLS == (
+        "adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach"
+    )
     assert quick["impls"] == [k for k in IMPLS if k not in QUICK_SKIP_IMPLS]
     assert parse("--quick", "--impl", "adamp_torch-unfused")["impls"] == ["adamp_torch-unfused"]
     assert parse()["impls"] is None

@@ -11,6 +11,7 @@ import pytest
 from adamp_core.adamp import AdamPState, adamp_update
 from adamp_core.grouped import (
     GROUP_MAX_ELEMENTS,
+    HOST_TENSOR_MAX_ELEMENTS,
     SegmentRows,
     adamp_update_group,
     group_indices,
@@ -198,7 +199,9 @@ def test_group_indices():
     assert group_indices(keys, shapes, max_elements=70) == [[0, 2, 4], [1, 5], [3], [6], [7], [8]]
     # The cap splits a group in order of appearance.
     assert group_indices(["a"] * 3, [(4, 6)] * 3, max_elements=48) == [[0, 1], [2]]
-    assert GROUP_MAX_ELEMENTS >= 1 << 20
+    # A per-tensor cap (the CPU's) leaves the larger tensors alone but still groups the small ones.
+    assert group_indices(["a"] * 4, [(4, 6), (100, 6), (2, 6), (7,)], max_tensor_elements=50) == [[0, 2], [1], [3]]
+    assert GROUP_MAX_ELEMENTS >= 1 << 20 and HOST_TENSOR_MAX_ELEMENTS <= GROUP_MAX_ELEMENTS
 
 
 def test_group_of_mismatched_tensors_is_refused():

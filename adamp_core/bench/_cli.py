@@ -48,9 +48,9 @@ QUICK_SCALES = {"small": 0.02}
 # that adamp_core uses nothing beyond the standard), not a way to run an optimizer fast, and it is the
 # slowest row by far.
 QUICK_SKIP_BACKENDS = ("array_api_strict",)
-# Also left out by --quick unless named with --impl: the fused=False rows (the "before" of the fused
-# kernels, for the full-size tables; the same array-API step as the core rows).
-QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused")
+# Also left out by --quick unless named with --impl: the fused=False rows (the per-tensor "before" of the
+# fast paths and the multi-tensor array-API step forced on the CPU, for the full-size tables).
+QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach")
 _STATE_ARRAYS = {"adamp": 2, "sgdp": 1}
 
 

@@ -18,9 +18,11 @@ optax+jit           ``optax.adamw`` / ``optax.sgd`` under ``jax.jit``  jax
 core                ``adamp_core.tree.adamp_step`` / ``sgdp_step``   numpy, array_api_strict, torch, cupy
 core+jit            the same, ``jax.jit``-compiled (buffers donated) jax
 adamp_torch         ``adamp_torch.AdamP`` / ``SGDP``                 torch
-adamp_torch-unfused the same with ``fused=False`` (array-API step)   torch
+adamp_torch-unfused ``fused=False, foreach=False`` (per-tensor step) torch
+adamp_torch-foreach ``fused=False`` (multi-tensor array-API step)    torch
 adamp_array         ``adamp_array.AdamP`` / ``SGDP``                 numpy, cupy
-adamp_array-unfused the same with ``fused=False`` (array-API step)   numpy, cupy
+adamp_array-unfused ``fused=False, foreach=False`` (per-array step)  numpy, cupy
+adamp_array-foreach ``fused=False`` (multi-tensor array-API step)    numpy, cupy
 adamp_optax+jit     ``adamp_optax.adamp`` / ``sgdp`` under ``jax.jit`` jax
 ==================  ==============================================  ====================================
 
@@ -133,6 +135,12 @@ IMPLS: dict[str, Impl] = {
         Impl("adamp_torch", ("adamp_torch.AdamP", "adamp_torch.SGDP"), False, ("torch",)),
         Impl(
             "adamp_torch-unfused",
+            ("adamp_torch.AdamP(fused=False, foreach=False)", "adamp_torch.SGDP(fused=False, foreach=False)"),
+            False,
+            ("torch",),
+        ),
+        Impl(
+            "adamp_torch-foreach",
             ("adamp_torch.AdamP(fused=False)", "adamp_torch.SGDP(fused=False)"),
             False,
             ("torch",),
@@ -140,6 +148,12 @@ IMPLS: dict[str, Impl] = {
         Impl("adamp_array", ("adamp_array.AdamP", "adamp_array.SGDP"), False, ("numpy", "cupy")),
         Impl(
             "adamp_array-unfused",
+            ("adamp_array.AdamP(fused=False, foreach=False)", "adamp_array.SGDP(fused=False, foreach=False)"),
+            False,
+            ("numpy", "cupy"),
+        ),
+        Impl(
+            "adamp_array-foreach",
             ("adamp_array.AdamP(fused=False)", "adamp_array.SGDP(fused=False)"),
             False,
             ("numpy", "cupy"),
@@ -326,10 +340,13 @@ def _committed(jax: Any, backend: str, tree: Any) -> Any:
     return jax.device_put(tree, jax.devices(backend.split(":")[1])[0])
 
 
-def _fused_option(impl: str) -> bool | None:
-    """``fused=False`` for the ``*-unfused`` rows (the plain array-API step, the before of the fast
-    path), else the adapters' default (the fused kernels where they apply)."""
-    return False if impl.endswith("-unfused") else None
+def _path_options(impl: str) -> dict[str, bool]:
+    """The adapters' path options of a row: ``*-unfused``, the plain per-tensor array-API step (the
+    before of the fast paths); ``*-foreach``, the multi-tensor array-API step (:mod:`adamp_core.grouped`,
+    what a GPU runs) forced on the CPU; else the default (the fused kernels where they apply)."""
+    if impl.endswith("-unfused"):
+        return {"fused": False, "foreach": False}
+    return {"fused": False} if impl.endswith("-foreach") else {}
 
 
 def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> tuple[Callable, Callable, dict]:
@@ -364,7 +381,7 @@ def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
         opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp)
     else:  # adamp_torch: the fused CPU kernels where they apply (fused=None), or the array-API step
         mod = _require("adamp_torch")
-        opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, fused=_fused_option(impl))
+        opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, **_path_options(impl))
     if dev == "cuda":
         sync = torch.cuda.synchronize
     else:
@@ -399,7 +416,7 @@ def _array_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
     hp = HYPERPARAMS[optimizer]
     params = cache.params_on(backend)
     grads = cache.grads_on(backend)
-    opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, fused=_fused_option(impl))
+    opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, **_path_options(impl))
     return (lambda: opt.step(grads)), (lambda: synchronize(backend, None)), {"optimizer": opt, "params": params}
 
 
@@ -473,10 +490,12 @@ _BUILDERS = {
     "official": _torch_runner,
     "adamp_torch": _torch_runner,
     "adamp_torch-unfused": _torch_runner,
+    "adamp_torch-foreach": _torch_runner,
     "core": _core_runner,
     "core+jit": _core_runner,
     "adamp_array": _array_runner,
     "adamp_array-unfused": _array_runner,
+    "adamp_array-foreach": _array_runner,
     "optax+jit": _optax_runner,
     "adamp_optax+jit": _optax_runner,
 }

@@ -25,6 +25,10 @@ Thin adapters: every update is ``adamp_core``'s (paper Algorithms 1 and 2, match
   state of their dtype are updated by the two-pass kernels of :mod:`adamp_core.fused` when numba is
   installed, params and state in place (tested against the array-API step); False: always the
   array-API step; True: as None, and numba is required.
+* ``foreach`` (keyword only, default None): the arrays that take the array-API step (CuPy, torch,
+  JAX, ``fused=False``, ...) are updated together with :mod:`adamp_core.grouped`, one set of array
+  operations per group of equal row length, library, dtype and device instead of per array (the GPU
+  path); False: one array at a time.
 * ``state_dict()`` / ``load_state_dict()``: the ``torch.optim`` layout (state keys ``step``,
   ``exp_avg``, ``exp_avg_sq`` / ``momentum`` as in ``adamp==0.3.0``), loadable onto another library
   or device; ``numpy.savez(f, **flatten_state_dict(sd))`` saves it and
@@ -39,6 +43,7 @@ import numpy as np
 
 from adamp_core import fused as _fused
 from adamp_core.adamp import AdamPState, adamp_init, adamp_update, check_adamp_state
+from adamp_core.grouped import adamp_update_group, sgdp_update_group
 from adamp_core.hyperparams import check_adamp, check_sgdp
 from adamp_core.sgdp import SGDPState, check_sgdp_state, sgdp_init, sgdp_update
 
@@ -78,6 +83,7 @@ class AdamP(ArrayOptimizer):
     _init = staticmethod(_adamp_fresh)
     _check_state = staticmethod(check_adamp_state)
     _update = staticmethod(adamp_update)
+    _update_group = staticmethod(adamp_update_group)
 
     @staticmethod
     def _state_arrays(state: AdamPState) -> tuple[Any, ...]:
@@ -111,12 +117,14 @@ class AdamP(ArrayOptimizer):
         state_dtype: Any = None,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov
         )
         check_adamp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused)
+        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused,
+                         foreach=foreach)
 
 
 class SGDP(ArrayOptimizer):
@@ -138,6 +146,7 @@ class SGDP(ArrayOptimizer):
     _init = staticmethod(sgdp_init)
     _check_state = staticmethod(check_sgdp_state)
     _update = staticmethod(sgdp_update)
+    _update_group = staticmethod(sgdp_update_group)
 
     @staticmethod
     def _state_arrays(state: SGDPState) -> tuple[Any, ...]:
@@ -171,6 +180,7 @@ class SGDP(ArrayOptimizer):
         state_dtype: Any = None,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -184,4 +194,5 @@ class SGDP(ArrayOptimizer):
         )
         if lr is not REQUIRED:
             check_sgdp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused)
+        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused,
+                         foreach=foreach)

@@ -14,7 +14,8 @@ from array_api_compat import is_torch_array, is_writeable_array
 
 from adamp_core import fused as _fused
 from adamp_core._common import finite_flag
-from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
+from adamp_core.arrays import check_array, check_grad, check_hyper_arrays, device
+from adamp_core.grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
 from adamp_core.hyperparams import _flag
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
@@ -31,7 +32,7 @@ REQUIRED: Any = _Required()
 
 # Group keys of adamp_torch's state dicts that adamp_array has as optimizer-wide options (or not at all):
 # a checkpoint of the torch adapter loads here (maximize must be False).
-_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused")
+_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
 
 
 def _is_array(x: Any) -> bool:
@@ -83,12 +84,16 @@ class ArrayOptimizer:
         state_dtype: Any = None,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         self.defaults = dict(defaults)
         self._state_dtype = state_dtype
         self.skip_nonfinite = _flag(skip_nonfinite, "skip_nonfinite")
         _fused.check_fused(fused)
         self.fused = fused
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
+        self.foreach = foreach
         self._skips: dict[tuple[int, Any], int] = {}  # (group, key) -> steps skipped for a non-finite grad
         groups, self._layout = self._parse(params)
         self.param_groups: list[dict[str, Any]] = []
@@ -286,6 +291,7 @@ class ArrayOptimizer:
                 todo.append((gi, k, xp, p, g))
         use_fused = self.fused is not False and _fused.AVAILABLE
         batches: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}  # (group, dtype): small fusable arrays
+        together: list[tuple[Any, ...]] = []  # the rest: the multi-tensor array-API step
         with self._no_grad(todo):
             for gi, k, xp, p, g in todo:
                 # Writeable contiguous float32/float64 NumPy arrays: the fused kernels, in place (state too);
@@ -297,11 +303,42 @@ class ArrayOptimizer:
                         continue
                     if self._fused_step(gi, k, p, g, hps[gi]):
                         continue
+                if self.foreach is not False:
+                    together.append((gi, k, xp, p, g))
+                    continue
                 self._array_api_step(gi, k, xp, p, g, hps[gi])
             for (gi, dtype), entries in batches.items():
                 for k, xp, p, g in self._fused_batch(gi, dtype, entries, hps[gi]):
                     self._array_api_step(gi, k, xp, p, g, hps[gi])
+            if together:
+                self._grouped_steps(together, hps)
         return self.params
+
+    def _grouped_steps(self, entries: list[tuple[Any, ...]], hps: list[Any]) -> None:
+        """Update ``entries`` (``(group, key, xp, p, g)``) with :mod:`adamp_core.grouped`: together per param
+        group, library, dtype, device, state dtypes and row length (bounded in size); a group of one takes
+        the per-array step. With ``skip_nonfinite`` each group's flags are read on the host once."""
+        keys = [
+            (gi, xp, p.dtype, device(p), tuple(a.dtype for a in self._state_arrays(self._states[gi][k])))
+            for gi, k, xp, p, _ in entries
+        ]
+        on_host = all("cpu" in str(device(e[3])).lower() for e in entries)  # numpy, torch, JAX, strict
+        largest = HOST_TENSOR_MAX_ELEMENTS if on_host else None  # a large CPU array's step is bandwidth-bound
+        for idx in group_indices(keys, [tuple(e[3].shape) for e in entries], max_tensor_elements=largest):
+            items = [entries[i] for i in idx]
+            gi, xp = items[0][0], items[0][2]
+            if len(items) == 1:
+                self._array_api_step(*items[0], hps[gi])
+                continue
+            states = [self._states[gi][e[1]] for e in items]
+            new_p, new_s, ok = self._update_group(
+                xp, [e[3] for e in items], [e[4] for e in items], states, hps[gi], self.skip_nonfinite
+            )
+            for j, (_, k, _, p, _) in enumerate(items):
+                if ok is not None and not bool(ok[j, ...]):
+                    self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
+                    continue
+                self._write_back(gi, k, p, new_p[j], new_s[j])
 
     def _array_api_step(self, gi: int, k: Any, xp: Any, p: Any, g: Any, hp: Any) -> None:
         # skip_nonfinite: a NaN/inf grad leaves param and state (step included) as they were.
@@ -310,6 +347,9 @@ class ArrayOptimizer:
             self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
             return
         new_p, new_s = self._update(xp, p, g, self._states[gi][k], hp)
+        self._write_back(gi, k, p, new_p, new_s)
+
+    def _write_back(self, gi: int, k: Any, p: Any, new_p: Any, new_s: Any) -> None:
         # Once a param's array refused a write (JAX, read-only NumPy) the optimizer holds a new
         # array at every step, so arrays handed out earlier are never changed afterwards.
         if (gi, k) in self._held or not _write_in_place(p, new_p):

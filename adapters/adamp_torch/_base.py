@@ -20,6 +20,7 @@ from adamp_core import fused as _fused
 from adamp_core._common import finite_flag, keep_if_finite
 from adamp_core.arrays import check_hyper_arrays
 from adamp_core.diagnostics import step_diagnostics
+from adamp_core.grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
 
 __all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
 
@@ -59,7 +60,8 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
     return dtype
 
 
-_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused")  # group keys that adamp 0.3.0 does not have
+# Group keys that adamp 0.3.0 does not have.
+_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
 _FUSED_DTYPES = (torch.float32, torch.float64)
 
 
@@ -108,10 +110,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             group.setdefault("state_dtype", None)
             group.setdefault("skip_nonfinite", False)
             group.setdefault("fused", None)
+            group.setdefault("foreach", None)
         self.defaults.setdefault("maximize", False)
         self.defaults.setdefault("state_dtype", None)
         self.defaults.setdefault("skip_nonfinite", False)
         self.defaults.setdefault("fused", None)
+        self.defaults.setdefault("foreach", None)
 
     # -- grads ------------------------------------------------------------------------------------
     def _check_grads(self) -> list[Any]:
@@ -173,6 +177,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if not isinstance(group.get(name, False), bool):
                 raise TypeError(f"Invalid {name} value: {group[name]!r} (expected True or False)")
         _fused.check_fused(group.get("fused"))
+        foreach = group.get("foreach")
+        if foreach is not None and not isinstance(foreach, bool):
+            raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
 
     # -- the fused CPU kernels (adamp_core.fused) ---------------------------------------------------
     @staticmethod
@@ -231,6 +238,39 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 torch._foreach_add_(skipped, 1)
             fallback += [e for e, s in zip(items, status, strict=True) if s == _fused.FALLBACK]
         return fallback
+
+    # -- the multi-tensor array-API step (adamp_core.grouped) ---------------------------------------
+    def _foreach_group(self, group: dict[str, Any]) -> bool:
+        """Whether this step updates the group's tensors that the fused kernels do not take (CUDA,
+        16-bit, non-contiguous, ``fused=False``) together, a few dozen kernels per group of equal row
+        length instead of per tensor: not with ``foreach=False``, with diagnostics on (they need each
+        param's old value) or inside ``torch.compile`` (which fuses the per-tensor step itself)."""
+        return group.get("foreach") is not False and self._diagnostics is None and not torch.compiler.is_compiling()
+
+    def _grouped_steps(self, entries: list[tuple[Any, ...]], hp: Any, skip: bool) -> None:
+        """Update ``entries`` (``(param, p, g, state tensors, step or None, skip counter or None)``) with
+        :mod:`adamp_core.grouped`: one group per dtype, state dtypes, device and row length (bounded in
+        size), written back with one ``torch._foreach_copy_`` per array; a group of one takes the
+        per-tensor step (no concatenation). No sync."""
+        keys = [(e[1].dtype, e[1].device, tuple(s.dtype for s in e[3])) for e in entries]
+        on_cpu = all(e[1].device.type == "cpu" for e in entries)
+        largest = HOST_TENSOR_MAX_ELEMENTS if on_cpu else None  # a large CPU tensor's step is bandwidth-bound
+        for idx in group_indices(keys, [tuple(e[1].shape) for e in entries], max_tensor_elements=largest):
+            items = [entries[i] for i in idx]
+            if len(items) == 1:
+                self._entry_step(items[0], hp, skip)
+                continue
+            params, grads = [e[1] for e in items], [e[2] for e in items]
+            states = [self._core_state(e[4], e[3]) for e in items]
+            new_p, new_states, ok = self._update_group(XP, params, grads, states, hp, skip)
+            torch._foreach_copy_(params, new_p)
+            n_bufs = len(items[0][3])  # the state's arrays are its last fields (after AdamP's step)
+            for j in range(n_bufs):
+                torch._foreach_copy_([e[3][j] for e in items], [s[j - n_bufs] for s in new_states])
+            if items[0][4] is not None:
+                torch._foreach_copy_([e[4] for e in items], [s.step for s in new_states])
+            if ok is not None:
+                torch._foreach_add_([e[5] for e in items], list(torch.unbind(torch.logical_not(ok).to(torch.int64))))
 
     # -- diagnostics (issue: make the slowdown visible) -----------------------------------------
     def record_diagnostics(self, enabled: bool = True) -> None:

@@ -9,6 +9,7 @@ import torch
 
 from adamp_core import fused as _fused
 from adamp_core.adamp import AdamPState, adamp_update
+from adamp_core.grouped import adamp_update_group
 from adamp_core.hyperparams import AdamPHyperparams, check_adamp
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype
@@ -63,6 +64,10 @@ class AdamP(ProjectedOptimizer):
             numba is installed, and everything else with the array-API step; False always takes the
             array-API step; True is None but requires numba. Inside ``torch.compile`` the array-API
             step always runs (it traces into one graph).
+        foreach: None (default) or True updates the tensors that take the array-API step (CUDA, 16-bit,
+            non-contiguous, ``fused=False``) together with :mod:`adamp_core.grouped`: one set of kernels
+            per group of equal row length, dtype and device instead of per tensor (the GPU path); False
+            steps them one at a time. Not inside ``torch.compile`` or with diagnostics on.
 
     State per param: ``step`` (0-d int64 tensor on the param's device; a Python int in
     :meth:`state_dict`, as adamp 0.3.0 stores it), ``exp_avg``, ``exp_avg_sq``.
@@ -87,6 +92,7 @@ class AdamP(ProjectedOptimizer):
         state_dtype: torch.dtype | str | None = None,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -100,6 +106,7 @@ class AdamP(ProjectedOptimizer):
             state_dtype=normalize_state_dtype(state_dtype),
             skip_nonfinite=skip_nonfinite,
             fused=fused,
+            foreach=foreach,
         )
         self._check_hyper(defaults)
         super().__init__(params, defaults)
@@ -159,9 +166,10 @@ class AdamP(ProjectedOptimizer):
             steps: list[torch.Tensor] = []
             self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
             maximize, skip = group["maximize"], group["skip_nonfinite"]
-            use_fused = self._fused_group(group)
+            use_fused, use_foreach = self._fused_group(group), self._foreach_group(group)
             batch: list[tuple[Any, ...]] = []  # small fusable tensors: one kernel call for all of them
             advanced: list[torch.Tensor] = []  # step counts of the large tensors the kernels updated
+            together: list[tuple[Any, ...]] = []  # the rest: the multi-tensor array-API step
             for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
@@ -173,13 +181,28 @@ class AdamP(ProjectedOptimizer):
                         continue
                     if self._fused_step(param, p, gs, m, v, t, hp, skip, counter, advanced):
                         continue
+                if use_foreach and rows is None:
+                    together.append((param, p, gs, (m, v), t, counter))
+                    continue
                 self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, rows)
             if advanced:
                 torch._foreach_add_(advanced, 1)  # one call instead of a tensor op per param
             if batch:
                 for param, p, gs, (m, v), t, counter in self._fused_batch(batch, hp, skip):
                     self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, None)
+            if together:
+                self._grouped_steps(together, hp, skip)
         return loss
+
+    _update_group = staticmethod(adamp_update_group)
+
+    @staticmethod
+    def _core_state(t: Any, bufs: tuple[Any, ...]) -> AdamPState:
+        return AdamPState(t, *bufs)
+
+    def _entry_step(self, entry: tuple[Any, ...], hp: Any, skip: bool) -> None:
+        param, p, g, (m, v), t, counter = entry
+        self._array_api_step(param, p, g, m, v, t, hp, skip, counter, None)
 
     def _array_api_step(
         self, param: Any, p: Any, g: Any, m: Any, v: Any, t: Any, hp: Any, skip: bool, counter: Any, rows: Any

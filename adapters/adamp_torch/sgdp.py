@@ -8,6 +8,7 @@ from typing import Any
 import torch
 
 from adamp_core import fused as _fused
+from adamp_core.grouped import sgdp_update_group
 from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
 from adamp_core.sgdp import SGDPState, sgdp_update
 
@@ -55,6 +56,8 @@ class SGDP(ProjectedOptimizer):
             NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
         fused: the fused CPU kernels of :mod:`adamp_core.fused` where they apply, as in
             :class:`adamp_torch.AdamP`.
+        foreach: the multi-tensor step of :mod:`adamp_core.grouped` for the rest, as in
+            :class:`adamp_torch.AdamP`.
 
     State per param: ``momentum``, as adamp 0.3.0 names it.
     """
@@ -79,6 +82,7 @@ class SGDP(ProjectedOptimizer):
         state_dtype: torch.dtype | str | None = None,
         skip_nonfinite: bool = False,
         fused: bool | None = None,
+        foreach: bool | None = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -93,6 +97,7 @@ class SGDP(ProjectedOptimizer):
             state_dtype=normalize_state_dtype(state_dtype),
             skip_nonfinite=skip_nonfinite,
             fused=fused,
+            foreach=foreach,
         )
         # lr may be left to the param groups (adamp 0.3.0 uses torch's `required` too).
         self._check_hyper({**defaults, "lr": 0.0} if lr is required else defaults)
@@ -144,8 +149,9 @@ class SGDP(ProjectedOptimizer):
             bufs: list[torch.Tensor] = []
             self._init_group(group, params, grads, bufs)
             maximize, skip = group["maximize"], group["skip_nonfinite"]
-            use_fused = self._fused_group(group)
+            use_fused, use_foreach = self._fused_group(group), self._foreach_group(group)
             batch: list[tuple[Any, ...]] = []  # small fusable tensors: one kernel call for all of them
+            together: list[tuple[Any, ...]] = []  # the rest: the multi-tensor array-API step
             for p, g, b in zip(params, grads, bufs, strict=True):
                 counter = self._skip_counter(p) if skip else None
                 # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
@@ -157,11 +163,26 @@ class SGDP(ProjectedOptimizer):
                         continue
                     if self._fused_step(param, p, gs, b, hp, skip, counter):
                         continue
+                if use_foreach and rows is None:
+                    together.append((param, p, gs, (b,), None, counter))
+                    continue
                 self._array_api_step(param, p, gs, b, hp, skip, counter, rows)
             if batch:
                 for param, p, gs, (b,), _, counter in self._fused_batch(batch, hp, skip):
                     self._array_api_step(param, p, gs, b, hp, skip, counter, None)
+            if together:
+                self._grouped_steps(together, hp, skip)
         return loss
+
+    _update_group = staticmethod(sgdp_update_group)
+
+    @staticmethod
+    def _core_state(t: Any, bufs: tuple[Any, ...]) -> SGDPState:
+        return SGDPState(*bufs)
+
+    def _entry_step(self, entry: tuple[Any, ...], hp: Any, skip: bool) -> None:
+        param, p, g, (b,), _, counter = entry
+        self._array_api_step(param, p, g, b, hp, skip, counter, None)
 
     def _array_api_step(self, param: Any, p: Any, g: Any, b: Any, hp: Any, skip: bool, counter: Any, rows: Any) -> None:
         """The step of ``p`` by :func:`adamp_core.sgdp.sgdp_update`, written back in place."""

@@ -156,9 +156,14 @@ _ADAPTERS = {
     "adamp_torch.SGDP": ("adamp_torch", "sgdp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
     "adamp_array.AdamP": ("adamp_array", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
     "adamp_array.SGDP": ("adamp_array", "sgdp", {"cpu": "numpy", "cuda": "cupy"}),
-    # The array-API step the fused CPU kernels replace (on a GPU both rows run it): issue 7's "before".
-    "adamp_torch.AdamP(fused=False)": ("adamp_torch-unfused", "adamp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
-    "adamp_array.AdamP(fused=False)": ("adamp_array-unfused", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
+    # The per-tensor array-API step (issue 7's "before"), and the multi-tensor one that a GPU runs by
+    # default, forced on the CPU.
+    "adamp_torch.AdamP(fused=False,foreach=False)": (
+        "adamp_torch-unfused", "adamp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}
+    ),
+    "adamp_array.AdamP(fused=False,foreach=False)": ("adamp_array-unfused", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
+    "adamp_torch.AdamP(fused=False)": ("adamp_torch-foreach", "adamp", {"cpu": "torch:cpu", "cuda": "torch:cuda"}),
+    "adamp_array.AdamP(fused=False)": ("adamp_array-foreach", "adamp", {"cpu": "numpy", "cuda": "cupy"}),
     "adamp_optax.adamp": ("adamp_optax+jit", "adamp", {"cpu": "jax:cpu", "cuda": "jax:gpu"}),
     "adamp_optax.sgdp": ("adamp_optax+jit", "sgdp", {"cpu": "jax:cpu", "cuda": "jax:gpu"}),
 }
