@@ -2,10 +2,11 @@ r"""AdamP/SGDP on many tensors at once: one set of array operations per group of
 row length (the multi-tensor path, for GPUs; Heo et al., ICLR 2021, Algorithms 1 and 2 unchanged).
 
 A step of :func:`adamp_core.adamp_step` is a few dozen array operations whatever the tensor's size, so a
-model of hundreds of tensors is launch-bound on a GPU. Here the channel views ``(C_i, L)`` of ``k``
-tensors with the same row length ``L`` (same dtypes and device) are concatenated into one ``(R, L)``
-array, :math:`R = \sum_i C_i`, and the unchanged :func:`adamp_core.adamp.adamp_update` /
-:func:`adamp_core.sgdp.sgdp_update` runs once on it with a :class:`SegmentRows` layout:
+model of hundreds of tensors is launch-bound on a GPU. Here the channel views ``(C_i, L_i)`` of ``k``
+tensors (same dtypes and device) are concatenated into one ``(R, L)`` array, :math:`R = \sum_i C_i`,
+:math:`L = \max_i L_i`, shorter rows padded with zeros, and the unchanged
+:func:`adamp_core.adamp.adamp_update` / :func:`adamp_core.sgdp.sgdp_update` runs once on it with a
+:class:`SegmentRows` layout:
 
 - per-row statistics (:math:`w_r\cdot g_r`, :math:`\lVert w_r\rVert^2`, ...) never leave their row;
 - every reduction over a tensor's rows (the layer view's sums, the max row cosine, the min row scale)
@@ -13,14 +14,18 @@ array, :math:`R = \sum_i C_i`, and the unchanged :func:`adamp_core.adamp.adamp_u
   reduction's identity (0, :math:`-\infty`, :math:`+\infty`), reduced along axis 1, and each tensor's
   result is put back on each of its rows, so the decision (channel view, layer view, neither) and
   ``wd_ratio`` are taken per tensor exactly as alone;
-- the thresholds :math:`\delta/\sqrt{L}` and :math:`\delta/\sqrt{C_i L}` and the step counts
-  (bias corrections) are per row.
+- the thresholds :math:`\delta/\sqrt{L_i}` and :math:`\delta/\sqrt{C_i L_i}` and the step counts
+  (bias corrections) are per row;
+- zero padding changes nothing: a zero weight, grad and state entry adds 0 to every row sum and to no
+  row maximum, its update is :math:`0/(0+\epsilon) = 0` (SGDP: 0), and it is dropped from the result.
 
-1-d tensors (never projected) of equal length form groups of their own, one row each. The results are
-the per-tensor step's up to the order of the layer-view sums (float64 within 1e-12, float32 within
-1e-5, tested); everything stays sync-free. The concatenation costs a copy of params, grads and state,
-so a group holds at most :data:`GROUP_MAX_ELEMENTS` elements (a tensor above it is stepped alone), which
-bounds the step's extra memory whatever the model's size.
+1-d tensors (never projected) form groups of their own, one row each. :func:`group_indices` groups
+tensors whose row lengths round up to the same bucket (at most 1/8 padding: 8 buckets per power of two),
+so models with many different small shapes still take few groups. The results are the per-tensor step's
+up to the order of the row and layer sums (float64 within 1e-12, float32 within 1e-5, tested);
+everything stays sync-free. The concatenation costs a copy of params, grads and state, so a group holds
+at most :data:`GROUP_MAX_ELEMENTS` elements (a tensor above it is stepped alone), which bounds the step's
+extra memory whatever the model's size.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ __all__ = [
     "SegmentRows",
     "adamp_update_group",
     "group_indices",
+    "row_bucket",
     "sgdp_update_group",
 ]
 
@@ -58,41 +64,55 @@ def _layout(shape: tuple[int, ...]) -> tuple[int, int]:
     return shape[0], math.prod(shape[1:])
 
 
+def row_bucket(length: int) -> int:
+    """The padded row length of a group: ``length`` rounded up to a multiple of 1/8 of its power of two
+    (below 16, itself), so padding adds less than 1/8."""
+    unit = 1 << max(0, length.bit_length() - 4)
+    return -(-length // unit) * unit
+
+
 def group_indices(keys: Sequence[Any], shapes: Sequence[tuple[int, ...]], max_elements: int = GROUP_MAX_ELEMENTS,
                   max_tensor_elements: int | None = None) -> list[list[int]]:
     """Indices of the tensors to step together, in order of first appearance: tensors with equal
-    ``keys[i]`` (whatever else must agree: dtypes, device), equal row length and both projected
-    (``ndim > 1``) or both not, up to ``max_elements`` elements per group. Empty tensors and tensors
-    above ``max_elements`` (or ``max_tensor_elements``: :data:`HOST_TENSOR_MAX_ELEMENTS` on a CPU) get
-    groups of one."""
+    ``keys[i]`` (whatever else must agree: dtypes, device), row lengths in the same :func:`row_bucket`
+    and both projected (``ndim > 1``) or both not, up to ``max_elements`` (padded) elements per group.
+    Empty tensors and tensors above ``max_elements`` (or ``max_tensor_elements``:
+    :data:`HOST_TENSOR_MAX_ELEMENTS` on a CPU) get groups of one."""
     largest = max_elements if max_tensor_elements is None else min(max_elements, max_tensor_elements)
     groups: dict[Any, list[list[int]]] = {}
+    filled: dict[int, int] = {}  # id of an open group -> its padded size
     order: list[list[int]] = []
     for i, (key, shape) in enumerate(zip(keys, shapes, strict=True)):
-        size = math.prod(shape)
-        if size == 0 or size > largest:
+        rows, length = _layout(shape)
+        bucket = row_bucket(length)
+        size = rows * bucket
+        if rows * length == 0 or size > largest:
             order.append([i])
             continue
-        k = (key, len(shape) > 1, _layout(shape)[1])
+        k = (key, len(shape) > 1, bucket)
         open_ = groups.setdefault(k, [])
-        if open_ and sum(math.prod(shapes[j]) for j in open_[-1]) + size <= max_elements:
+        if open_ and filled[id(open_[-1])] + size <= max_elements:
             open_[-1].append(i)
+            filled[id(open_[-1])] += size
         else:
             open_.append([i])
             order.append(open_[-1])
+            filled[id(open_[-1])] = size
     return order
 
 
 class SegmentRows(RowReduce):
     """Layout of a group: the rows of ``k`` tensors concatenated, tensor ``i`` owning ``counts[i]``
-    consecutive rows of length ``row_length``. Each reduction takes per-row arrays ``(R,)`` and returns
-    per-row arrays ``(R,)`` holding the result of the row's own tensor (a segment reduction, broadcast
-    back), so :func:`adamp_core.projection.project_update` decides each tensor on its own."""
+    consecutive rows of ``lengths[i]`` entries, padded with zeros to ``row_length`` (the longest).
+    Each reduction takes per-row arrays ``(R,)`` and returns per-row arrays ``(R,)`` holding the result
+    of the row's own tensor (a segment reduction, broadcast back), so
+    :func:`adamp_core.projection.project_update` decides each tensor on its own."""
 
-    def __init__(self, xp: Any, counts: Sequence[int], row_length: int, dev: Any, project: bool) -> None:
+    def __init__(self, xp: Any, counts: Sequence[int], lengths: Sequence[int], dev: Any, project: bool) -> None:
         super().__init__(None)
         self.counts = tuple(int(c) for c in counts)
-        self.row_length = int(row_length)
+        self.lengths = tuple(int(n) for n in lengths)
+        self.row_length = max(self.lengths)
         self.project = bool(project)
         self.n_rows = sum(self.counts)
         k, width = len(self.counts), max(self.counts)
@@ -109,19 +129,28 @@ class SegmentRows(RowReduce):
             self._gather = xp.asarray(gather, dtype=xp.int32, device=dev)
             self._seg = xp.asarray(seg, dtype=xp.int32, device=dev)
         self._width = width
-        self._sizes = [math.sqrt(c * self.row_length) for c in self.counts]  # sqrt(size_i) as the lone step
+        # sqrt(row length) and sqrt(size) of each tensor, as the lone step computes them
+        self._sqrt_lengths = [math.sqrt(n) for n in self.lengths]
+        self._sqrt_sizes = [math.sqrt(c * n) for c, n in zip(self.counts, self.lengths, strict=True)]
         self._dev = dev
 
     def projects(self, ndim: int) -> bool:
         return self.project
 
     def thresholds(self, xp: Any, w: Any, delta: Any, dtype: Any) -> tuple[Any, Any]:
-        thr_c = delta / math.sqrt(self.row_length)
-        if isinstance(delta, numbers.Real):  # the lone step's Python-float thresholds, rounded once
-            per_tensor = xp.asarray([delta / s for s in self._sizes], dtype=dtype, device=self._dev)
+        if len(set(self.lengths)) == 1:
+            thr_c = delta / self._sqrt_lengths[0]
         else:
-            per_tensor = delta / xp.asarray(self._sizes, dtype=dtype, device=self._dev)
-        return thr_c, self.spread(xp, per_tensor)
+            thr_c = self._per_row_ratio(xp, delta, self._sqrt_lengths, dtype)
+        return thr_c, self._per_row_ratio(xp, delta, self._sqrt_sizes, dtype)
+
+    def _per_row_ratio(self, xp: Any, delta: Any, roots: list[float], dtype: Any) -> Any:
+        """``delta / roots[i]`` on every row of tensor ``i``, rounded as the lone step rounds it."""
+        if isinstance(delta, numbers.Real):  # Python-float maths, rounded once to the dtype
+            per_tensor = xp.asarray([delta / r for r in roots], dtype=dtype, device=self._dev)
+        else:
+            per_tensor = delta / xp.asarray(roots, dtype=dtype, device=self._dev)
+        return self.spread(xp, per_tensor)
 
     def spread(self, xp: Any, per_tensor: Any) -> Any:
         """``(k,)`` values, one per tensor, put on each of the tensor's rows: ``(R,)``."""
@@ -172,26 +201,35 @@ class _Group(NamedTuple):
 
 
 def _concat(xp: Any, group: _Group, arrays: Sequence[Any]) -> Any:
-    """The group's arrays as one ``(R, L)`` array (a copy)."""
-    L = group.rows.row_length
-    return xp.concat([xp.reshape(a, (c, L)) for a, c in zip(arrays, group.rows.counts, strict=True)], axis=0)
+    """The group's arrays as one ``(R, L)`` array (a copy), short rows padded with zeros."""
+    rows = group.rows
+    L, pad = rows.row_length, None
+    parts = []
+    for a, c, n in zip(arrays, rows.counts, rows.lengths, strict=True):
+        a = xp.reshape(a, (c, n))
+        if n < L:
+            if pad is None:  # one block of zeros, sliced for every short tensor
+                pad = xp.zeros((max(rows.counts), L - min(rows.lengths)), dtype=a.dtype, device=device(a))
+            a = xp.concat([a, pad[:c, : L - n]], axis=1)
+        parts.append(a)
+    return xp.concat(parts, axis=0)
 
 
 def _split(xp: Any, group: _Group, x: Any) -> list[Any]:
-    """The ``(R, L)`` result as one array per tensor (views where the backend has them)."""
-    return [xp.reshape(x[s: s + c, ...], shape)
-            for s, c, shape in zip(group.rows.starts(), group.rows.counts, group.shapes, strict=True)]
+    """The ``(R, L)`` result as one array per tensor, padding dropped (views where the backend has them)."""
+    rows = group.rows
+    return [xp.reshape(x[s: s + c, :n], shape)
+            for s, c, n, shape in zip(rows.starts(), rows.counts, rows.lengths, group.shapes, strict=True)]
 
 
 def _plan(xp: Any, params: Sequence[Any]) -> _Group:
     shapes = [tuple(p.shape) for p in params]
     layouts = [_layout(s) for s in shapes]
-    lengths = {L for _, L in layouts}
     projected = {len(s) > 1 for s in shapes}
-    if len(lengths) != 1 or len(projected) != 1 or any(math.prod(s) == 0 for s in shapes):
-        raise ValueError(f"Invalid group: shapes {shapes} (expected non-empty tensors of one row length, "
-                         "all 1-d or all with ndim > 1; see group_indices)")
-    rows = SegmentRows(xp, [c for c, _ in layouts], lengths.pop(), device(params[0]), projected.pop())
+    if len(projected) != 1 or any(math.prod(s) == 0 for s in shapes):
+        raise ValueError(f"Invalid group: shapes {shapes} (expected non-empty tensors, all 1-d or all with "
+                         "ndim > 1; see group_indices)")
+    rows = SegmentRows(xp, [c for c, _ in layouts], [n for _, n in layouts], device(params[0]), projected.pop())
     return _Group(rows, shapes)
 
 

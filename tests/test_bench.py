@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from adamp_core.bench import register
-from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, QUICK_SKIP_IMPLS, _settings, extra_peak_bytes
+from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, QUICK_SKIP_IMPLS, _settings, extra_peak_bytes, torch_ops
 from adamp_core.bench.runners import (
     HYPERPARAMS,
     IMPLS,
@@ -467,3 +467,24 @@ def _fused_available() -> bool:
     from adamp_core import fused
 
     return fused.AVAILABLE
+
+
+def test_torch_ops_counts_kernels_and_the_grouped_step_needs_fewer():
+    """The op counter counts kernels, not views; and the multi-tensor step of adamp_torch dispatches far
+    fewer of them than the per-tensor step on ResNet-50's shapes (what makes it the GPU path)."""
+    torch = pytest.importorskip("torch")
+    x = torch.ones(4, 4)
+
+    def three():
+        x.view(16), x.t(), x[1:]  # views: no kernel
+        y = (x + 1) * 2
+        torch._foreach_mul_([x, y], 1.0)  # a foreach call counts once
+
+    assert torch_ops(three) == 3
+    cache = GradCache(get_workload("resnet50", 0.01))
+    counts = {}
+    for impl in ("adamp_torch-unfused", "adamp_torch-foreach"):
+        runner = build_runner(impl, "adamp", "torch:cpu", cache)
+        runner.step()
+        counts[impl] = torch_ops(runner.step)
+    assert counts["adamp_torch-foreach"] < counts["adamp_torch-unfused"] / 2, counts

@@ -15,6 +15,7 @@ from adamp_core.grouped import (
     SegmentRows,
     adamp_update_group,
     group_indices,
+    row_bucket,
     sgdp_update_group,
 )
 from adamp_core.hyperparams import check_adamp, check_sgdp
@@ -23,8 +24,9 @@ from adamp_core.sgdp import SGDPState, sgdp_update
 
 TOL = {"float64": 1e-12, "float32": 1e-5}
 # One row length (6) with unequal row counts (the gather path), one with equal counts (the reshape
-# path), a 1-d group of equal lengths, and loners.
-SHAPES = [(4, 6), (3, 2, 3), (5, 6), (1, 6), (2, 4), (2, 2, 2), (2, 4), (6,), (6,), (7,), (3, 5)]
+# path), a 1-d group of equal lengths, row lengths 37, 38 and 40 padded to 40 (2-d and 1-d), and loners.
+SHAPES = [(4, 6), (3, 2, 3), (5, 6), (1, 6), (2, 4), (2, 2, 2), (2, 4), (6,), (6,), (7,), (3, 5),
+          (2, 40), (3, 37), (38,), (2, 2, 19), (40,)]
 STEPS = 9
 
 
@@ -199,6 +201,9 @@ def test_group_indices():
     assert group_indices(keys, shapes, max_elements=70) == [[0, 2, 4], [1, 5], [3], [6], [7], [8]]
     # The cap splits a group in order of appearance.
     assert group_indices(["a"] * 3, [(4, 6)] * 3, max_elements=48) == [[0, 1], [2]]
+    # Row lengths 37 and 40 share the bucket 40 (padding < 1/8), 1-d and 2-d apart; 33 is in bucket 36.
+    assert group_indices([0] * 5, [(2, 40), (3, 37), (37,), (2, 33), (40,)]) == [[0, 1], [2, 4], [3]]
+    assert [row_bucket(n) for n in (1, 15, 16, 17, 33, 37, 40, 1000, 1025)] == [1, 15, 16, 18, 36, 40, 40, 1024, 1152]
     # A per-tensor cap (the CPU's) leaves the larger tensors alone but still groups the small ones.
     assert group_indices(["a"] * 4, [(4, 6), (100, 6), (2, 6), (7,)], max_tensor_elements=50) == [[0, 2], [1], [3]]
     assert GROUP_MAX_ELEMENTS >= 1 << 20 and HOST_TENSOR_MAX_ELEMENTS <= GROUP_MAX_ELEMENTS
@@ -208,8 +213,8 @@ def test_group_of_mismatched_tensors_is_refused():
     import array_api_compat.numpy as xp
 
     hp = _hyper("sgdp", False)
-    ws = [np.ones((2, 3)), np.ones((2, 4))]
-    with pytest.raises(ValueError, match=r"Invalid group: shapes \[\(2, 3\), \(2, 4\)\]"):
+    ws = [np.ones((2, 3)), np.ones((3,))]
+    with pytest.raises(ValueError, match=r"Invalid group: shapes \[\(2, 3\), \(3,\)\]"):
         sgdp_update_group(xp, ws, ws, [SGDPState(np.zeros_like(w)) for w in ws], hp)
 
 
@@ -220,7 +225,7 @@ def test_segment_reductions_against_numpy():
 
     rng = np.random.default_rng(0)
     for counts in [(3, 1, 4), (2, 2, 2)]:
-        rows = SegmentRows(xp, counts, 5, None, True)
+        rows = SegmentRows(xp, counts, [5] * len(counts), None, True)
         x, y = rng.standard_normal(sum(counts)), rng.standard_normal(sum(counts))
         bounds = np.cumsum((0,) + counts)
         for op, ref in [(rows.sum, np.sum), (rows.max, np.max), (rows.min, np.min)]:

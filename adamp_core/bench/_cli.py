@@ -38,7 +38,7 @@ from .runners import (
 )
 from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 
-__all__ = ["add_arguments", "extra_peak_bytes", "run"]
+__all__ = ["add_arguments", "extra_peak_bytes", "run", "torch_ops"]
 
 QUICK_SCALE = 0.05
 # --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
@@ -336,6 +336,32 @@ def extra_peak_bytes(step: Any, sync: Any, backend: str) -> int | None:
     return None if peak is None else max(0, peak - before)
 
 
+# torch ops that only make a new view of existing memory: no kernel runs for them.
+_VIEW_OPS = frozenset(
+    "view _unsafe_view reshape slice select expand permute transpose t unsqueeze squeeze alias as_strided detach"
+    " unbind split split_with_sizes lift_fresh".split()
+)
+
+
+def torch_ops(step: Any) -> int:
+    """How many torch operators that run a kernel (views left out) one call of ``step`` dispatches: on a
+    GPU, about the kernel launches of a step, which bound a launch-bound step's time from below. A
+    ``torch._foreach_*`` call counts once."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class _Count(TorchDispatchMode):
+        n = 0
+
+        def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+            if func.overloadpacket.__name__ not in _VIEW_OPS:
+                _Count.n += 1
+            return func(*args, **(kwargs or {}))
+
+    with _Count():
+        step()
+    return _Count.n
+
+
 def measure(
     rows: list[tuple[str, str]],
     optimizer: str,
@@ -455,6 +481,9 @@ def measure(
                 extra = None
             if extra is not None:
                 results[row].update(extra_peak_bytes=extra, extra_peak_x_params=extra / param_bytes)
+            if row[1].startswith("torch"):  # kernels per step: what bounds a launch-bound GPU step
+                results[row]["torch_ops"] = torch_ops(runners[row].step)
+                runners[row].sync()
     runners.clear()
     gc.collect()
     for row in live:
@@ -509,6 +538,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
     mem = any("extra_peak_bytes" in r for r in ran)
     if mem:
         head.append("extra MiB (x params)")
+    ops = any("torch_ops" in r for r in ran)
+    if ops:
+        head.append("torch ops")
     body = []
     for r in ran:
         cells = [
@@ -525,6 +557,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
         if mem:
             extra = r.get("extra_peak_bytes")
             cells.append("-" if extra is None else f"{extra / 2**20:.1f} ({r['extra_peak_x_params']:.2f})")
+        if ops:
+            cells.append(f"{r['torch_ops']:,}" if "torch_ops" in r else "-")
         body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
     right = set(range(2, len(head)))

@@ -12,6 +12,7 @@ momentum 0.9, weight decay 1e-4.
 * ``time_step``: one optimizer step, synchronized.
 * ``peakmem_step``: the process's peak host memory (workload data, optimizer state, step temporaries).
 * ``track_peak_gpu_memory``: peak device memory of one step (GPU backends only; bytes).
+* ``track_torch_ops``: torch operators with a kernel that one step of a torch adapter dispatches.
 """
 
 from __future__ import annotations
@@ -184,6 +185,23 @@ class AdapterSetup(Benchmark):
 
 class Adapter(_Step, AdapterSetup):
     pass
+
+
+class AdapterOps(AdapterSetup):
+    """Kernels a torch adapter's step dispatches (``adamp_core.bench._cli.torch_ops``): on a GPU the
+    launches that bound a launch-bound step, e.g. the multi-tensor step against the per-tensor one."""
+
+    def setup(self, device: str, workload: str, adapter: str) -> None:
+        if not _ADAPTERS[adapter][0].startswith("adamp_torch"):
+            raise NotImplementedError("torch ops: not a torch adapter")
+        super().setup(device, workload, adapter)
+
+    def track_torch_ops(self, *params: Any) -> int:
+        from adamp_core.bench._cli import torch_ops
+
+        return torch_ops(self.runner.step)
+
+    track_torch_ops.unit = "ops"
 
 
 class AdapterGPUMemory(_GPUMemory, AdapterSetup):
