@@ -35,7 +35,7 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._common import is_python_int
+from ._common import finite_flag, is_python_int, keep_if_finite
 from .adamp import AdamPState, adamp_update
 from .arrays import device
 from .projection import RowReduce
@@ -256,16 +256,29 @@ def _new_steps(xp: Any, steps: Sequence[Any], t: Any, ok: Any) -> list[Any]:
     return [xp.astype(new[i, ...], s.dtype, copy=False) for i, s in enumerate(steps)]
 
 
+def _alone(xp: Any, update: Any, p: Any, g: Any, s: Any, hp: Any, skip: bool) -> tuple[list[Any], list[Any], Any]:
+    """A group of one tensor: the plain step, without the concatenation's copies."""
+    new_p, new_s = update(xp, p, g, s, hp)
+    if not skip:
+        return [new_p], [new_s], None
+    ok = finite_flag(xp, g)
+    new_p, new_s = keep_if_finite(xp, ok, new_p, new_s, p, s)
+    return [new_p], [new_s], xp.reshape(ok, (1,))
+
+
 def adamp_update_group(
     xp: Any, params: Sequence[Any], grads: Sequence[Any], states: Sequence[AdamPState], hp: Any,
     skip_nonfinite: bool = False,
 ) -> tuple[list[Any], list[AdamPState], Any]:
     """:func:`adamp_core.adamp.adamp_update` of every tensor of one group (see :func:`group_indices`:
-    equal row length, dtypes and device), computed together; no checks (callers validated everything).
+    one dtype, state dtypes and device, all 1-d or all with ``ndim > 1``), computed together; no checks
+    (callers validated everything). A group of one takes the plain step.
 
     Returns ``(new_params, new_states, ok)``: ``ok`` is None, or with ``skip_nonfinite`` a ``(k,)`` bool
     array, false for a tensor whose grad has a non-finite entry (that tensor and its state are returned
     as they were; its step count does not advance)."""
+    if len(params) == 1:
+        return _alone(xp, adamp_update, params[0], grads[0], states[0], hp, skip_nonfinite)
     group = _plan(xp, params)
     dev = device(params[0])
     w, g = _concat(xp, group, params), _concat(xp, group, grads)
@@ -289,6 +302,8 @@ def sgdp_update_group(
 ) -> tuple[list[Any], list[SGDPState], Any]:
     """:func:`adamp_core.sgdp.sgdp_update` of every tensor of one group, computed together; returns
     ``(new_params, new_states, ok)`` as :func:`adamp_update_group` does."""
+    if len(params) == 1:
+        return _alone(xp, sgdp_update, params[0], grads[0], states[0], hp, skip_nonfinite)
     group = _plan(xp, params)
     w, g = _concat(xp, group, params), _concat(xp, group, grads)
     b = _concat(xp, group, [s.momentum for s in states])

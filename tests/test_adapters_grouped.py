@@ -230,3 +230,56 @@ def test_foreach_option_is_checked():
     for cls in (adamp_array.AdamP, adamp_array.SGDP):
         with pytest.raises(TypeError, match=r"Invalid foreach value: 'yes'"):
             cls([np.ones(3)], lr=0.1, foreach="yes")
+
+
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_optax_foreach_equals_per_leaf_step_under_jit(optimizer, monkeypatch):
+    """adamp_optax under jax.jit: foreach=True (leaves stepped together) against the default (one step per
+    leaf), with a schedule, skip_nonfinite (per-leaf skip counts) and a dict of mixed shapes; both trace
+    once."""
+    jax = pytest.importorskip("jax")
+    optax = pytest.importorskip("optax")
+    import jax.numpy as jnp
+
+    import adamp_optax
+
+    rng = np.random.default_rng(6)
+    names = [f"p{i}" for i in range(len(SHAPES))]
+    params = {n: jnp.asarray(rng.standard_normal(s), jnp.float32) for n, s in zip(names, SHAPES, strict=True)}
+    schedule = optax.linear_schedule(1e-2, 1e-3, 10)
+    kw = dict(weight_decay=1e-2, skip_nonfinite=True)
+    if optimizer == "sgdp":
+        kw.update(momentum=0.9, nesterov=True)
+    make = getattr(adamp_optax, optimizer)
+    sizes: list[int] = []  # group sizes seen while tracing
+    real = getattr(grouped, f"{optimizer}_update_group")
+    monkeypatch.setattr(adamp_optax, f"{optimizer}_update_group",
+                        lambda xp, ps, *a, **k: sizes.append(len(ps)) or real(xp, ps, *a, **k))
+    txs = [make(schedule, foreach=f, **kw) for f in (True, None)]
+    traces = [0, 0]
+    runs = []
+    for j, tx in enumerate(txs):
+
+        def step(p, s, g, tx=tx, j=j):
+            traces[j] += 1
+            u, s = tx.update(g, s, p)
+            return optax.apply_updates(p, u), s
+
+        runs.append([jax.jit(step), dict(params), tx.init(params)])
+    for t in range(5):
+        gs = _grads(rng, SHAPES, t)
+        _orthogonalize([np.asarray(runs[1][1][n]) for n in names], gs, t)
+        grads = {n: jnp.asarray(g, jnp.float32) for n, g in zip(names, gs, strict=True)}
+        for run in runs:
+            run[1], run[2] = run[0](run[1], run[2], grads)
+        for n in names:
+            assert _rel(np.asarray(runs[0][1][n]), np.asarray(runs[1][1][n])) <= 1e-5, f"step {t}: {n}"
+    assert traces == [1, 1]
+    assert sorted(s for s in sizes if s > 1) == [2, 3, 3]  # row lengths 6 (x3), 27 (x2), 1-d length 5 (x3)
+    skips = [jax.tree.map(int, run[2].nonfinite_skips) for run in runs]
+    assert skips[0] == skips[1] and skips[0]["p1"] == 1
+    if optimizer == "adamp":  # a skipped leaf's step count does not advance
+        steps = [{n: int(s.step) for n, s in run[2].states.items()} for run in runs]
+        assert steps[0] == steps[1] and steps[0]["p1"] == 4
+    with pytest.raises(TypeError, match=r"Invalid foreach value: 'yes'"):
+        make(0.1, foreach="yes")

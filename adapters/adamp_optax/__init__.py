@@ -33,7 +33,11 @@ import jax.numpy as jnp
 import optax
 
 import adamp_core as ac
+from adamp_core.adamp import check_adamp_state
+from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
+from adamp_core.grouped import HOST_TENSOR_MAX_ELEMENTS, adamp_update_group, group_indices, sgdp_update_group
 from adamp_core.hyperparams import _flag
+from adamp_core.sgdp import check_sgdp_state
 
 __all__ = ["ScaleByAdamPState", "ScaleBySGDPState", "adamp", "sgdp"]
 
@@ -62,6 +66,12 @@ _NO_PARAMS = (
 )
 
 
+def _foreach(value: Any) -> bool | None:
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid foreach value: {value!r} (expected None, True or False)")
+    return value
+
+
 def _check_learning_rate(learning_rate: Any) -> None:
     if callable(learning_rate):
         return
@@ -84,6 +94,50 @@ def _flatten_like(treedef: Any, tree: Any, what: str, updates: Any) -> list[Any]
         raise ValueError(f"{what} must have the structure of the gradients: {exc}") from None
 
 
+class _Grouped(NamedTuple):
+    """What the multi-tensor path of a transformation needs (``foreach``)."""
+
+    check_hp: Callable[[Any], Any]  # learning rate -> checked hyperparameters
+    check_state: Callable[[Any, Any], None]
+    update_group: Callable[..., Any]  # adamp_core.grouped.adamp_update_group / sgdp_update_group
+
+
+def _check_leaf(grouped: _Grouped, p: Any, g: Any, s: Any, lr: Any) -> Any:
+    """The checks of the per-leaf step (adamp_core.adamp_step / sgdp_step), in its order, without the
+    update; returns the checked hyperparameters."""
+    hp = grouped.check_hp(lr)
+    check_array(p)
+    check_grad(p, g)
+    check_hyper_arrays(p, hp)
+    grouped.check_state(p, s)
+    return hp
+
+
+def _step_groups(grouped: _Grouped, paths: list[Any], grads: list[Any], params: list[Any], states: list[Any],
+                 lr: Any, skip: bool) -> tuple[list[Any], list[Any], list[Any]]:
+    """Every leaf checked first (naming a bad one), then stepped with :mod:`adamp_core.grouped`: leaves of
+    one dtype and state dtypes whose row lengths share a bucket go together (on a CPU backend only those
+    below HOST_TENSOR_MAX_ELEMENTS, whose step is not bandwidth-bound). Returns the new params, the new
+    states and, with ``skip``, the per-leaf "grad was finite" flags."""
+    hps = []
+    for path, p, g, s in zip(paths, params, grads, states, strict=True):
+        try:
+            hps.append(_check_leaf(grouped, p, g, s, lr))
+        except (TypeError, ValueError) as exc:  # name the leaf; nothing has run
+            raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
+    n = len(params)
+    new_p, new_s, ok = [None] * n, [None] * n, [None] * n
+    keys = [(p.dtype, tuple(x.dtype for x in s)) for p, s in zip(params, states, strict=True)]
+    largest = HOST_TENSOR_MAX_ELEMENTS if jax.default_backend() == "cpu" else None
+    for idx in group_indices(keys, [tuple(p.shape) for p in params], max_tensor_elements=largest):
+        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
+        ps_new, ss_new, flags = grouped.update_group(check_array(ps[0]), ps, gs, ss, hps[idx[0]], skip)
+        for j, i in enumerate(idx):
+            new_p[i], new_s[i] = ps_new[j], ss_new[j]
+            ok[i] = None if flags is None else flags[j]
+    return new_p, new_s, ok
+
+
 def _transformation(
     name: str,
     learning_rate: Any,
@@ -91,6 +145,7 @@ def _transformation(
     step_leaf: Callable[[Any, Any, Any, Any], tuple[Any, Any]],
     state_cls: type,
     skip_nonfinite: bool,
+    grouped: _Grouped | None = None,
 ) -> optax.GradientTransformation:
     def init_one(path: Any, p: Any) -> Any:
         try:
@@ -118,16 +173,24 @@ def _transformation(
             _flatten_like(treedef, state.nonfinite_skips, "state.nonfinite_skips", updates) if skip_nonfinite else []
         )
         new_updates, new_states, new_skips = [], [], []
-        for i, ((path, g), p, s) in enumerate(zip(paths_grads, params_l, states_l, strict=True)):
-            try:
-                new_p, new_s = step_leaf(p, g, s, lr)
-            except (TypeError, ValueError) as exc:  # name the leaf; nothing has changed (pure functions)
-                raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
-            if skip_nonfinite:  # the core kept p and s for a non-finite g; count it (no sync)
-                new_skips.append(skips_l[i] + jnp.logical_not(ac.all_finite(g)).astype(jnp.int32))
-            # optax applies updates additively: p + (new_p - p) == new_p up to one rounding.
-            new_updates.append(new_p - p)
-            new_states.append(new_s)
+        if grouped is not None:  # foreach: leaves stepped together (adamp_core.grouped)
+            paths, grads = [path for path, _ in paths_grads], [g for _, g in paths_grads]
+            ps_new, new_states, oks = _step_groups(grouped, paths, grads, params_l, states_l, lr, skip_nonfinite)
+            for i, (p, new_p) in enumerate(zip(params_l, ps_new, strict=True)):
+                if skip_nonfinite:
+                    new_skips.append(skips_l[i] + jnp.logical_not(oks[i]).astype(jnp.int32))
+                new_updates.append(new_p - p)
+        else:  # foreach=False: one leaf at a time
+            for i, ((path, g), p, s) in enumerate(zip(paths_grads, params_l, states_l, strict=True)):
+                try:
+                    new_p, new_s = step_leaf(p, g, s, lr)
+                except (TypeError, ValueError) as exc:  # name the leaf; nothing has changed (pure functions)
+                    raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
+                if skip_nonfinite:  # the core kept p and s for a non-finite g; count it (no sync)
+                    new_skips.append(skips_l[i] + jnp.logical_not(ac.all_finite(g)).astype(jnp.int32))
+                # optax applies updates additively: p + (new_p - p) == new_p up to one rounding.
+                new_updates.append(new_p - p)
+                new_states.append(new_s)
         skips = treedef.unflatten(new_skips) if skip_nonfinite else None
         new_state = state_cls(optax.safe_increment(state.count), treedef.unflatten(new_states), skips)
         return treedef.unflatten(new_updates), new_state
@@ -147,6 +210,7 @@ def adamp(
     *,
     state_dtype: Any = None,
     skip_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> optax.GradientTransformation:
     r"""AdamP (paper Algorithm 2) as an optax transformation.
 
@@ -171,6 +235,14 @@ def adamp(
     ``adamp==0.3.0``). With ``skip_nonfinite=True`` a leaf whose gradient has a NaN/inf entry gets a
     zero update and keeps its state (its step count does not advance; ``count`` still does), and
     ``state.nonfinite_skips`` counts the skips per leaf; all of this under ``jax.jit``, without a sync.
+
+    ``foreach`` (keyword only): False or None (the default) steps each leaf with
+    :func:`adamp_core.adamp_step`, and XLA fuses each leaf's step. True steps leaves of one dtype whose
+    row lengths share a bucket together with :mod:`adamp_core.grouped` (on a CPU backend only leaves
+    below 65,536 elements). Measured on a 2-core CPU under ``jax.jit``: 400 small tensors compile in 53
+    instead of 124 s and step in 30 instead of 83 ms, but ResNet-50's shapes step in 312 instead of 210
+    ms, and 2,000 small tensors did not compile within 7 minutes (XLA and the thousands of padded
+    concatenations), so it is opt-in.
     """
     _check_learning_rate(learning_rate)
     hp = ac.check_adamp(
@@ -183,8 +255,13 @@ def adamp(
     def step_leaf(p: Any, g: Any, s: Any, lr: Any) -> tuple[Any, Any]:
         return ac.adamp_step(p, g, s, lr=lr, skip_nonfinite=skip, **kwargs)
 
+    def check_hp(lr: Any) -> Any:
+        return ac.check_adamp(lr, (b1, b2), eps, weight_decay, delta, wd_ratio, nesterov)
+
+    grouped = _Grouped(check_hp, check_adamp_state, adamp_update_group) if _foreach(foreach) else None
     return _transformation(
-        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState, skip
+        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState, skip,
+        grouped,
     )
 
 
@@ -200,6 +277,7 @@ def sgdp(
     *,
     state_dtype: Any = None,
     skip_nonfinite: bool = False,
+    foreach: bool | None = None,
 ) -> optax.GradientTransformation:
     r"""SGDP (paper Algorithm 1) as an optax transformation.
 
@@ -210,8 +288,8 @@ def sgdp(
 
     and ``update`` :math:`= w_{t+1} - w_t`. Arguments are those of ``adamp.SGDP`` (``learning_rate``
     for ``lr``, required); it may be an optax schedule. ``update`` requires ``params``. Without
-    nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``. ``skip_nonfinite``: as in
-    :func:`adamp`.
+    nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``. ``skip_nonfinite`` and
+    ``foreach``: as in :func:`adamp`.
     """
     _check_learning_rate(learning_rate)
     hp = ac.check_sgdp(
@@ -231,6 +309,11 @@ def sgdp(
     def step_leaf(p: Any, g: Any, s: Any, lr: Any) -> tuple[Any, Any]:
         return ac.sgdp_step(p, g, s, lr=lr, skip_nonfinite=skip, **kwargs)
 
+    def check_hp(lr: Any) -> Any:
+        return ac.check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
+
+    grouped = _Grouped(check_hp, check_sgdp_state, sgdp_update_group) if _foreach(foreach) else None
     return _transformation(
-        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState, skip
+        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState, skip,
+        grouped,
     )
