@@ -206,6 +206,9 @@ def test_group_indices():
     assert [row_bucket(n) for n in (1, 15, 16, 17, 33, 37, 40, 1000, 1025)] == [1, 15, 16, 18, 36, 40, 40, 1024, 1152]
     # A per-tensor cap (the CPU's) leaves the larger tensors alone but still groups the small ones.
     assert group_indices(["a"] * 4, [(4, 6), (100, 6), (2, 6), (7,)], max_tensor_elements=50) == [[0, 2], [1], [3]]
+    big = [(300, 300), (300, 300)]  # 90,000 elements each: grouped for a GPU, alone on a CPU
+    assert group_indices([0, 0], big) == [[0, 1]]
+    assert group_indices([0, 0], big, on_host=True) == [[0], [1]]
     assert GROUP_MAX_ELEMENTS >= 1 << 20 and HOST_TENSOR_MAX_ELEMENTS <= GROUP_MAX_ELEMENTS
 
 

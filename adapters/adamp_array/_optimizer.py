@@ -15,7 +15,7 @@ from array_api_compat import is_torch_array, is_writeable_array
 from adamp_core import fused as _fused
 from adamp_core._common import finite_flag
 from adamp_core.arrays import check_array, check_grad, check_hyper_arrays, device
-from adamp_core.grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
+from adamp_core.grouped import group_indices
 from adamp_core.hyperparams import _flag
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
@@ -323,8 +323,7 @@ class ArrayOptimizer:
             for gi, k, xp, p, _ in entries
         ]
         on_host = all("cpu" in str(device(e[3])).lower() for e in entries)  # numpy, torch, JAX, strict
-        largest = HOST_TENSOR_MAX_ELEMENTS if on_host else None  # a large CPU array's step is bandwidth-bound
-        for idx in group_indices(keys, [tuple(e[3].shape) for e in entries], max_tensor_elements=largest):
+        for idx in group_indices(keys, [tuple(e[3].shape) for e in entries], on_host=on_host):
             items = [entries[i] for i in idx]
             gi, xp = items[0][0], items[0][2]
             if len(items) == 1:

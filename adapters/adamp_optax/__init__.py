@@ -35,7 +35,7 @@ import optax
 import adamp_core as ac
 from adamp_core.adamp import check_adamp_state
 from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
-from adamp_core.grouped import HOST_TENSOR_MAX_ELEMENTS, adamp_update_group, group_indices, sgdp_update_group
+from adamp_core.grouped import adamp_update_group, group_indices, sgdp_update_group
 from adamp_core.hyperparams import _flag
 from adamp_core.sgdp import check_sgdp_state
 
@@ -117,8 +117,8 @@ def _step_groups(grouped: _Grouped, paths: list[Any], grads: list[Any], params: 
                  lr: Any, skip: bool) -> tuple[list[Any], list[Any], list[Any]]:
     """Every leaf checked first (naming a bad one), then stepped with :mod:`adamp_core.grouped`: leaves of
     one dtype and state dtypes whose row lengths share a bucket go together (on a CPU backend only those
-    below HOST_TENSOR_MAX_ELEMENTS, whose step is not bandwidth-bound). Returns the new params, the new
-    states and, with ``skip``, the per-leaf "grad was finite" flags."""
+    below ``HOST_TENSOR_MAX_ELEMENTS``, whose step is not bandwidth-bound). Returns the new params, the
+    new states and, with ``skip``, the per-leaf "grad was finite" flags."""
     hps = []
     for path, p, g, s in zip(paths, params, grads, states, strict=True):
         try:
@@ -128,8 +128,8 @@ def _step_groups(grouped: _Grouped, paths: list[Any], grads: list[Any], params: 
     n = len(params)
     new_p, new_s, ok = [None] * n, [None] * n, [None] * n
     keys = [(p.dtype, tuple(x.dtype for x in s)) for p, s in zip(params, states, strict=True)]
-    largest = HOST_TENSOR_MAX_ELEMENTS if jax.default_backend() == "cpu" else None
-    for idx in group_indices(keys, [tuple(p.shape) for p in params], max_tensor_elements=largest):
+    on_host = jax.default_backend() == "cpu"
+    for idx in group_indices(keys, [tuple(p.shape) for p in params], on_host=on_host):
         ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
         ps_new, ss_new, flags = grouped.update_group(check_array(ps[0]), ps, gs, ss, hps[idx[0]], skip)
         for j, i in enumerate(idx):

@@ -20,7 +20,7 @@ from adamp_core import fused as _fused
 from adamp_core._common import finite_flag, keep_if_finite
 from adamp_core.arrays import check_hyper_arrays
 from adamp_core.diagnostics import step_diagnostics
-from adamp_core.grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
+from adamp_core.grouped import group_indices
 
 __all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
 
@@ -253,9 +253,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         size), written back with one ``torch._foreach_copy_`` per array; a group of one takes the
         per-tensor step (no concatenation). No sync."""
         keys = [(e[1].dtype, e[1].device, tuple(s.dtype for s in e[3])) for e in entries]
-        on_cpu = all(e[1].device.type == "cpu" for e in entries)
-        largest = HOST_TENSOR_MAX_ELEMENTS if on_cpu else None  # a large CPU tensor's step is bandwidth-bound
-        for idx in group_indices(keys, [tuple(e[1].shape) for e in entries], max_tensor_elements=largest):
+        on_cpu = all(e[1].device.type == "cpu" for e in entries)  # a large CPU tensor's step is bandwidth-bound
+        for idx in group_indices(keys, [tuple(e[1].shape) for e in entries], on_host=on_cpu):
             items = [entries[i] for i in idx]
             if len(items) == 1:
                 self._entry_step(items[0], hp, skip)
