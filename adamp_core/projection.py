@@ -112,7 +112,7 @@ _LOCAL_ROWS = RowReduce()
 
 
 def projects(rows: RowReduce | None, ndim: int) -> bool:
-    """Whether a param of ``ndim`` laid out as ``rows`` says gets the test (static, no array read)."""
+    """Whether a param of ``ndim`` gets the test, as its layout ``rows`` says (static: no array is read)."""
     return (_LOCAL_ROWS if rows is None else rows).projects(ndim)
 
 
