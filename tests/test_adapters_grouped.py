@@ -36,6 +36,15 @@ def _rel(a, b):
     return float(np.max(np.abs(a - b), initial=0.0)) / max(float(np.max(np.abs(b), initial=0.0)), 1e-30)
 
 
+def _step_twins(params, opts, grads):
+    """Give both twin param lists the same grads, then step both optimizers."""
+    for pair in params:
+        for p, g in zip(pair, grads, strict=True):
+            p.grad = g.clone()
+    for o in opts:
+        o.step()
+
+
 def _kw(optimizer):
     if optimizer == "adamp":
         return dict(lr=1e-2, weight_decay=1e-2, nesterov=True)
@@ -83,11 +92,7 @@ def test_torch_foreach_equals_per_tensor_step(optimizer, dtype, monkeypatch):
         ws = [p.detach().numpy() for p in ps[1]]
         gs = _grads(rng, SHAPES, t)
         _orthogonalize(ws, gs, t)
-        for pair in ps:
-            for p, g in zip(pair, gs, strict=True):
-                p.grad = torch.tensor(g, dtype=dt)
-        for o in opts:
-            o.step()
+        _step_twins(ps, opts, [torch.tensor(g, dtype=dt) for g in gs])
         for a, b in zip(*ps, strict=True):
             assert _rel(a.detach(), b.detach()) <= TOL[dtype], f"step {t}"
     assert not ps[0][7].is_contiguous()
@@ -120,11 +125,7 @@ def test_torch_bfloat16_params_are_stepped_together(optimizer, monkeypatch):
     sizes = _spy(monkeypatch, optimizer, adamp_torch)
     for t in range(4):
         gs = [torch.tensor(rng.standard_normal(s), dtype=torch.bfloat16) for s in SHAPES[:6]]
-        for pair in ps:
-            for p, g in zip(pair, gs, strict=True):
-                p.grad = g.clone()
-        for o in opts:
-            o.step()
+        _step_twins(ps, opts, gs)
         for a, b in zip(*ps, strict=True):
             assert a.dtype == torch.bfloat16 and torch.equal(a, b), f"step {t}"
     assert sizes and max(sizes) >= 2
@@ -153,11 +154,7 @@ def test_torch_cuda_default_path_equals_per_tensor_step(optimizer):  # pragma: n
     for t in range(5):
         gs = _grads(rng, SHAPES, t)
         _orthogonalize([p.detach().cpu().numpy() for p in ps[1]], gs, t)
-        for pair in ps:
-            for p, g in zip(pair, gs, strict=True):
-                p.grad = torch.tensor(g, dtype=torch.float32, device="cuda")
-        for o in opts:
-            o.step()
+        _step_twins(ps, opts, [torch.tensor(g, dtype=torch.float32, device="cuda") for g in gs])
         for a, b in zip(*ps, strict=True):
             assert _rel(a.detach().cpu(), b.detach().cpu()) <= 1e-5, f"step {t}"
 

@@ -204,11 +204,10 @@ def test_group_indices():
     # Row lengths 37 and 40 share the bucket 40 (padding < 1/8), 1-d and 2-d apart; 33 is in bucket 36.
     assert group_indices([0] * 5, [(2, 40), (3, 37), (37,), (2, 33), (40,)]) == [[0, 1], [2, 4], [3]]
     assert [row_bucket(n) for n in (1, 15, 16, 17, 33, 37, 40, 1000, 1025)] == [1, 15, 16, 18, 36, 40, 40, 1024, 1152]
-    # A per-tensor cap (the CPU's) leaves the larger tensors alone but still groups the small ones.
-    assert group_indices(["a"] * 4, [(4, 6), (100, 6), (2, 6), (7,)], max_tensor_elements=50) == [[0, 2], [1], [3]]
-    big = [(300, 300), (300, 300)]  # 90,000 elements each: grouped for a GPU, alone on a CPU
-    assert group_indices([0, 0], big) == [[0, 1]]
-    assert group_indices([0, 0], big, on_host=True) == [[0], [1]]
+    # The CPU's per-tensor cap leaves the larger tensors alone but still groups the small ones.
+    big = [(300, 300), (4, 300), (300, 300), (2, 300)]  # 90,000 elements: grouped for a GPU, alone on a CPU
+    assert group_indices([0] * 4, big) == [[0, 1, 2, 3]]
+    assert group_indices([0] * 4, big, on_host=True) == [[0], [1, 3], [2]]
     assert GROUP_MAX_ELEMENTS >= 1 << 20 and HOST_TENSOR_MAX_ELEMENTS <= GROUP_MAX_ELEMENTS
 
 
