@@ -1,4 +1,5 @@
-"""Every Python example in README.md runs as written (blocks starting with `# sketch` are fragments)."""
+"""Every Python example in README.md runs as written (blocks starting with `# sketch` are fragments; those
+starting with `# recipe:` are run, and checked, by tests/integration/)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import pytest
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 BLOCKS = re.findall(r"```python\n(.*?)```", README.read_text(), re.S)
-RUNNABLE = [b for b in BLOCKS if not b.startswith("# sketch")]
+RUNNABLE = [b for b in BLOCKS if not b.startswith(("# sketch", "# recipe:"))]
 
 
 def test_readme_has_examples():
