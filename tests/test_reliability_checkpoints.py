@@ -357,3 +357,109 @@ def test_state_moves_between_adapters(optimizer):
             else:
                 # optax applies new - old additively: one extra rounding per step, well inside 1e-12
                 _close(got.numpy(), v.numpy(), f"{k} {i}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a state dict more than once (issue 15): torch's __setstate__ adds keys of its own to
+# `defaults` (`differentiable`), which a saved group need not have. accelerate loads the optimizer
+# state once when it wraps the optimizer, so Trainer(resume_from_checkpoint=...) loads it twice.
+
+
+def _torch_bytes(obj):
+    torch = pytest.importorskip("torch")
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_torch_load_twice_and_round_trip_resume_exactly(optimizer):
+    """Uninterrupted 9 steps == 3 steps, save, load twice into a fresh optimizer, 3 steps, save (a state
+    dict of a reloaded optimizer), load twice into another fresh one, 3 steps: params and state bit-equal."""
+    torch = pytest.importorskip("torch")
+    import adamp_torch
+
+    cls = adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP
+    grads = _grads(9)
+
+    def make(values=None):
+        ps = [torch.nn.Parameter(torch.from_numpy(w)) for w in (values if values is not None else _params())]
+        return ps, cls(ps, **HP[optimizer])
+
+    def run(ps, opt, ts):
+        for t in ts:
+            for p, g in zip(ps, grads[t], strict=True):
+                p.grad = torch.from_numpy(g.copy())
+            opt.step()
+
+    ps_ref, opt_ref = make()
+    run(ps_ref, opt_ref, range(9))
+
+    ps, opt = make()
+    run(ps, opt, range(3))
+    for t0 in (3, 6):
+        ckpt = _torch_bytes({"params": [p.detach() for p in ps], "opt": opt.state_dict()})
+        ps, opt = make([v.numpy() for v in ckpt["params"]])
+        opt.load_state_dict(ckpt["opt"])
+        opt.load_state_dict(ckpt["opt"])  # raised "missing ['differentiable']" before the fix
+        assert "differentiable" in opt.defaults  # the key torch adds, which made the second load fail
+        run(ps, opt, range(t0, t0 + 3))
+    for pa, pb in zip(ps_ref, ps, strict=True):
+        assert torch.equal(pa, pb)
+        assert opt_ref.state[pa].keys() == opt.state[pb].keys()
+        for k, v in opt_ref.state[pa].items():
+            assert torch.equal(v, opt.state[pb][k]) and v.dtype == opt.state[pb][k].dtype, k
+    assert opt.param_groups[0].keys() - {"differentiable"} == opt_ref.param_groups[0].keys()
+
+
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_torch_official_checkpoint_loads_twice_and_back(optimizer):
+    """A checkpoint of adamp 0.3.0 loads twice into ours; ours, after that reload, loads (twice) into
+    adamp 0.3.0 again; the trajectory is adamp 0.3.0's uninterrupted one (float64, 1e-12)."""
+    adamp = pytest.importorskip("adamp")
+    torch = pytest.importorskip("torch")
+    import adamp_torch
+
+    official_cls = adamp.AdamP if optimizer == "adamp" else adamp.SGDP
+    ours_cls = adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP
+    grads = _grads(9)
+
+    def run(ps, opt, ts):
+        for t in ts:
+            for p, g in zip(ps, grads[t], strict=True):
+                p.grad = torch.from_numpy(g.copy())
+            opt.step()
+
+    ps = [torch.nn.Parameter(torch.from_numpy(w)) for w in _params()]
+    opt = official_cls(ps, **HP[optimizer])
+    run(ps, opt, range(3))
+    for t0, cls in ((3, ours_cls), (6, official_cls)):
+        ckpt = _torch_bytes({"params": [p.detach() for p in ps], "opt": opt.state_dict()})
+        ps = [torch.nn.Parameter(v.clone()) for v in ckpt["params"]]
+        opt = cls(ps, **HP[optimizer])
+        opt.load_state_dict(ckpt["opt"])
+        opt.load_state_dict(ckpt["opt"])
+        run(ps, opt, range(t0, t0 + 3))
+    ref_w, ref_s = _official(optimizer, 9)
+    for i, (p, rw) in enumerate(zip(ps, ref_w, strict=True)):
+        _close(p.detach().numpy(), rw, f"param {i}")
+        for k, v in ref_s[i].items():
+            got = opt.state[p][k]
+            if k == "step":
+                assert int(got) == v
+            else:
+                _close(got.numpy(), v.numpy(), f"{k} {i}")
+
+
+def test_torch_load_still_refuses_another_optimizers_state_dict():
+    """The key check still tells a state dict of another optimizer (torch.optim.Adam: no delta, wd_ratio,
+    nesterov; SGD: no delta, wd_ratio, eps) from ours."""
+    torch = pytest.importorskip("torch")
+    import adamp_torch
+
+    for cls, other in ((adamp_torch.AdamP, torch.optim.Adam), (adamp_torch.SGDP, torch.optim.SGD)):
+        p = torch.nn.Parameter(torch.ones(2, 3))
+        sd = other([p], lr=0.1).state_dict()
+        with pytest.raises(ValueError, match=r"is missing \[.*'delta'.*'wd_ratio'.*\]: not a (AdamP|SGDP) state dict"):
+            cls([p], lr=0.1).load_state_dict(sd)

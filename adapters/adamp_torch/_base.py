@@ -74,6 +74,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     _name = "ProjectedOptimizer"
     _state_keys: tuple[str, ...] = ()  # per-param state arrays, shaped like the param
+    # The hyperparameter names every saved group must have: those of adamp 0.3.0's groups (``lr`` and
+    # the keys of the adamp_core.hyperparams spec). Not ``self.defaults``: torch's ``__setstate__``
+    # adds keys of its own there (``differentiable``), which no saved group needs to carry.
+    _group_keys: tuple[str, ...] = ()
     _has_step = False
     _diagnostics: dict[torch.Tensor, Any] | None = None  # see record_diagnostics
 
@@ -336,7 +340,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """
         pairs = self._saved_pairs(state_dict)
         for gi, sg in enumerate(state_dict.get("param_groups", [])):
-            missing = sorted(k for k in self.defaults if k not in sg and k not in _EXTRA_KEYS)
+            missing = sorted(k for k in self._group_keys if k not in sg)
             if missing:
                 raise ValueError(
                     f"loaded param_groups[{gi}] is missing {missing}: not a {self._name} state dict (a state dict of"

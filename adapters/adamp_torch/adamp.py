@@ -10,7 +10,7 @@ import torch
 from adamp_core import fused as _fused
 from adamp_core.adamp import AdamPState, adamp_update
 from adamp_core.grouped import adamp_update_group
-from adamp_core.hyperparams import AdamPHyperparams, check_adamp
+from adamp_core.hyperparams import ADAMP_DEFAULTS, AdamPHyperparams, check_adamp
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype
 from ._distributed import local_shards
@@ -76,6 +76,7 @@ class AdamP(ProjectedOptimizer):
     _name = "AdamP"
     _state_keys = ("exp_avg", "exp_avg_sq")
     _has_step = True
+    _group_keys = tuple(dict.fromkeys(("lr", *ADAMP_DEFAULTS)))  # what a saved group must have (adamp 0.3.0's keys)
 
     def __init__(
         self,

@@ -9,7 +9,7 @@ import torch
 
 from adamp_core import fused as _fused
 from adamp_core.grouped import sgdp_update_group
-from adamp_core.hyperparams import SGDPHyperparams, check_sgdp
+from adamp_core.hyperparams import SGDP_DEFAULTS, SGDPHyperparams, check_sgdp
 from adamp_core.sgdp import SGDPState, sgdp_update
 
 from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype, required
@@ -65,6 +65,7 @@ class SGDP(ProjectedOptimizer):
     _name = "SGDP"
     _state_keys = ("momentum",)
     _has_step = False
+    _group_keys = tuple(dict.fromkeys(("lr", *SGDP_DEFAULTS)))  # what a saved group must have (adamp 0.3.0's keys)
 
     def __init__(
         self,
