@@ -6,7 +6,6 @@ values, so they cost no device sync and run before anything is computed.
 
 from __future__ import annotations
 
-import functools
 import sys
 from typing import Any
 
@@ -24,10 +23,44 @@ from array_api_compat import device as _compat_device
 __all__ = ["device", "check_array", "check_grad", "check_state_array", "compute_dtype", "namespace_name"]
 
 
+def _torch_tensor() -> Any:
+    """``torch.Tensor`` when torch is loaded (this module does not import it), else None.
+
+    Torch tensors are recognised with a plain ``isinstance`` rather than array-api-compat's
+    ``is_torch_array``/``array_namespace``: those go through ``functools.lru_cache``-wrapped helpers,
+    which ``torch.compile`` cannot trace without a warning per call (a compiled user loop that calls
+    the core would print dozens)."""
+    torch = sys.modules.get("torch")
+    return None if torch is None else torch.Tensor
+
+
+def _is_torch(x: Any) -> bool:
+    tensor = _torch_tensor()
+    return tensor is not None and isinstance(x, tensor)
+
+
+def torch_module(x: Any) -> Any:
+    """The ``torch`` module when ``x`` is a torch tensor, else None (for the few calls where the
+    array-API wrapper of a torch function does not do what torch's own does)."""
+    return sys.modules["torch"] if _is_torch(x) else None
+
+
+_NAMESPACES: dict[str, Any] = {}  # array-api-compat's wrapped namespaces, imported once (a dict, not a cache)
+
+
+def _compat_namespace(name: str) -> Any:
+    xp = _NAMESPACES.get(name)
+    if xp is None:  # only once an array of that library was seen: the library is loaded already
+        import importlib
+
+        xp = _NAMESPACES[name] = importlib.import_module(f"array_api_compat.{name}")
+    return xp
+
+
 def device(x: Any) -> Any:
     """The device of ``x``: torch's own attribute for tensors (cheap, and traceable by
     torch.compile without warnings), array-api-compat's lookup otherwise."""
-    if is_torch_array(x):
+    if _is_torch(x):
         return x.device
     jax = sys.modules.get("jax")
     if jax is not None and isinstance(x, jax.core.Tracer):
@@ -43,6 +76,8 @@ _LIBRARIES = (("numpy", is_numpy_array), ("torch", is_torch_array), ("jax", is_j
 
 def namespace_name(x: Any) -> str:
     """Name of the array library of ``x`` ('numpy', 'torch', 'jax', 'cupy', 'array_api_strict', ...)."""
+    if _is_torch(x):
+        return "torch"
     for name, test in _LIBRARIES:
         if test(x):
             return name
@@ -59,19 +94,16 @@ def _ndarray() -> Any:
     return None if np is None else np.ndarray
 
 
-@functools.cache
-def _numpy_namespace() -> Any:
-    import array_api_compat.numpy  # only once a NumPy array was seen: NumPy is loaded already
-
-    return array_api_compat.numpy
-
-
 def check_array(param: Any, what: str = "param") -> Any:
     """Check that ``param`` is a real floating array; return its array-API namespace."""
     if type(param) is _ndarray():  # the same checks, without array-api-compat's dispatch (per param, per step)
         if param.dtype.kind != "f":
             raise TypeError(f"{what} must have a real floating dtype, got {param.dtype}")
-        return _numpy_namespace()
+        return _compat_namespace("numpy")
+    if _is_torch(param):  # torch: no array-api-compat dispatch, so nothing for torch.compile to warn about
+        if not param.is_floating_point():
+            raise TypeError(f"{what} must have a real floating dtype, got {param.dtype}")
+        return _compat_namespace("torch")
     if not is_array_api_obj(param):
         raise TypeError(f"{what} must be an array, got {type(param).__name__}")
     xp = array_namespace(param)
@@ -90,6 +122,14 @@ def check_grad(param: Any, grad: Any, what: str = "grad") -> None:
             raise ValueError(f"{what} shape {_shape(grad)} differs from param shape {_shape(param)}")
         if grad.dtype.kind != "f":
             raise TypeError(f"{what} dtype {grad.dtype} is not real floating (param dtype {param.dtype})")
+        return
+    if _is_torch(grad) and _is_torch(param):  # torch: the same checks without array-api-compat's dispatch
+        if grad.shape != param.shape:
+            raise ValueError(f"{what} shape {_shape(grad)} differs from param shape {_shape(param)}")
+        if not grad.is_floating_point():
+            raise TypeError(f"{what} dtype {grad.dtype} is not real floating (param dtype {param.dtype})")
+        if grad.device != param.device:
+            raise ValueError(f"{what} is on device {grad.device} but param on {param.device}")
         return
     if not is_array_api_obj(grad):
         raise TypeError(f"{what} must be an array, got {type(grad).__name__}")

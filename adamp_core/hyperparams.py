@@ -5,6 +5,14 @@ hyperparameters here, before any array is read, so a bad value never leaves
 anything half-updated. Messages follow torch.optim (``Invalid learning rate:
 -1.0``) and always name the parameter and the value.
 
+The rule, the same for every entry point: a value outside its mathematical domain is refused
+(``lr``, ``eps``, ``weight_decay``, ``delta``, ``wd_ratio``: finite and >= 0; ``betas``: each in
+[0, 1); ``momentum`` and ``dampening``: in [0, 1], and ``momentum < 1`` with weight decay, which
+SGDP divides by ``1 - momentum``; NaN never). Everything the official ``adamp==0.3.0`` runs inside
+that domain runs here and means the same: ``SGDP(nesterov=True)`` with the default ``momentum=0`` is
+plain SGD there and here (``torch.optim.SGD`` refuses it), and Nesterov with a dampening follows the
+official formula; both warn, as they are probably not what was meant.
+
 Hyperparameters given as arrays (a traced learning rate from an optax schedule,
 say) are accepted unchecked: checking them would need a device-to-host sync.
 """
@@ -13,6 +21,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from typing import Any, NamedTuple
 
 __all__ = [
@@ -90,6 +99,14 @@ def _beta(value: Any, label: str) -> Any:
     return value
 
 
+def _unit(value: Any, label: str) -> Any:
+    """A real number in [0, 1] (momentum, dampening)."""
+    value = _real(value, label)
+    if _is_number(value) and not 0.0 <= value <= 1.0:
+        raise ValueError(f"Invalid {label}: {value} (expected a number in [0, 1])")
+    return value
+
+
 def _flag(value: Any, name: str) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"Invalid {name} value: {value!r} (expected True or False)")
@@ -130,18 +147,21 @@ def check_sgdp(
 ) -> SGDPHyperparams:
     """Validate SGDP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
     lr = _nonnegative(lr, "learning rate")
-    momentum = _nonnegative(momentum, "momentum value")
-    dampening = _real(dampening, "dampening value")
-    if _is_number(dampening) and math.isinf(dampening):
-        raise ValueError(f"Invalid dampening value: {dampening}")
+    momentum = _unit(momentum, "momentum value")
+    dampening = _unit(dampening, "dampening value")
     weight_decay = _nonnegative(weight_decay, "weight_decay value")
     nesterov = _flag(nesterov, "nesterov")
     eps = _nonnegative(eps, "epsilon value")
     delta = _nonnegative(delta, "delta value")
     wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
     if nesterov and _is_number(momentum) and _is_number(dampening) and (momentum <= 0.0 or dampening != 0.0):
-        raise ValueError(
-            f"Nesterov momentum requires a momentum and zero dampening (momentum={momentum}, dampening={dampening})"
+        # adamp==0.3.0 runs these (torch.optim.SGD refuses them): a drop-in runs them too, and says so.
+        warnings.warn(
+            f"SGDP with nesterov=True, momentum={momentum}, dampening={dampening}: Nesterov momentum usually"
+            " means a momentum > 0 and no dampening; stepping as adamp 0.3.0 does"
+            + (" (momentum 0: plain SGD)" if momentum == 0.0 else ""),
+            UserWarning,
+            stacklevel=3,
         )
     # SGDP divides the decoupled weight decay by (1 - momentum) (official sgdp.py).
     if _is_number(weight_decay) and _is_number(momentum) and weight_decay > 0.0 and momentum >= 1.0:

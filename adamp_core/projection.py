@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .arrays import device
+from .arrays import device, torch_module
 
 __all__ = ["RowStats", "ViewDecision", "RowReduce", "row_stats", "decide_view", "project_update", "projected_view",
            "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
@@ -141,6 +141,13 @@ def _pow2_scale(xp: Any, rows: Any) -> Any:
     return 0.5 ** xp.floor(xp.log2(m))  # exact: an integer power of two, in the normal range
 
 
+def _rowdot(xp: Any, a: Any, b: Any) -> Any:
+    """Per-row dot products of two ``(rows, length)`` arrays. Torch tensors use ``torch.linalg.vecdot``
+    itself: array-api-compat's ``vecdot`` moves axes first, which ``torch.func.vmap`` cannot batch."""
+    torch = torch_module(a)
+    return xp.vecdot(a, b) if torch is None else torch.linalg.vecdot(a, b, dim=-1)
+
+
 def row_stats(xp: Any, w: Any, g: Any, u: Any | None = None) -> RowStats:
     """One set of reductions over the rows of the channel view of ``w``, ``g`` (and ``u``), on the
     rows scaled by powers of two (one max-abs reduction per array first)."""
@@ -148,8 +155,8 @@ def row_stats(xp: Any, w: Any, g: Any, u: Any | None = None) -> RowStats:
     sw, sg = _pow2_scale(xp, wr), _pow2_scale(xp, gr)
     # Exact scaling: the largest entry of each row is in [1, 2), so |~w_r|^2 <= 4 * row length.
     wr, gr = wr * xp.reshape(sw, (-1, 1)), gr * xp.reshape(sg, (-1, 1))
-    wu = None if u is None else xp.vecdot(wr, _rows(xp, u))
-    return RowStats(xp.vecdot(wr, gr), xp.vecdot(wr, wr), xp.vecdot(gr, gr), wu, sw, sg, wr)
+    wu = None if u is None else _rowdot(xp, wr, _rows(xp, u))
+    return RowStats(_rowdot(xp, wr, gr), _rowdot(xp, wr, wr), _rowdot(xp, gr, gr), wu, sw, sg, wr)
 
 
 def _cosine(xp: Any, wg: Any, ww: Any, gg: Any, eps_w: Any, eps_g: Any) -> Any:

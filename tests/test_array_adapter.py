@@ -531,8 +531,8 @@ BAD_SGDP = [
     ),
     (dict(lr=-0.1), ValueError, r"Invalid learning rate: -0.1"),
     (dict(lr=0.1, momentum=-0.9), ValueError, r"Invalid momentum value: -0.9"),
-    (dict(lr=0.1, nesterov=True), ValueError, r"Nesterov momentum requires a momentum and zero dampening"),
-    (dict(lr=0.1, momentum=0.9, dampening=0.1, nesterov=True), ValueError, r"Nesterov momentum requires"),
+    (dict(lr=0.1, momentum=1.5), ValueError, r"Invalid momentum value: 1.5"),
+    (dict(lr=0.1, momentum=0.9, dampening=-0.1, nesterov=True), ValueError, r"Invalid dampening value: -0.1"),
     (dict(lr=0.1, momentum=1.0, weight_decay=0.1), ValueError, r"Invalid momentum value: 1.0"),
     (dict(lr=0.1, weight_decay=-1.0), ValueError, r"Invalid weight_decay value: -1.0"),
 ]

@@ -11,6 +11,7 @@ written their inputs either.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import inspect
 import re
 from typing import Any
@@ -331,6 +332,8 @@ def _run_core(kind: str, lib: Lib, bad: Bad, optimizer: str) -> None:
         gr2 = None
     if bad.target == "param":
         w2 = make_bad(lib, bad)
+        if kind == "tree" and bad.not_array:  # a list is a subtree of params there (nesting): take a str
+            w2, bad = "not an array", dataclasses.replace(bad, match=r"must be an array, got str")
         states = [init(w1), None]
     elif bad.target == "state":
         other = (ac.sgdp_init if optimizer == "adamp" else ac.adamp_init) if bad.other_optimizer else init

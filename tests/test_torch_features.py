@@ -333,7 +333,7 @@ BAD_KWARGS = [
     ("sgdp", dict(lr=0.1, momentum=-0.9), ValueError, r"Invalid momentum value: -0\.9"),
     ("sgdp", dict(lr=0.1, dampening=math.inf), ValueError, r"Invalid dampening value: inf"),
     ("sgdp", dict(lr=0.1, weight_decay=-1.0), ValueError, r"Invalid weight_decay value: -1\.0"),
-    ("sgdp", dict(lr=0.1, nesterov=True), ValueError, r"Nesterov momentum requires a momentum and zero dampening"),
+    ("sgdp", dict(lr=0.1, momentum=1.5), ValueError, r"Invalid momentum value: 1\.5 \(expected a number in \[0, 1\]\)"),
     ("sgdp", dict(lr=0.1, momentum=1.0, weight_decay=0.1), ValueError, r"Invalid momentum value: 1\.0"),
     ("sgdp", dict(lr=0.1, eps=-1.0), ValueError, r"Invalid epsilon value: -1\.0"),
     ("sgdp", dict(lr=0.1, maximize=None), TypeError, r"Invalid maximize value: None"),
