@@ -77,3 +77,82 @@ def test_tree_names_the_bad_state():
         ac.tree.adamp_step(params, [np.ones((2, 2)), np.ones((3, 3))], states)
     with pytest.raises(TypeError, match=r"params must be a list, tuple or dict of arrays, got ndarray"):
         ac.tree.adamp_step(np.ones(3), np.ones(3), None)
+
+
+def _nested(leaves):
+    """flax-style nesting of the four SHAPES arrays: dicts in dicts, a list, a tuple."""
+    return {"params": {"block": {"conv": leaves["conv"], "norm": [leaves["scale"], (leaves["bias"],)]}},
+            "head": {"fc": leaves["fc"]}}
+
+
+@pytest.mark.parametrize("opt", ["adamp", "sgdp"])
+def test_tree_takes_nested_structures(backend, opt):
+    """Any nesting of dicts, lists and tuples: the same results as the flat dict (which equals the per-array
+    steps above), the same containers back, a None grad anywhere skipping its param."""
+    if not backend.supports("float64"):
+        pytest.skip("needs float64")
+    hp = dict(lr=0.01, weight_decay=0.1) if opt == "adamp" else dict(lr=0.1, momentum=0.9)
+    tree_init, tree_step = (ac.tree.adamp_init, ac.tree.adamp_step) if opt == "adamp" else (
+        ac.tree.sgdp_init, ac.tree.sgdp_step)
+    flat = _params(backend)
+    nested = _nested(flat)
+    flat_s, nested_s = tree_init(flat), tree_init(nested)
+    assert isinstance(nested_s["params"]["block"]["norm"][1], tuple)
+    rng = np.random.default_rng(1)
+    for _ in range(3):
+        grads = {k: backend.asarray(np.asarray(rng.standard_normal(s)), "float64") for k, s in SHAPES.items()}
+        flat, flat_s = tree_step(flat, grads, flat_s, **hp)
+        nested, nested_s = tree_step(nested, _nested(grads), nested_s, **hp)
+    assert isinstance(nested["params"]["block"]["norm"], list) and isinstance(nested["params"]["block"]["norm"][1], tuple)
+    for k, got in _nested(flat).items():
+        for a, b in zip(_leaves(got), _leaves(nested[k]), strict=True):
+            np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
+    grads = _nested({k: backend.asarray(np.ones(s), "float64") for k, s in SHAPES.items()})
+    grads["head"]["fc"] = None
+    new, new_s = tree_step(nested, grads, nested_s, **hp)
+    assert new["head"]["fc"] is nested["head"]["fc"] and new_s["head"]["fc"] is nested_s["head"]["fc"]
+
+
+def _leaves(tree):
+    if isinstance(tree, dict):
+        return [x for v in tree.values() for x in _leaves(v)]
+    if isinstance(tree, (list, tuple)):
+        return [x for v in tree for x in _leaves(v)]
+    return [tree]
+
+
+def test_tree_nested_errors_name_the_path():
+    params = _nested({k: np.ones(s) for k, s in SHAPES.items()})
+    states = ac.tree.adamp_init(params)
+    grads = _nested({k: np.ones(s) for k, s in SHAPES.items()})
+    grads["params"]["block"]["norm"][1] = (np.ones(4),)
+    with pytest.raises(ValueError, match=r"grads\['params'\]\['block'\]\['norm'\]\[1\]\[0\] shape \(4,\) differs"):
+        ac.tree.adamp_step(params, grads, states)
+    grads = _nested({k: np.ones(s) for k, s in SHAPES.items()})
+    del grads["head"]
+    with pytest.raises(ValueError, match=r"grads must have the same structure as params"):
+        ac.tree.adamp_step(params, grads, states)
+    grads = _nested({k: np.ones(s) for k, s in SHAPES.items()})
+    grads["params"]["block"]["norm"] = grads["params"]["block"]["norm"][:1]
+    with pytest.raises(ValueError, match=r"grads\['params'\]\['block'\]\['norm'\] must have the same structure"):
+        ac.tree.adamp_step(params, grads, states)
+    with pytest.raises(TypeError, match=r"params\['params'\]\['x'\] must be an array, got str"):
+        ac.tree.adamp_init({"params": {"x": "weights"}})
+
+
+def test_tree_keeps_jax_pytree_types():
+    """JAX pytrees that are not plain containers (flax's FrozenDict and nnx.State) go through JAX's own
+    flattening and come back as the same types, with results equal to the plain-dict ones."""
+    jax = pytest.importorskip("jax")
+    jnp = pytest.importorskip("jax.numpy")
+    flax_core = pytest.importorskip("flax.core")
+    rng = np.random.default_rng(0)
+    plain = {"params": {"dense": {"kernel": jnp.asarray(rng.standard_normal((4, 3))), "bias": jnp.zeros(3)}}}
+    frozen = flax_core.FrozenDict(plain)
+    grads = jax.tree.map(lambda p: jnp.full(p.shape, 0.1, p.dtype), plain)
+    new_plain, _ = ac.tree.sgdp_step(plain, grads, ac.tree.sgdp_init(plain), lr=0.1, momentum=0.9)
+    new_frozen, state = ac.tree.sgdp_step(frozen, flax_core.FrozenDict(grads), ac.tree.sgdp_init(frozen), lr=0.1,
+                                          momentum=0.9)
+    assert type(new_frozen) is flax_core.FrozenDict and type(state) is flax_core.FrozenDict
+    for a, b in zip(jax.tree.leaves(new_plain), jax.tree.leaves(new_frozen), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
