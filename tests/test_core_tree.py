@@ -103,7 +103,8 @@ def test_tree_takes_nested_structures(backend, opt):
         grads = {k: backend.asarray(np.asarray(rng.standard_normal(s)), "float64") for k, s in SHAPES.items()}
         flat, flat_s = tree_step(flat, grads, flat_s, **hp)
         nested, nested_s = tree_step(nested, _nested(grads), nested_s, **hp)
-    assert isinstance(nested["params"]["block"]["norm"], list) and isinstance(nested["params"]["block"]["norm"][1], tuple)
+    norm = nested["params"]["block"]["norm"]
+    assert isinstance(norm, list) and isinstance(norm[1], tuple)
     for k, got in _nested(flat).items():
         for a, b in zip(_leaves(got), _leaves(nested[k]), strict=True):
             np.testing.assert_array_equal(backend.to_numpy(a), backend.to_numpy(b))
