@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-from .arrays import check_grad, device
+from .arrays import check_grad
 
 __all__ = [
     "all_finite",
@@ -49,7 +49,12 @@ def bias_correction(xp: Any, beta: Any, step: Any, dtype: Any) -> Any:
 
 
 def state_zeros(xp: Any, param: Any, state_dtype: Any) -> Any:
-    """Zeros shaped like ``param`` in ``state_dtype`` (default: the param's dtype)."""
+    """Zeros shaped and placed like ``param`` in ``state_dtype`` (default: the param's dtype).
+
+    ``zeros_like`` infers the placement from ``param``: its device (torch, CuPy), its memory format
+    (torch), and under JAX its sharding and whether it is committed to a device (an explicit
+    ``device=`` would commit the state next to uncommitted params, so a jitted step would compile
+    twice, and a sharded param's state would not be sharded)."""
     if state_dtype is None:
         dtype = param.dtype
     elif isinstance(state_dtype, str):
@@ -60,7 +65,7 @@ def state_zeros(xp: Any, param: Any, state_dtype: Any) -> Any:
         dtype = state_dtype
     if not xp.isdtype(dtype, "real floating"):
         raise ValueError(f"Invalid state_dtype: {state_dtype!r} (expected a real floating dtype)")
-    return xp.zeros(param.shape, dtype=dtype, device=device(param))
+    return xp.zeros_like(param, dtype=dtype)
 
 
 def check_step_count(step: Any) -> None:

@@ -28,7 +28,7 @@ from ._common import (
     scalar,
     state_zeros,
 )
-from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
+from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device, namespace_name
 from .hyperparams import AdamPHyperparams, _flag, check_adamp
 from .projection import RowReduce, per_row, project_update, projects
 
@@ -45,12 +45,15 @@ class AdamPState(NamedTuple):
 
 def adamp_init(param: Any, *, state_dtype: Any = None) -> AdamPState:
     """Fresh state for ``param``: step 0 (a 0-d int32 array on the param's device, so
-    ``jax.jit`` traces once) and zero moments in ``state_dtype`` (default: the param's dtype;
-    pass ``float32`` to keep bfloat16/float16 params' state in float32)."""
+    ``jax.jit`` traces once) and zero moments placed like the param, in ``state_dtype`` (default:
+    the param's dtype; pass ``float32`` to keep bfloat16/float16 params' state in float32)."""
     xp = check_array(param)
     zeros = state_zeros(xp, param, state_dtype)
-    step = xp.zeros((), dtype=xp.int32, device=device(param))
-    return AdamPState(step, zeros, xp.zeros(zeros.shape, dtype=zeros.dtype, device=device(param)))
+    # JAX: no device= for the step. A sharded param's device is a sharding of the param's rank (no
+    # use for a 0-d array), and an explicit device commits the step, which next to uncommitted
+    # params makes jax.jit compile twice; uncommitted, jit places it (as optax's count).
+    step = xp.zeros((), dtype=xp.int32, device=None if namespace_name(param) == "jax" else device(param))
+    return AdamPState(step, zeros, xp.zeros_like(zeros))
 
 
 def check_adamp_state(param: Any, state: Any) -> None:

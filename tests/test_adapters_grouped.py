@@ -276,7 +276,7 @@ def test_optax_foreach_equals_per_leaf_step_under_jit(optimizer, monkeypatch):
     skips = [jax.tree.map(int, run[2].nonfinite_skips) for run in runs]
     assert skips[0] == skips[1] and skips[0]["p1"] == 1
     if optimizer == "adamp":  # a skipped leaf's step count does not advance
-        steps = [{n: int(s.step) for n, s in run[2].states.items()} for run in runs]
+        steps = [{n: int(s) for n, s in run[2].step.items()} for run in runs]
         assert steps[0] == steps[1] and steps[0]["p1"] == 4
     with pytest.raises(TypeError, match=r"Invalid foreach value: 'yes'"):
         make(0.1, foreach="yes")

@@ -325,7 +325,10 @@ def test_state_moves_between_adapters(optimizer):
             k: jax.numpy.asarray(np.asarray(v, dtype=np.int32 if k == "step" else None)) for k, v in s._asdict().items()
         }
         core_states.append(type(s)(**fields))
-    state = state._replace(count=jax.numpy.asarray(8, dtype=jax.numpy.int32), states=core_states)
+    fields = type(core_states[0])._fields  # the optax state holds one list like the params per field
+    state = state._replace(
+        count=jax.numpy.asarray(8, dtype=jax.numpy.int32), **{f: [getattr(s, f) for s in core_states] for f in fields}
+    )
 
     @jax.jit
     def step(params, state, g):
@@ -338,9 +341,10 @@ def test_state_moves_between_adapters(optimizer):
     ps2 = [torch.nn.Parameter(torch.from_numpy(np.asarray(p).copy())) for p in params]
     topt2 = tcls(ps2, **HP[optimizer])
     sd = topt2.state_dict()
+    per_leaf = [type(core_states[0])(*leaves) for leaves in zip(*(getattr(state, f) for f in fields), strict=True)]
     sd["state"] = {
         i: {k: (int(v) if k == "step" else torch.from_numpy(np.asarray(v).copy())) for k, v in s._asdict().items()}
-        for i, s in enumerate(state.states)
+        for i, s in enumerate(per_leaf)
     }
     topt2.load_state_dict(sd)
     for t in range(12, 16):

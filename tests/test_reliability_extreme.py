@@ -380,7 +380,7 @@ def _adapter_run(entry, optimizer, dtype, w0, grads, eps):
             return optax.apply_updates(params, updates), state
 
         def read():
-            st = box["state"].states["w"]._asdict()
+            st = {k: getattr(box["state"], k)["w"] for k in names}
             return np.asarray(box["params"]["w"]).copy(), {k: np.asarray(st[k]).copy() for k in names}
 
         def apply(g):

@@ -166,8 +166,8 @@ def run_entry(entry, case, w0, grads, skip=False):
 
         for g in grads:
             params, state = step(params, state, jax.numpy.asarray(g))
-            core = state.states["w"]
-            out.append((_to_np(params["w"]), {k: _to_np(v) for k, v in core._asdict().items() if k != "step"}))
+            core = {k: getattr(state, k)["w"] for k in ("exp_avg", "exp_avg_sq", "momentum") if k in state._fields}
+            out.append((_to_np(params["w"]), {k: _to_np(v) for k, v in core.items()}))
         if skip:
             skips = int(state.nonfinite_skips["w"])
     return out, skips

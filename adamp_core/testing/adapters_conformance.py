@@ -104,7 +104,7 @@ def run_optax_adapter(
         for name, ref in refs.items():
             ours[name].setdefault("param", []).append(_host(backend, params[name]))
             for field in ref.states[t]:
-                ours[name].setdefault(field, []).append(_host(backend, getattr(state.states[name], field)))
+                ours[name].setdefault(field, []).append(_host(backend, getattr(state, field)[name]))
     return _compare(refs, ours)
 
 

@@ -17,10 +17,19 @@ relative of ``adamp==0.3.0``'s over 30 steps, far inside the 1e-10 the tests req
 and the projection are inside the transformation (they need the params), so put it *last* in an
 ``optax.chain`` (after clipping, say) and do not add ``optax.scale_by_learning_rate``.
 
-Works under ``jax.jit`` (the core's step is sync-free) and on any pytree of params. The state is
-a :class:`ScaleByAdamPState` / :class:`ScaleBySGDPState`: the update count (an int32 array, the
-argument of a ``learning_rate`` schedule, which is called with 0 on the first update as in optax)
-and a pytree like the params holding one ``adamp_core`` state per leaf.
+Works under ``jax.jit`` (the core's step is sync-free) and on any pytree of params, including
+``flax.nnx.Optimizer(model, adamp_optax.adamp(...), wrt=nnx.Param)`` and sharded params. The state is laid
+out as optax's own (cf. ``ScaleByAdamState(count, mu, nu)``): :class:`ScaleByAdamPState` ``(count, step,
+exp_avg, exp_avg_sq, nonfinite_skips)`` and :class:`ScaleBySGDPState` ``(count, momentum,
+nonfinite_skips)``, where ``count`` is the update count (an int32 array, the argument of a
+``learning_rate`` schedule, which is called with 0 on the first update as in optax) and every other
+field is a tree like the params (``step``: each leaf's own step count, which a skipped update does not
+advance). So ``optax.tree_utils.tree_get(state, "exp_avg")`` finds the moments, and frameworks that
+rewrap the state's arrays (nnx) keep it intact; ``update`` rebuilds each leaf's
+:class:`adamp_core.AdamPState` / :class:`adamp_core.SGDPState` from the trees. ``init`` places the state
+like the params (``zeros_like``: the moments follow each param's sharding; the counts are uncommitted
+next to uncommitted params, committed or replicated over the mesh next to committed or sharded ones), so a
+jitted step compiles once.
 """
 
 from __future__ import annotations
@@ -43,21 +52,42 @@ __all__ = ["ScaleByAdamPState", "ScaleBySGDPState", "adamp", "sgdp"]
 
 
 class ScaleByAdamPState(NamedTuple):
-    """State of :func:`adamp`: the update count and one :class:`adamp_core.AdamPState` per param leaf."""
+    """State of :func:`adamp`, laid out as optax's ``ScaleByAdamState(count, mu, nu)``: the update count
+    and trees shaped like the params. Leaf by leaf, ``(step, exp_avg, exp_avg_sq)`` is the
+    :class:`adamp_core.AdamPState` of that param (``adamp_core.AdamPState(*leaf fields)``)."""
 
     count: Any  # int32 array: updates done so far (the learning-rate schedule's argument)
-    states: Any  # pytree like the params, with an AdamPState(step, exp_avg, exp_avg_sq) per leaf
-    # skip_nonfinite=True: pytree like the params of int32 counts of the updates each leaf skipped
+    step: Any  # tree like the params of int32 0-d arrays: the leaf's steps (a skipped one does not advance)
+    exp_avg: Any  # tree like the params: first moments (in state_dtype)
+    exp_avg_sq: Any  # tree like the params: second moments (in state_dtype)
+    # skip_nonfinite=True: tree like the params of int32 counts of the updates each leaf skipped
     # for a non-finite gradient (read with jax.tree.map(int, state.nonfinite_skips)); else None.
     nonfinite_skips: Any = None
 
 
 class ScaleBySGDPState(NamedTuple):
-    """State of :func:`sgdp`: the update count and one :class:`adamp_core.SGDPState` per param leaf."""
+    """State of :func:`sgdp`: the update count and a tree shaped like the params of momentum buffers
+    (leaf by leaf, ``adamp_core.SGDPState(momentum)``)."""
 
     count: Any
-    states: Any  # pytree like the params, with an SGDPState(momentum) per leaf
+    momentum: Any  # tree like the params: momentum buffers (in state_dtype)
     nonfinite_skips: Any = None  # as in ScaleByAdamPState
+
+
+def _zero_count(like: Any) -> Any:
+    """A 0-d int32 zero placed as ``jax.jit`` places a scalar it computes from ``like``: uncommitted
+    next to an uncommitted (or traced) ``like``, on its device if it is committed to one, replicated
+    over its mesh if it is sharded. A state placed otherwise than jit's outputs would make the jitted
+    step compile a second time, on its second call (jit keys its cache on the inputs' placements)."""
+    sharding = getattr(like, "sharding", None)
+    if isinstance(like, jax.core.Tracer) or not getattr(like, "committed", False) or sharding is None:
+        return jnp.zeros([], jnp.int32)
+    if isinstance(sharding, jax.sharding.NamedSharding):
+        sharding = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(),
+                                              memory_kind=sharding.memory_kind)
+    elif not isinstance(sharding, jax.sharding.SingleDeviceSharding):
+        return jnp.zeros([], jnp.int32)  # another kind of sharding: placed by jit on the first call
+    return jax.device_put(jnp.zeros([], jnp.int32), sharding)
 
 
 _NO_PARAMS = (
@@ -144,19 +174,26 @@ def _transformation(
     init_leaf: Callable[[Any], Any],
     step_leaf: Callable[[Any, Any, Any, Any], tuple[Any, Any]],
     state_cls: type,
+    core_cls: type,
     skip_nonfinite: bool,
     grouped: _Grouped | None = None,
 ) -> optax.GradientTransformation:
+    fields = core_cls._fields  # the state_cls fields between count and nonfinite_skips, one tree each
+
     def init_one(path: Any, p: Any) -> Any:
         try:
-            return init_leaf(p)
+            s = init_leaf(p)  # the core checks the param and state_dtype; moments are zeros_like(p)
         except (TypeError, ValueError) as exc:  # name the leaf of a bad param
             raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
+        return s._replace(step=_zero_count(p)) if "step" in fields else s
 
     def init_fn(params: Any) -> Any:
-        states = jax.tree_util.tree_map_with_path(init_one, params)
-        skips = jax.tree.map(lambda p: jnp.zeros([], jnp.int32), params) if skip_nonfinite else None
-        return state_cls(jnp.zeros([], jnp.int32), states, skips)
+        paths_params, treedef = jax.tree_util.tree_flatten_with_path(params)
+        states = [init_one(path, p) for path, p in paths_params]
+        trees = [treedef.unflatten([s[i] for s in states]) for i in range(len(fields))]
+        skips = treedef.unflatten([_zero_count(p) for _, p in paths_params]) if skip_nonfinite else None
+        count = _zero_count(paths_params[0][1] if paths_params else None)
+        return state_cls(count, *trees, skips)
 
     def update_fn(updates: Any, state: Any, params: Any = None) -> tuple[Any, Any]:
         if params is None:
@@ -164,11 +201,12 @@ def _transformation(
         if not isinstance(state, state_cls):
             raise TypeError(f"state must be a {state_cls.__name__} (from {name}(...).init), got {type(state).__name__}")
         lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
-        # The updates' structure drives: params and states are flattened up to it (states hold one
-        # core NamedTuple per leaf; empty nodes such as optax.MaskedNode have no leaves).
+        # The updates' structure drives: params and the state's trees are flattened up to it (empty
+        # nodes such as optax.MaskedNode have no leaves), and each leaf's core state is rebuilt from them.
         paths_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
         params_l = _flatten_like(treedef, params, "params", updates)
-        states_l = _flatten_like(treedef, state.states, "state.states", updates)
+        columns = [_flatten_like(treedef, getattr(state, f), f"state.{f}", updates) for f in fields]
+        states_l = [core_cls(*leaf) for leaf in zip(*columns, strict=True)]
         skips_l = (
             _flatten_like(treedef, state.nonfinite_skips, "state.nonfinite_skips", updates) if skip_nonfinite else []
         )
@@ -192,7 +230,8 @@ def _transformation(
                 new_updates.append(new_p - p)
                 new_states.append(new_s)
         skips = treedef.unflatten(new_skips) if skip_nonfinite else None
-        new_state = state_cls(optax.safe_increment(state.count), treedef.unflatten(new_states), skips)
+        trees = [treedef.unflatten([s[i] for s in new_states]) for i in range(len(fields))]
+        new_state = state_cls(optax.safe_increment(state.count), *trees, skips)
         return treedef.unflatten(new_updates), new_state
 
     return optax.GradientTransformation(init_fn, update_fn)
@@ -260,7 +299,8 @@ def adamp(
 
     grouped = _Grouped(check_hp, check_adamp_state, adamp_update_group) if _foreach(foreach) else None
     return _transformation(
-        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState, skip,
+        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState,
+        ac.AdamPState, skip,
         grouped,
     )
 
@@ -314,6 +354,7 @@ def sgdp(
 
     grouped = _Grouped(check_hp, check_sgdp_state, sgdp_update_group) if _foreach(foreach) else None
     return _transformation(
-        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState, skip,
+        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState,
+        ac.SGDPState, skip,
         grouped,
     )
