@@ -39,10 +39,9 @@ def _is_torch(x: Any) -> bool:
     return tensor is not None and isinstance(x, tensor)
 
 
-def torch_module(x: Any) -> Any:
-    """The ``torch`` module when ``x`` is a torch tensor, else None (for the few calls where the
-    array-API wrapper of a torch function does not do what torch's own does)."""
-    return sys.modules["torch"] if _is_torch(x) else None
+def is_numpy(x: Any) -> bool:
+    """Whether ``x`` is a NumPy array (without array-api-compat's dispatch)."""
+    return type(x) is _ndarray()
 
 
 _NAMESPACES: dict[str, Any] = {}  # array-api-compat's wrapped namespaces, imported once (a dict, not a cache)
@@ -66,6 +65,10 @@ def device(x: Any) -> Any:
     if jax is not None and isinstance(x, jax.core.Tracer):
         # A tracer has no device, and reading ``.device`` raises an error whose message
         # renders the whole jaxpr: tracing an n-tensor step would cost O(n^2).
+        return None
+    if jax is not None and isinstance(x, jax.Array) and len(x.sharding.device_set) > 1:
+        # Sharded over several devices: there is no one device to put a constant on (a 0-d array
+        # given that sharding is refused); JAX places it, and lays the results out like the inputs.
         return None
     return _compat_device(x)
 

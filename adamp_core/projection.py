@@ -38,7 +38,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .arrays import device, torch_module
+from .arrays import device, is_numpy
 
 __all__ = ["RowStats", "ViewDecision", "RowReduce", "row_stats", "decide_view", "project_update", "projected_view",
            "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
@@ -142,10 +142,13 @@ def _pow2_scale(xp: Any, rows: Any) -> Any:
 
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:
-    """Per-row dot products of two ``(rows, length)`` arrays. Torch tensors use ``torch.linalg.vecdot``
-    itself: array-api-compat's ``vecdot`` moves axes first, which ``torch.func.vmap`` cannot batch."""
-    torch = torch_module(a)
-    return xp.vecdot(a, b) if torch is None else torch.linalg.vecdot(a, b, dim=-1)
+    """Per-row dot products of two ``(rows, length)`` arrays: NumPy's ``vecdot`` (one fused pass), elsewhere
+    a product and a sum, which torch and XLA fuse. (array-api-compat's torch ``vecdot`` moves axes, which
+    ``torch.func.vmap`` cannot batch; JAX's is a ``dot_general`` that an explicitly sharded mesh refuses
+    when the rows are split along their length.)"""
+    if is_numpy(a):
+        return xp.vecdot(a, b)
+    return xp.sum(a * b, axis=-1)
 
 
 def row_stats(xp: Any, w: Any, g: Any, u: Any | None = None) -> RowStats:
@@ -259,7 +262,6 @@ def projected_view(param: Any, grad: Any, delta: Any = 0.1, eps: Any = 1e-8) -> 
     cdt = compute_dtype(xp, param.dtype)
     w, g = xp.astype(param, cdt, copy=False), xp.astype(grad, cdt, copy=False)
     dec = decide_view(xp, w, row_stats(xp, w, g), delta, xp.asarray(eps, dtype=cdt, device=dev))
-    one = xp.asarray(VIEW_CHANNEL, dtype=xp.int32, device=dev)
-    two = xp.asarray(VIEW_LAYER, dtype=xp.int32, device=dev)
-    zero = xp.asarray(VIEW_NONE, dtype=xp.int32, device=dev)
-    return xp.where(dec.channel, one, xp.where(dec.layer, two, zero))
+    # The two decisions exclude each other: 1 * channel + 2 * layer (no constant to place on a device,
+    # which a sharded JAX array outside jit would refuse).
+    return xp.astype(dec.channel, xp.int32) * VIEW_CHANNEL + xp.astype(dec.layer, xp.int32) * VIEW_LAYER
