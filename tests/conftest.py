@@ -1,6 +1,6 @@
 """One ``backend`` fixture over every array library, skipped with a reason when absent.
 
-``backend`` is an :class:`adamp_core.testing.Backend` (library + device) with ``asarray``
+``backend`` is an :class:`adamp_xp.testing.Backend` (library + device) with ``asarray``
 and ``to_numpy``; ``xp`` is its array-API namespace. JAX runs with x64 enabled so the
 float64 cases are real float64; float32 cases ask for float32 explicitly.
 """
@@ -11,7 +11,7 @@ import os
 
 import pytest
 
-from adamp_core.testing.backends import BACKENDS
+from adamp_xp.testing.backends import BACKENDS
 
 try:  # float64 on JAX needs x64, and it must be set before any JAX array exists.
     import jax

@@ -160,7 +160,7 @@ def test_torch_cuda_default_path_equals_per_tensor_step(optimizer):  # pragma: n
 
 
 def _array_backends():
-    from adamp_core.testing.backends import BACKENDS
+    from adamp_xp.testing.backends import BACKENDS
 
     out = []
     for b in BACKENDS:

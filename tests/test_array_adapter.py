@@ -1,7 +1,7 @@
 """adamp_array: stateful AdamP/SGDP over NumPy, torch, JAX, array-api-strict (and CuPy on a GPU).
 
 The reference is the official ``adamp==0.3.0`` (torch, CPU): trajectories from
-``adamp_core.testing.oracle.reference_run`` or our own loop over the official optimizer.
+``adamp_xp.testing.oracle.reference_run`` or our own loop over the official optimizer.
 """
 
 from __future__ import annotations
@@ -14,9 +14,9 @@ import pytest
 
 import adamp_array
 from adamp_array._convert import library
-from adamp_core.testing.adapters_conformance import run_array_adapter
-from adamp_core.testing.backends import BACKENDS, Backend
-from adamp_core.testing.oracle import REGIMES, make_grad, reference_run, rel_error
+from adamp_xp.testing.adapters_conformance import run_array_adapter
+from adamp_xp.testing.backends import BACKENDS, Backend
+from adamp_xp.testing.oracle import REGIMES, make_grad, reference_run, rel_error
 
 STEPS = 30  # shares oracle.reference_run's cache with the core's oracle tests
 TOL64 = 1e-10
@@ -348,7 +348,7 @@ def test_state_dict_round_trip_across_libraries_matches_official(optimizer, case
     stitched trajectory is the official one."""
     pytest.importorskip("torch")
     pytest.importorskip("array_api_strict")
-    from adamp_core.testing.oracle import ADAMP_CASES, SGDP_CASES
+    from adamp_xp.testing.oracle import ADAMP_CASES, SGDP_CASES
 
     hp = (ADAMP_CASES if optimizer == "adamp" else SGDP_CASES)[case]
     names = ("conv4d", "linear2d", "vector1d", "scalar0d")
@@ -400,7 +400,7 @@ def test_loads_official_state_dict(optimizer):
     import torch
 
     case, names = ("lr_wd", ("conv4d", "vector1d")) if optimizer == "adamp" else ("momentum_wd", ("linear2d",))
-    from adamp_core.testing.oracle import ADAMP_CASES, SGDP_CASES
+    from adamp_xp.testing.oracle import ADAMP_CASES, SGDP_CASES
 
     hp = (ADAMP_CASES if optimizer == "adamp" else SGDP_CASES)[case]
     refs = {n: reference_run(optimizer, case, n, "float64", STEPS) for n in names}
@@ -643,7 +643,7 @@ def test_bad_load_changes_nothing(make, error, match):
 
 
 def test_conformance_rows_for_the_array_adapter():
-    from adamp_core.testing.adapters_conformance import adapter_rows
+    from adamp_xp.testing.adapters_conformance import adapter_rows
 
     rows = adapter_rows(
         dtypes=("float64",), steps=STEPS, backends=[NUMPY], cases={"adamp": ["lr_wd"], "sgdp": ["momentum_wd"]}

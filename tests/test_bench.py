@@ -17,9 +17,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adamp_core.bench import register
-from adamp_core.bench._cli import QUICK_SKIP_BACKENDS, QUICK_SKIP_IMPLS, _settings, extra_peak_bytes, torch_ops
-from adamp_core.bench.runners import (
+from adamp_xp.bench import register
+from adamp_xp.bench._cli import QUICK_SKIP_BACKENDS, QUICK_SKIP_IMPLS, _settings
+from adamp_xp.bench.measure import extra_peak_bytes, torch_ops
+from adamp_xp.bench.runners import (
     HYPERPARAMS,
     IMPLS,
     GradCache,
@@ -28,7 +29,7 @@ from adamp_core.bench.runners import (
     device_backends,
     impl_rows,
 )
-from adamp_core.bench.workloads import ENV_SCALE, WORKLOAD_NAMES, get_workload, host_data
+from adamp_xp.bench.workloads import ENV_SCALE, WORKLOAD_NAMES, get_workload, host_data
 
 ROOT = Path(__file__).resolve().parents[1]
 ASV_DIR = ROOT / "asv_benchmarks"
@@ -331,7 +332,7 @@ def test_bench_rejects_bad_arguments(argv, message):
 
 def test_bench_package_imports_no_heavy_library():
     code = (
-        "import sys, adamp_core.bench.workloads, adamp_core.bench.runners; print({'torch', 'jax'} & set(sys.modules))"
+        "import sys, adamp_xp.bench.workloads, adamp_xp.bench.runners; print({'torch', 'jax'} & set(sys.modules))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "set()"
@@ -430,7 +431,7 @@ def test_asv_thread_setting(asv_suite, monkeypatch):
 
 
 def test_jax_compilation_cache_can_be_turned_off(monkeypatch):
-    from adamp_core.bench.runners import ENV_JAX_CACHE, enable_jax_compilation_cache
+    from adamp_xp.bench.runners import ENV_JAX_CACHE, enable_jax_compilation_cache
 
     assert enable_jax_compilation_cache("none") is None
     monkeypatch.setenv(ENV_JAX_CACHE, "NONE")

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from adamp_core.cli import main
+from adamp_xp.cli import main
 
 pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
 

@@ -13,7 +13,7 @@ import functools
 
 import pytest
 
-from adamp_core.testing.oracle import ADAMP_CASES, SGDP_CASES, SHAPES, run_core, tolerance
+from adamp_xp.testing.oracle import ADAMP_CASES, SGDP_CASES, SHAPES, run_core, tolerance
 
 pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
 
@@ -32,7 +32,7 @@ def test_core_matches_official(backend, dtype, optimizer, case, shape_name):
 
 def test_regimes_fire_every_view():
     """The gradient table really exercises channel, layer and no projection (else the oracle test is weak)."""
-    from adamp_core.testing.oracle import reference_run
+    from adamp_xp.testing.oracle import reference_run
 
     seen = set()
     for shape_name in ("conv4d", "linear2d", "conv3d"):
@@ -45,7 +45,7 @@ def test_core_matches_official_under_jax_jit(optimizer, case):
     """The pure step compiled with jax.jit (array step count, traced once) still equals the official one."""
     jax = pytest.importorskip("jax")
     import adamp_core as ac
-    from adamp_core.testing.backends import Backend
+    from adamp_xp.testing.backends import Backend
 
     hp = (ADAMP_CASES if optimizer == "adamp" else SGDP_CASES)[case]
     core = ac.adamp_step if optimizer == "adamp" else ac.sgdp_step

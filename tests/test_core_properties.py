@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import adamp_core as ac
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.oracle import make_grad
 
 finite = st.floats(-10.0, 10.0, allow_nan=False, allow_subnormal=False)
 shapes = hnp.array_shapes(min_dims=2, max_dims=4, min_side=1, max_side=6)

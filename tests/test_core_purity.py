@@ -63,7 +63,7 @@ LOW = [("torch", "float16"), ("torch", "bfloat16"), ("jax", "bfloat16"), ("jax",
 def test_low_precision_computes_in_float32(library, low, name):
     """A half-precision param with float32 state is updated exactly as its float32 upcast would be,
     then rounded once: the maths and the reductions never run in half precision."""
-    from adamp_core.testing.backends import Backend
+    from adamp_xp.testing.backends import Backend
 
     backend = Backend(library, "cpu")
     if backend.skip_reason():

@@ -17,7 +17,7 @@ import pytest
 
 import adamp_core as ac
 from adamp_core import diagnostics as D
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.oracle import make_grad
 
 SHAPES = [(6, 3, 3, 3), (5, 12), (1, 16), (6, 1), (7,)]
 
@@ -129,7 +129,7 @@ def test_scale_invariance_matches_numpy_rule(backend, dtype, shape, regime):
 def test_view_matches_official_adamp(regime):
     torch = pytest.importorskip("torch")
     pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
-    from adamp_core.testing.oracle import official_view
+    from adamp_xp.testing.oracle import official_view
 
     rng = np.random.default_rng(4)
     for shape in SHAPES[:4]:

@@ -16,7 +16,7 @@ pytest.importorskip("torch")
 pytest.importorskip("sklearn")
 pytest.importorskip("adamp_torch")
 
-from adamp_core.experiments import digits  # noqa: E402
+from adamp_xp.experiments import digits  # noqa: E402
 
 PNG = b"\x89PNG\r\n\x1a\n"
 

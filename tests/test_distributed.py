@@ -30,7 +30,7 @@ from torch import nn
 
 import adamp_core as ac
 import adamp_torch
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.oracle import make_grad
 
 WORLD = 2
 STEPS = 6

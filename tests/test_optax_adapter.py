@@ -17,9 +17,9 @@ optax = pytest.importorskip("optax")
 
 import adamp_core as ac  # noqa: E402
 import adamp_optax  # noqa: E402
-from adamp_core.testing.adapters_conformance import optax_kwargs, run_optax_adapter  # noqa: E402
-from adamp_core.testing.backends import Backend  # noqa: E402
-from adamp_core.testing.oracle import ADAMP_CASES, REGIMES, make_grad, rel_error  # noqa: E402
+from adamp_xp.testing.adapters_conformance import optax_kwargs, run_optax_adapter  # noqa: E402
+from adamp_xp.testing.backends import Backend  # noqa: E402
+from adamp_xp.testing.oracle import ADAMP_CASES, REGIMES, make_grad, rel_error  # noqa: E402
 
 STEPS = 30  # shares oracle.reference_run's cache with the other oracle tests
 TOL64 = 1e-10

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 import adamp_core as ac
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.oracle import make_grad
 
 HP = {"adamp": dict(lr=1e-2, weight_decay=0.1, nesterov=True), "sgdp": dict(lr=0.1, momentum=0.9, weight_decay=1e-2)}
 SHAPES = [(4, 3, 3), (6,), ()]
@@ -254,7 +254,7 @@ def _close(ours, ref, what):
 @pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
 def test_core_state_moves_between_backends(optimizer):
     """NumPy -> torch -> JAX -> array-api-strict -> NumPy, 3 steps each, float64: as official uninterrupted."""
-    from adamp_core.testing.backends import Backend
+    from adamp_xp.testing.backends import Backend
 
     init, step = (ac.adamp_init, ac.adamp_step) if optimizer == "adamp" else (ac.sgdp_init, ac.sgdp_step)
     chain = [Backend(lib, "cpu") for lib in ("numpy", "torch", "jax", "array_api_strict", "numpy")]

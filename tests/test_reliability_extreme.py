@@ -24,8 +24,8 @@ import numpy as np
 import pytest
 
 import adamp_core as ac
-from adamp_core.testing.backends import BACKENDS
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.backends import BACKENDS
+from adamp_xp.testing.oracle import make_grad
 
 RTOL = {"float32": 1e-5, "float64": 1e-12}
 STEPS = 3
@@ -245,7 +245,7 @@ def test_extreme_magnitudes_float32(backend, optimizer, w_s, g_s, eps, regime):
 @pytest.mark.parametrize("optimizer,w_s,g_s,eps", CASES, ids=[f"{o}-w{w}-g{g}-eps{e:g}" for o, w, g, e in CASES])
 def test_extreme_magnitudes_float64(optimizer, w_s, g_s, eps, regime):
     """The same in float64 at 5e153 and 1e-170 (NumPy), against an x87 extended-precision reference."""
-    from adamp_core.testing.backends import Backend
+    from adamp_xp.testing.backends import Backend
 
     if eps < 1e-20:
         eps = 1e-200  # below every |w| and |g| here except the tiny ones, as 1e-30 is for float32

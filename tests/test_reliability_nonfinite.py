@@ -103,7 +103,7 @@ def run_entry(entry, case, w0, grads, skip=False):
     kind, _, lib = entry.partition(":")
     out, skips = [], None
     if kind in ("core", "tree"):
-        from adamp_core.testing.backends import Backend
+        from adamp_xp.testing.backends import Backend
 
         be = Backend(lib, "cpu")
         if be.skip_reason():

@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 import adamp_core as ac
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.oracle import make_grad
 
 EXAMPLES = {"numpy": 100, "array_api_strict": 40, "torch": 60, "jax": 6, "cupy": 30}
 # Eager JAX compiles every operation for every new shape: it draws from a few fixed shapes.

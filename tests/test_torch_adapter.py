@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import adamp_torch
-from adamp_core.testing.oracle import official_view, rel_error
+from adamp_xp.testing.oracle import official_view, rel_error
 
 adamp = pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
 
@@ -118,7 +118,7 @@ def train(net, opt, batches, views=None, sched=None):
 
 
 def traj_error(ours, ref):
-    """Worst normwise error over params of the trajectories (see adamp_core.testing.oracle.rel_error)."""
+    """Worst normwise error over params of the trajectories (see adamp_xp.testing.oracle.rel_error)."""
     return max(rel_error([t[i] for t in ours], [t[i] for t in ref]) for i in range(len(ref[0])))
 
 

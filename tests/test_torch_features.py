@@ -31,7 +31,7 @@ from test_torch_adapter import (
 from torch import nn
 
 import adamp_torch
-from adamp_core.testing.oracle import make_grad
+from adamp_xp.testing.oracle import make_grad
 
 adamp = pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
 

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 import adamp_core as ac
-from adamp_core.experiments import toy
+from adamp_xp.experiments import toy
 
 STEPS = 150
 PNG = b"\x89PNG\r\n\x1a\n"

@@ -1,6 +1,6 @@
 """Benchmark base classes, following scipy's ``XPBenchmark`` (scipy/benchmarks/benchmarks/common.py).
 
-Backends are ``adamp_core.testing.backends`` ids. A backend that cannot run here (library not
+Backends are ``adamp_xp.testing.backends`` ids. A backend that cannot run here (library not
 installed, no GPU) raises ``NotImplementedError`` in ``setup``, which asv reports as skipped.
 Lazy and asynchronous backends are synchronized (``torch.cuda.synchronize``, CuPy's stream,
 ``jax.block_until_ready``) before a timed call returns, and JIT backends are compiled and warmed
@@ -9,10 +9,23 @@ up in ``setup`` so that compilation is never timed.
 
 from __future__ import annotations
 
+import importlib
 import os
 from typing import Any
 
 ENV_THREADS = "ADAMP_BENCH_THREADS"
+
+
+def tools(module: str, before: str | None = None) -> Any:
+    """``adamp_xp.<module>``, the tools package; on a commit from before the tools left the core
+    (``asv continuous`` against an old base), ``adamp_core.<before or module>``. ImportError when the
+    commit has neither."""
+    try:
+        return importlib.import_module(f"adamp_xp.{module}")
+    except ModuleNotFoundError as exc:
+        if exc.name not in ("adamp_xp", f"adamp_xp.{module}"):
+            raise
+    return importlib.import_module(f"adamp_core.{before or module}")
 
 
 def apply_threads() -> None:
@@ -45,7 +58,7 @@ def enable_jax_compilation_cache() -> None:
     ``none``: off): asv runs every benchmark in a fresh process, so ``time_step`` and ``peakmem_step``
     would each compile the step again. Compilation is never timed."""
     try:
-        from adamp_core.bench.runners import enable_jax_compilation_cache as enable
+        enable = tools("bench.runners").enable_jax_compilation_cache
     except ImportError:  # a commit from before adamp_core.bench
         return
     enable()
@@ -86,7 +99,7 @@ class XPBenchmark(Benchmark):
     def setup(self, backend: str, *args: Any) -> None:
         """Skip (``NotImplementedError``) when ``backend`` cannot run here; set ``backend``,
         ``library``, ``device``, ``xp`` and ``warmup`` (True for the JIT backends)."""
-        from adamp_core.testing.backends import get_backend
+        get_backend = tools("testing.backends").get_backend
 
         if backend == "cupy" or backend == "jax:gpu":
             # Several libraries may share the GPU in one asv process: no 75% up-front JAX allocation.
@@ -107,7 +120,5 @@ class XPBenchmark(Benchmark):
 
     def synchronize(self, *arrays: Any) -> Any:
         """Wait until ``arrays`` are computed (and the device idle); return them."""
-        from adamp_core.bench.runners import synchronize
-
-        synchronize(self.backend, arrays)
+        tools("bench.runners").synchronize(self.backend, arrays)
         return arrays[0] if len(arrays) == 1 else arrays

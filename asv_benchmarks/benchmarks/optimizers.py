@@ -1,11 +1,11 @@
 """One AdamP/SGDP step: adamp_core on every backend, the adapters, and the reference optimizers.
 
-Workloads (``adamp_core.bench.workloads``, scaled by ``ADAMP_BENCH_SCALE``): ResNet-50's 161
+Workloads (``adamp_xp.bench.workloads``, scaled by ``ADAMP_BENCH_SCALE``): ResNet-50's 161
 parameter tensors (25.6M elements), one transformer block with LayerNorm, 2,000 small tensors,
-one 64M-element tensor. Every step is built by ``adamp_core.bench.runners``, the code behind
+one 64M-element tensor. Every step is built by ``adamp_xp.bench.runners``, the code behind
 ``adamp-xp bench``.
 
-Every row of an optimizer runs the same hyperparameters (``adamp_core.bench.runners.HYPERPARAMS``):
+Every row of an optimizer runs the same hyperparameters (``adamp_xp.bench.runners.HYPERPARAMS``):
 AdamP and AdamW lr 1e-3, weight decay 1e-2; SGDP and ``SGD(foreach=True)`` lr 1e-2 with Nesterov
 momentum 0.9, weight decay 1e-4.
 
@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import Benchmark, XPBenchmark, apply_threads, enable_jax_compilation_cache
+from .common import Benchmark, XPBenchmark, apply_threads, enable_jax_compilation_cache, tools
 
 apply_threads()  # $ADAMP_BENCH_THREADS, before JAX is imported
 
@@ -32,7 +32,7 @@ for _module in ("numpy", "torch", "jax", "optax", "array_api_strict", "adamp"):
         pass
 
 try:
-    from adamp_core.bench.workloads import WORKLOAD_NAMES
+    WORKLOAD_NAMES = tools("bench.workloads").WORKLOAD_NAMES
 except ImportError:  # benchmarking a commit from before adamp_core.bench existed
     WORKLOAD_NAMES = ("resnet50", "transformer", "small", "large")
 
@@ -43,14 +43,13 @@ DEVICES = ["cpu", "cuda"]
 def _build(impl: str, optimizer: str, backend: str, workload: str) -> Any:
     """A warmed-up runner; NotImplementedError (asv: skipped) when it cannot run here."""
     try:
-        from adamp_core.bench.runners import GradCache, Unavailable, build_runner
-        from adamp_core.bench.workloads import get_workload
+        runners, workloads = tools("bench.runners"), tools("bench.workloads")
     except ImportError as exc:  # a commit from before adamp_core.bench (asv continuous against an old base)
-        raise NotImplementedError(f"adamp_core.bench is not in this version of adamp-xp ({exc})") from None
+        raise NotImplementedError(f"adamp_xp.bench is not in this version of adamp-xp ({exc})") from None
 
     try:
-        runner = build_runner(impl, optimizer, backend, GradCache(get_workload(workload)))
-    except Unavailable as exc:
+        runner = runners.build_runner(impl, optimizer, backend, runners.GradCache(workloads.get_workload(workload)))
+    except runners.Unavailable as exc:
         raise NotImplementedError(str(exc)) from None
     # Warm-up: JIT compilation (twice: the first call's outputs are committed to the device), lazy state.
     for _ in range(2):
@@ -188,7 +187,7 @@ class Adapter(_Step, AdapterSetup):
 
 
 class AdapterOps(AdapterSetup):
-    """Kernels a torch adapter's step dispatches (``adamp_core.bench._cli.torch_ops``): on a GPU the
+    """Kernels a torch adapter's step dispatches (``adamp_xp.bench.measure.torch_ops``): on a GPU the
     launches that bound a launch-bound step, e.g. the multi-tensor step against the per-tensor one."""
 
     def setup(self, device: str, workload: str, adapter: str) -> None:
@@ -197,9 +196,7 @@ class AdapterOps(AdapterSetup):
         super().setup(device, workload, adapter)
 
     def track_torch_ops(self, *params: Any) -> int:
-        from adamp_core.bench._cli import torch_ops
-
-        return torch_ops(self.runner.step)
+        return tools("bench.measure", before="bench._cli").torch_ops(self.runner.step)
 
     track_torch_ops.unit = "ops"
 

@@ -19,7 +19,7 @@ from typing import Any
 __all__ = ["main"]
 
 # Modules that define `register(subparsers)` for further subcommands (toy, digits, bench).
-_SUBCOMMANDS: list[str] = ["adamp_core.experiments.toy", "adamp_core.experiments.digits", "adamp_core.bench"]
+_SUBCOMMANDS: list[str] = ["adamp_xp.experiments.toy", "adamp_xp.experiments.digits", "adamp_xp.bench"]
 
 
 def _enable_jax_x64() -> None:

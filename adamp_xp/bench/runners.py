@@ -390,7 +390,7 @@ def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
 
 
 def _core_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> tuple[Callable, Callable, dict]:
-    from .. import tree
+    from adamp_core import tree
 
     hp = HYPERPARAMS[optimizer]
     init, step_fn = (tree.adamp_init, tree.adamp_step) if optimizer == "adamp" else (tree.sgdp_init, tree.sgdp_step)

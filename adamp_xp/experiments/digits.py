@@ -424,7 +424,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `python -m adamp_core.experiments.digits`
+def _cli(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `python -m adamp_xp.experiments.digits`
     parser = argparse.ArgumentParser(prog="adamp-xp")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["digits", *(argv or [])])

@@ -1,9 +1,9 @@
 """The array and optax adapters against ``adamp==0.3.0``, for the tests and ``adamp-xp conformance``.
 
-Each run puts every shape of :data:`~adamp_core.testing.oracle.SHAPES` into *one* optimizer (so the
+Each run puts every shape of :data:`~adamp_xp.testing.oracle.SHAPES` into *one* optimizer (so the
 adapters' multi-param bookkeeping is exercised), feeds it the official trajectory's gradients
-(:func:`~adamp_core.testing.oracle.reference_run`) and compares the params and every state array
-after every step, normwise over the trajectory (:func:`~adamp_core.testing.oracle.rel_error`).
+(:func:`~adamp_xp.testing.oracle.reference_run`) and compares the params and every state array
+after every step, normwise over the trajectory (:func:`~adamp_xp.testing.oracle.rel_error`).
 Every library (the adapters, JAX, optax, torch, the official package) is imported lazily.
 """
 
@@ -118,7 +118,7 @@ def adapter_rows(
 
     ``adamp_array`` runs on every available backend, ``adamp_optax`` on the JAX ones; each row is
     the worst error over both optimizers and all of their oracle cases and shapes, and passes within
-    :func:`~adamp_core.testing.oracle.tolerance`. JAX float64 rows need ``jax_enable_x64`` (set it
+    :func:`~adamp_xp.testing.oracle.tolerance`. JAX float64 rows need ``jax_enable_x64`` (set it
     before creating any JAX array); without it they are left out. ``cases`` (``{"adamp": [...],
     "sgdp": [...]}``) restricts the oracle cases (default: all of them).
     """

@@ -228,7 +228,7 @@ def _methods(cfg: ToyConfig) -> list[tuple[str, float, dict[str, Any], bool]]:
 
 
 def _resolve_backend(name: str) -> Any:
-    from adamp_core.testing.backends import get_backend
+    from adamp_xp.testing.backends import get_backend
 
     return get_backend({"torch": "torch:cpu", "jax": "jax:cpu"}.get(name, name))
 
@@ -576,7 +576,7 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `python -m adamp_core.experiments.toy`
+def _cli(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `python -m adamp_xp.experiments.toy`
     parser = argparse.ArgumentParser(prog="adamp-xp")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["toy", *(argv or [])])

@@ -1,9 +1,11 @@
 """Benchmarks of AdamP/SGDP across backends: workloads, runners and the ``adamp-xp bench`` command.
 
-* :mod:`adamp_core.bench.workloads`: parameter shapes (ResNet-50, a transformer block,
+* :mod:`adamp_xp.bench.workloads`: parameter shapes (ResNet-50, a transformer block,
   2,000 small tensors, one 64M-element tensor), scaled by ``ADAMP_BENCH_SCALE``.
-* :mod:`adamp_core.bench.runners`: one optimizer step of an implementation (ours, the adapters,
+* :mod:`adamp_xp.bench.runners`: one optimizer step of an implementation (ours, the adapters,
   ``torch.optim``, the official ``adamp``, optax) on a backend, with device synchronization.
+* :mod:`adamp_xp.bench.measure`: every row built, warmed up and timed round-robin, then the extra
+  memory and torch ops of one more step.
 * ``adamp-xp bench``: all rows on the same workload, interleaved; prints ms/step and the ratio
   to ``torch.optim.AdamW(fused=True)`` (SGDP: ``SGD(momentum=0.9, nesterov=True, foreach=True)``)
   and to ``adamp==0.3.0``.
