@@ -29,7 +29,7 @@ from ._common import (
     state_zeros,
 )
 from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device, namespace_name
-from .hyperparams import AdamPHyperparams, _flag, check_adamp
+from .hyperparams import AdamPHyperparams, check_adamp, check_flag
 from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["AdamPState", "adamp_init", "adamp_step"]
@@ -98,7 +98,7 @@ def adamp_step(
     (sync-free, except with a Python-int ``state.step``, where the flag is read on the host).
     """
     hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
-    skip = _flag(skip_nonfinite, "skip_nonfinite")
+    skip = check_flag(skip_nonfinite, "skip_nonfinite")
     xp = check_array(param)
     check_grad(param, grad)
     check_hyper_arrays(param, hp)

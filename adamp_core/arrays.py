@@ -39,6 +39,21 @@ def _is_torch(x: Any) -> bool:
     return tensor is not None and isinstance(x, tensor)
 
 
+def is_host(x: Any) -> bool:
+    """Whether ``x`` lives in host memory (a CPU device): NumPy, CPU torch tensors, JAX arrays on CPU
+    devices (a tracer: JAX's default backend), array-api-strict's CPU device. Metadata only."""
+    if type(x) is _ndarray() or _is_torch(x):
+        return type(x) is _ndarray() or x.device.type == "cpu"
+    jax = sys.modules.get("jax")
+    if jax is not None and isinstance(x, jax.core.Tracer):
+        return jax.default_backend() == "cpu"
+    if jax is not None and isinstance(x, jax.Array):
+        return all(d.platform == "cpu" for d in x.devices())
+    if is_cupy_array(x):
+        return False
+    return "cpu" in str(device(x)).lower()  # array-api-strict's CPU_DEVICE; other libraries name theirs so
+
+
 def is_numpy(x: Any) -> bool:
     """Whether ``x`` is a NumPy array (without array-api-compat's dispatch)."""
     return type(x) is _ndarray()

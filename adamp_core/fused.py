@@ -58,6 +58,10 @@ __all__ = [
     "adamp_inplace",
     "channel_shape",
     "check_fused",
+    "host_addresses",
+    "host_views",
+    "run_batch",
+    "run_inplace",
     "sgdp_batch",
     "sgdp_inplace",
     "supports",
@@ -472,3 +476,62 @@ def sgdp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, hp: Any, skip_non
             float(hp.delta), float(f(hp.eps)), decay, bool(skip_nonfinite), like.dtype == np.float64, out,
         )  # fmt: skip
     return out
+
+
+# -- what the dispatcher (adamp_core.dispatch) calls: which arrays the kernels take, and how --------------
+_DTYPES = (np.float32, np.float64)
+
+
+def _torch_plain(x: Any) -> bool:
+    """A plain CPU torch tensor (a Parameter included; no DTensor or other subclass) whose memory the
+    kernels may use as it is: no conjugate or negative bit."""
+    torch = sys.modules.get("torch")
+    return (torch is not None and type(x) in (torch.Tensor, torch.nn.Parameter) and x.device.type == "cpu"
+            and not x.is_conj() and not x.is_neg())
+
+
+def host_addresses(arrays: list[Any]) -> list[int] | None:
+    """The data addresses of ``arrays`` (param, grad, state buffers) when the kernels can step them in
+    place: NumPy arrays or plain CPU torch tensors, one float32/float64 dtype and one shape, C-contiguous,
+    param and state writeable; else None. Metadata only (a torch tensor's address, without a NumPy view)."""
+    first = arrays[0]
+    if type(first) is np.ndarray:
+        return [x.ctypes.data for x in arrays] if supports(*arrays) else None
+    if not _torch_plain(first):
+        return None
+    torch = sys.modules["torch"]
+    if first.dtype not in (torch.float32, torch.float64):
+        return None
+    for x in arrays:
+        if type(x) is not torch.Tensor and x is not first:  # grads and state: plain tensors
+            return None
+        if x.dtype != first.dtype or x.shape != first.shape or not x.is_contiguous() or x.device.type != "cpu":
+            return None
+        if x.is_conj() or x.is_neg():
+            return None
+    return [x.data_ptr() for x in arrays]
+
+
+def host_views(arrays: list[Any]) -> list[np.ndarray]:
+    """Zero-copy NumPy views of arrays that :func:`host_addresses` accepted."""
+    return [x if type(x) is np.ndarray else x.detach().numpy() for x in arrays]
+
+
+def run_inplace(kernel: str, views: list[np.ndarray], step: int | None, hp: Any, skip_nonfinite: bool) -> int:
+    """One tensor by :func:`adamp_inplace` (``kernel`` "adamp", ``step`` the new count) or
+    :func:`sgdp_inplace` ("sgdp"); returns its status."""
+    if kernel == "adamp":
+        return adamp_inplace(*views, step, hp, skip_nonfinite)[0]
+    return sgdp_inplace(*views, hp, skip_nonfinite)[0]
+
+
+def run_batch(kernel: str, addresses: list[list[int]], params: list[Any], steps: list[int] | None, hp: Any,
+              skip_nonfinite: bool) -> Any:
+    """Many tensors of one dtype by :func:`adamp_batch` / :func:`sgdp_batch` (``addresses`` from
+    :func:`host_addresses`, ``params`` for their shapes); returns the status of each."""
+    table = np.array(addresses, dtype=np.int64)
+    shapes = [tuple(p.shape) for p in params]
+    dtype = np.float32 if str(params[0].dtype).endswith("float32") else np.float64
+    if kernel == "adamp":
+        return adamp_batch(table, shapes, dtype, steps, hp, skip_nonfinite)
+    return sgdp_batch(table, shapes, dtype, hp, skip_nonfinite)

@@ -72,14 +72,14 @@ def row_bucket(length: int) -> int:
 
 
 def group_indices(keys: Sequence[Any], shapes: Sequence[tuple[int, ...]], max_elements: int = GROUP_MAX_ELEMENTS,
-                  *, on_host: bool = False) -> list[list[int]]:
+                  *, on_host: bool = False, host_max_elements: int = HOST_TENSOR_MAX_ELEMENTS) -> list[list[int]]:
     """Indices of the tensors to step together, in order of first appearance: tensors with equal
     ``keys[i]`` (whatever else must agree: dtypes, device), row lengths in the same :func:`row_bucket`
     and both projected (``ndim > 1``) or both not, up to ``max_elements`` (padded) elements per group.
     Empty tensors and tensors above ``max_elements`` get groups of one; with ``on_host`` (tensors on a
-    CPU) so do tensors above :data:`HOST_TENSOR_MAX_ELEMENTS`, read at every call (set it to
-    :data:`GROUP_MAX_ELEMENTS` to see a GPU's groups on a CPU)."""
-    largest = min(max_elements, HOST_TENSOR_MAX_ELEMENTS) if on_host else max_elements
+    CPU) so do tensors above ``host_max_elements`` (pass :data:`GROUP_MAX_ELEMENTS` to see a GPU's
+    groups on a CPU)."""
+    largest = min(max_elements, host_max_elements) if on_host else max_elements
     groups: dict[Any, list[list[int]]] = {}
     filled: dict[int, int] = {}  # id of an open group -> its padded size
     order: list[list[int]] = []

@@ -30,6 +30,7 @@ __all__ = [
     "AdamPHyperparams",
     "SGDPHyperparams",
     "check_adamp",
+    "check_flag",
     "check_sgdp",
 ]
 
@@ -107,7 +108,8 @@ def _unit(value: Any, label: str) -> Any:
     return value
 
 
-def _flag(value: Any, name: str) -> bool:
+def check_flag(value: Any, name: str) -> bool:
+    """``value`` if it is a bool, else ``TypeError`` naming ``name`` (the options nesterov, skip_nonfinite...)."""
     if not isinstance(value, bool):
         raise TypeError(f"Invalid {name} value: {value!r} (expected True or False)")
     return value
@@ -132,7 +134,7 @@ def check_adamp(
     weight_decay = _nonnegative(weight_decay, "weight_decay value")
     delta = _nonnegative(delta, "delta value")
     wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
-    return AdamPHyperparams(lr, (beta1, beta2), eps, weight_decay, delta, wd_ratio, _flag(nesterov, "nesterov"))
+    return AdamPHyperparams(lr, (beta1, beta2), eps, weight_decay, delta, wd_ratio, check_flag(nesterov, "nesterov"))
 
 
 def check_sgdp(
@@ -150,7 +152,7 @@ def check_sgdp(
     momentum = _unit(momentum, "momentum value")
     dampening = _unit(dampening, "dampening value")
     weight_decay = _nonnegative(weight_decay, "weight_decay value")
-    nesterov = _flag(nesterov, "nesterov")
+    nesterov = check_flag(nesterov, "nesterov")
     eps = _nonnegative(eps, "epsilon value")
     delta = _nonnegative(delta, "delta value")
     wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")

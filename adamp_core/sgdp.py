@@ -20,7 +20,7 @@ from typing import Any, NamedTuple
 
 from ._common import check_state_arrays, finite_flag, keep_if_finite, scalar, state_zeros
 from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
-from .hyperparams import SGDPHyperparams, _flag, check_sgdp
+from .hyperparams import SGDPHyperparams, check_flag, check_sgdp
 from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
@@ -80,7 +80,7 @@ def sgdp_step(
     :func:`adamp_core.all_finite` and the choice an ``xp.where`` (sync-free).
     """
     hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
-    skip = _flag(skip_nonfinite, "skip_nonfinite")
+    skip = check_flag(skip_nonfinite, "skip_nonfinite")
     xp = check_array(param)
     check_grad(param, grad)
     check_hyper_arrays(param, hp)

@@ -19,7 +19,7 @@ from ._common import finite_flag, keep_if_finite
 from .adamp import AdamPState, adamp_update, check_adamp_state
 from .adamp import adamp_init as _adamp_init
 from .arrays import check_array, check_grad, check_hyper_arrays
-from .hyperparams import _flag, check_adamp, check_sgdp
+from .hyperparams import check_adamp, check_flag, check_sgdp
 from .sgdp import SGDPState, check_sgdp_state, sgdp_update
 from .sgdp import sgdp_init as _sgdp_init
 
@@ -163,7 +163,7 @@ def sgdp_init(params: Any, *, state_dtype: Any = None) -> Any:
 def _step(
     params: Any, grads: Any, states: Any, hp: Any, check_state: Any, update: Any, skip_nonfinite: Any = False
 ) -> tuple[Any, Any]:
-    skip = _flag(skip_nonfinite, "skip_nonfinite")
+    skip = check_flag(skip_nonfinite, "skip_nonfinite")
     node, paths, ps = _structure(params)
     gs = _leaves_like(node, grads, "grads")
     ss = _leaves_like(node, states, "states")

@@ -5,6 +5,8 @@ asserts that the groups were really stepped together."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -26,8 +28,8 @@ def _spy(monkeypatch, optimizer, *modules):
 
     for mod in modules:
         for cls in (mod.AdamP, mod.SGDP):
-            if cls.__name__.lower() == optimizer:
-                monkeypatch.setattr(cls, "_update_group", staticmethod(spy))
+            if cls.__name__.lower() == optimizer:  # the adapters step through their spec's functions
+                monkeypatch.setattr(cls, "_spec", dataclasses.replace(cls._spec, update_group=spy))
     return sizes
 
 
@@ -250,8 +252,9 @@ def test_optax_foreach_equals_per_leaf_step_under_jit(optimizer, monkeypatch):
     make = getattr(adamp_optax, optimizer)
     sizes: list[int] = []  # group sizes seen while tracing
     real = getattr(grouped, f"{optimizer}_update_group")
-    monkeypatch.setattr(adamp_optax, f"{optimizer}_update_group",
-                        lambda xp, ps, *a, **k: sizes.append(len(ps)) or real(xp, ps, *a, **k))
+    spec = getattr(adamp_optax, optimizer.upper())  # the transformation steps through its spec's functions
+    monkeypatch.setattr(adamp_optax, optimizer.upper(), dataclasses.replace(
+        spec, update_group=lambda xp, ps, *a, **k: sizes.append(len(ps)) or real(xp, ps, *a, **k)))
     txs = [make(schedule, foreach=f, **kw) for f in (True, None)]
     traces = [0, 0]
     runs = []

@@ -39,23 +39,13 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
-
-from adamp_core import fused as _fused
-from adamp_core.adamp import AdamPState, adamp_init, adamp_update, check_adamp_state
-from adamp_core.grouped import adamp_update_group, sgdp_update_group
-from adamp_core.hyperparams import check_adamp, check_sgdp
-from adamp_core.sgdp import SGDPState, check_sgdp_state, sgdp_init, sgdp_update
+from adamp_core.optimizers import ADAMP, REQUIRED
+from adamp_core.optimizers import SGDP as SGDP_SPEC
 
 from ._convert import flatten_state_dict, unflatten_state_dict
-from ._optimizer import REQUIRED, ArrayOptimizer
+from ._optimizer import ArrayOptimizer
 
 __all__ = ["AdamP", "SGDP", "flatten_state_dict", "unflatten_state_dict"]
-
-
-def _adamp_fresh(param: Any, *, state_dtype: Any = None) -> Any:
-    # A Python-int step: the bias corrections are then Python-float maths, exactly as adamp 0.3.0.
-    return adamp_init(param, state_dtype=state_dtype)._replace(step=0)
 
 
 class AdamP(ArrayOptimizer):
@@ -77,31 +67,7 @@ class AdamP(ArrayOptimizer):
     dtype, e.g. ``"float32"`` for float16 params.
     """
 
-    _name = "AdamP"
-    _hp_names = ("lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov")
-    _check = staticmethod(check_adamp)
-    _init = staticmethod(_adamp_fresh)
-    _check_state = staticmethod(check_adamp_state)
-    _update = staticmethod(adamp_update)
-    _update_group = staticmethod(adamp_update_group)
-
-    @staticmethod
-    def _state_arrays(state: AdamPState) -> tuple[Any, ...]:
-        return state.exp_avg, state.exp_avg_sq
-
-    @staticmethod
-    def _fused_kernel(p: Any, g: Any, state: AdamPState, hp: Any, skip: bool) -> tuple[int, AdamPState]:
-        status, _ = _fused.adamp_inplace(p, g, state.exp_avg, state.exp_avg_sq, int(state.step) + 1, hp, skip)
-        return status, state._replace(step=state.step + 1)
-
-    @staticmethod
-    def _batch_kernel(addresses: Any, shapes: Any, dtype: Any, states: Any, hp: Any, skip: bool) -> Any:
-        steps = [int(s.step) + 1 for s in states]
-        return _fused.adamp_batch(np.asarray(addresses, dtype=np.int64), shapes, dtype, steps, hp, skip)
-
-    @staticmethod
-    def _advanced(state: AdamPState) -> AdamPState:
-        return state._replace(step=state.step + 1)
+    _spec = ADAMP
 
     def __init__(
         self,
@@ -119,12 +85,7 @@ class AdamP(ArrayOptimizer):
         fused: bool | None = None,
         foreach: bool | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio, nesterov=nesterov
-        )
-        check_adamp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused,
-                         foreach=foreach)
+        super().__init__(params, locals())
 
 
 class SGDP(ArrayOptimizer):
@@ -140,30 +101,7 @@ class SGDP(ArrayOptimizer):
     ``state_dtype`` (keyword only) keeps the momentum buffer in another floating dtype.
     """
 
-    _name = "SGDP"
-    _hp_names = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "eps", "delta", "wd_ratio")
-    _check = staticmethod(check_sgdp)
-    _init = staticmethod(sgdp_init)
-    _check_state = staticmethod(check_sgdp_state)
-    _update = staticmethod(sgdp_update)
-    _update_group = staticmethod(sgdp_update_group)
-
-    @staticmethod
-    def _state_arrays(state: SGDPState) -> tuple[Any, ...]:
-        return (state.momentum,)
-
-    @staticmethod
-    def _fused_kernel(p: Any, g: Any, state: SGDPState, hp: Any, skip: bool) -> tuple[int, SGDPState]:
-        status, _ = _fused.sgdp_inplace(p, g, state.momentum, hp, skip)
-        return status, state
-
-    @staticmethod
-    def _batch_kernel(addresses: Any, shapes: Any, dtype: Any, states: Any, hp: Any, skip: bool) -> Any:
-        return _fused.sgdp_batch(np.asarray(addresses, dtype=np.int64), shapes, dtype, hp, skip)
-
-    @staticmethod
-    def _advanced(state: SGDPState) -> SGDPState:
-        return state
+    _spec = SGDP_SPEC
 
     def __init__(
         self,
@@ -182,17 +120,4 @@ class SGDP(ArrayOptimizer):
         fused: bool | None = None,
         foreach: bool | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            eps=eps,
-            delta=delta,
-            wd_ratio=wd_ratio,
-        )
-        if lr is not REQUIRED:
-            check_sgdp(**defaults)
-        super().__init__(params, defaults, state_dtype=state_dtype, skip_nonfinite=skip_nonfinite, fused=fused,
-                         foreach=foreach)
+        super().__init__(params, locals())

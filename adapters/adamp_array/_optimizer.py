@@ -1,34 +1,27 @@
 """The stateful optimizer shared by :class:`adamp_array.AdamP` and :class:`adamp_array.SGDP`.
 
 It owns the bookkeeping only (param groups, per-param states, writing results back); every
-update is computed by ``adamp_core`` (``adamp_update`` / ``sgdp_update`` after the core's checks).
+update is chosen and computed by ``adamp_core`` (:func:`adamp_core.dispatch.step`, after the checks).
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from array_api_compat import is_torch_array, is_writeable_array
 
+from adamp_core import dispatch
 from adamp_core import fused as _fused
-from adamp_core._common import finite_flag
-from adamp_core.arrays import check_array, check_grad, check_hyper_arrays, device
-from adamp_core.grouped import group_indices
-from adamp_core.hyperparams import _flag
+from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
+from adamp_core.hyperparams import check_flag
+from adamp_core.optimizers import REQUIRED, OptimizerSpec
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
 
 __all__ = ["ArrayOptimizer"]
 
-
-class _Required:
-    def __repr__(self) -> str:
-        return "<required parameter>"
-
-
-REQUIRED: Any = _Required()
 
 # Group keys of adamp_torch's state dicts that adamp_array has as optimizer-wide options (or not at all):
 # a checkpoint of the torch adapter loads here (maximize must be False).
@@ -63,32 +56,25 @@ def _write_in_place(param: Any, new: Any) -> bool:
 
 
 class ArrayOptimizer:
-    """Param groups and per-param ``adamp_core`` states over arrays of any array-API library.
-
-    Subclasses set ``_name``, ``_hp_names``, ``_check`` (the core's hyperparameter check),
-    ``_init`` (the core's per-param init), ``_check_state`` and ``_update`` (the core's unchecked step).
+    """Param groups and per-param ``adamp_core`` states over arrays of any array-API library: the
+    bookkeeping of :class:`adamp_array.AdamP` and :class:`adamp_array.SGDP`, which add their signature,
+    docstring and :class:`adamp_core.optimizers.OptimizerSpec`; every step goes through
+    :func:`adamp_core.dispatch.step`.
     """
 
-    _name: str
-    _hp_names: tuple[str, ...]
-    _check: Callable[..., Any]
-    _init: Callable[..., Any]
-    _check_state: Callable[[Any, Any], None]
-    _update: Callable[..., tuple[Any, Any]]
+    _spec: OptimizerSpec
 
-    def __init__(
-        self,
-        params: Any,
-        defaults: dict[str, Any],
-        *,
-        state_dtype: Any = None,
-        skip_nonfinite: bool = False,
-        fused: bool | None = None,
-        foreach: bool | None = None,
-    ) -> None:
+    def __init__(self, params: Any, given: dict[str, Any]) -> None:
+        """``given``: the subclass's arguments (its ``locals()``): the spec's hyperparameters and the
+        keyword options ``state_dtype``, ``skip_nonfinite``, ``fused`` and ``foreach``."""
+        defaults = {n: given[n] for n in self._spec.names}
+        if defaults["lr"] is not REQUIRED:  # else every param group must give it
+            self._spec.checked(defaults)
+        state_dtype, skip_nonfinite = given["state_dtype"], given["skip_nonfinite"]
+        fused, foreach = given["fused"], given["foreach"]
         self.defaults = dict(defaults)
         self._state_dtype = state_dtype
-        self.skip_nonfinite = _flag(skip_nonfinite, "skip_nonfinite")
+        self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
         _fused.check_fused(fused)
         self.fused = fused
         if foreach is not None and not isinstance(foreach, bool):
@@ -248,14 +234,24 @@ class ArrayOptimizer:
                 f"missing in param_groups[{gi or 0}]"
             )
         try:
-            return self._check(**{n: group[n] for n in self._hp_names})
+            return self._spec.checked(group)
         except (TypeError, ValueError) as exc:
             if gi is None:
                 raise
             raise type(exc)(f"{exc} (param_groups[{gi}])") from None
 
+    @property
+    def _name(self) -> str:
+        return self._spec.name
+
+    @property
+    def _hp_names(self) -> tuple[str, ...]:
+        return self._spec.names
+
     def _fresh_state(self, param: Any) -> Any:
-        return self._init(param, state_dtype=self._state_dtype)
+        # A Python-int step count: the bias corrections are then Python-float maths, exactly as adamp 0.3.0.
+        state = self._spec.init(param, state_dtype=self._state_dtype)
+        return state._replace(step=0) if self._spec.has_step else state
 
     # -- the step --------------------------------------------------------------------------
 
@@ -285,68 +281,31 @@ class ArrayOptimizer:
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"{exc} (param_groups[{gi}])") from None
                 try:
-                    self._check_state(p, self._states[gi][k])
+                    self._spec.check_state(p, self._states[gi][k])
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"state{where}: {exc}") from None
                 todo.append((gi, k, xp, p, g))
-        use_fused = self.fused is not False and _fused.AVAILABLE
-        batches: dict[tuple[int, Any], list[tuple[Any, ...]]] = {}  # (group, dtype): small fusable arrays
-        together: list[tuple[Any, ...]] = []  # the rest: the multi-tensor array-API step
+        by_group: dict[int, list[tuple[Any, Any, Any]]] = {}
+        for gi, k, _, p, g in todo:
+            by_group.setdefault(gi, []).append((k, p, g))
         with self._no_grad(todo):
-            for gi, k, xp, p, g in todo:
-                # Writeable contiguous float32/float64 NumPy arrays: the fused kernels, in place (state too);
-                # the small ones of a group all in one kernel call.
-                if use_fused and (gi, k) not in self._held:
-                    state = self._states[gi][k]
-                    if _fused.supports(p, g, *self._state_arrays(state)) and p.size < _fused.BATCH_MAX_SIZE:
-                        batches.setdefault((gi, p.dtype), []).append((k, xp, p, g))
-                        continue
-                    if self._fused_step(gi, k, p, g, hps[gi]):
-                        continue
-                if self.foreach is not False:
-                    together.append((gi, k, xp, p, g))
-                    continue
-                self._array_api_step(gi, k, xp, p, g, hps[gi])
-            for (gi, dtype), entries in batches.items():
-                for k, xp, p, g in self._fused_batch(gi, dtype, entries, hps[gi]):
-                    self._array_api_step(gi, k, xp, p, g, hps[gi])
-            if together:
-                self._grouped_steps(together, hps)
+            for gi, entries in by_group.items():
+                states = self._states[gi]
+                # Arrays handed out once held by the optimizer (their library refused a write) are never
+                # written afterwards: not in place by the kernels either.
+                tensors = [dispatch.Tensor(p, g, states[k], writable=(gi, k) not in self._held) for k, p, g in entries]
+                outcomes = dispatch.step(self._spec, tensors, hps[gi], skip_nonfinite=self.skip_nonfinite,
+                                         fused=self.fused, foreach=self.foreach)
+                for (k, p, _), o in zip(entries, outcomes, strict=True):
+                    # skip_nonfinite on the array-API paths: the flag is read on the host (free for NumPy,
+                    # one sync per array on a device).
+                    if o.how == dispatch.SKIPPED or (o.ok is not None and not bool(o.ok)):
+                        self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
+                    elif o.how == dispatch.WRITTEN:
+                        states[k] = dispatch.advanced(self._spec, states[k])
+                    else:
+                        self._write_back(gi, k, p, o.param, o.state)
         return self.params
-
-    def _grouped_steps(self, entries: list[tuple[Any, ...]], hps: list[Any]) -> None:
-        """Update ``entries`` (``(group, key, xp, p, g)``) with :mod:`adamp_core.grouped`: together per param
-        group, library, dtype, device, state dtypes and row length (bounded in size); a group of one takes
-        the per-array step. With ``skip_nonfinite`` each group's flags are read on the host once."""
-        keys = [
-            (gi, xp, p.dtype, device(p), tuple(a.dtype for a in self._state_arrays(self._states[gi][k])))
-            for gi, k, xp, p, _ in entries
-        ]
-        on_host = all("cpu" in str(device(e[3])).lower() for e in entries)  # numpy, torch, JAX, strict
-        for idx in group_indices(keys, [tuple(e[3].shape) for e in entries], on_host=on_host):
-            items = [entries[i] for i in idx]
-            gi, xp = items[0][0], items[0][2]
-            if len(items) == 1:
-                self._array_api_step(*items[0], hps[gi])
-                continue
-            states = [self._states[gi][e[1]] for e in items]
-            new_p, new_s, ok = self._update_group(
-                xp, [e[3] for e in items], [e[4] for e in items], states, hps[gi], self.skip_nonfinite
-            )
-            for j, (_, k, _, p, _) in enumerate(items):
-                if ok is not None and not bool(ok[j, ...]):
-                    self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-                    continue
-                self._write_back(gi, k, p, new_p[j], new_s[j])
-
-    def _array_api_step(self, gi: int, k: Any, xp: Any, p: Any, g: Any, hp: Any) -> None:
-        # skip_nonfinite: a NaN/inf grad leaves param and state (step included) as they were.
-        # The flag is read on the host: free for NumPy, one sync per param on a device.
-        if self.skip_nonfinite and not bool(finite_flag(xp, g)):
-            self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-            return
-        new_p, new_s = self._update(xp, p, g, self._states[gi][k], hp)
-        self._write_back(gi, k, p, new_p, new_s)
 
     def _write_back(self, gi: int, k: Any, p: Any, new_p: Any, new_s: Any) -> None:
         # Once a param's array refused a write (JAX, read-only NumPy) the optimizer holds a new
@@ -355,40 +314,6 @@ class ArrayOptimizer:
             self._held.add((gi, k))
             self.param_groups[gi]["params"][k] = new_p
         self._states[gi][k] = new_s
-
-    def _fused_batch(self, gi: int, dtype: Any, entries: list[tuple[Any, ...]], hp: Any) -> list[tuple[Any, ...]]:
-        """Update ``entries`` (``(k, xp, p, g)``, checked by :func:`adamp_core.fused.supports`) with one
-        batched kernel call; return those it left unwritten (FALLBACK) for the array-API step."""
-        states = [self._states[gi][e[0]] for e in entries]
-        addresses = [
-            [x.ctypes.data for x in (e[2], e[3], *self._state_arrays(s))] for e, s in zip(entries, states, strict=True)
-        ]
-        shapes = [e[2].shape for e in entries]
-        status = self._batch_kernel(addresses, shapes, dtype, states, hp, self.skip_nonfinite)
-        fallback = []
-        for e, state, st in zip(entries, states, status, strict=True):
-            if st == _fused.OK:
-                self._states[gi][e[0]] = self._advanced(state)
-            elif st == _fused.SKIPPED:
-                self._skips[(gi, e[0])] = self._skips.get((gi, e[0]), 0) + 1
-            else:
-                fallback.append(e)
-        return fallback
-
-    def _fused_step(self, gi: int, k: Any, p: Any, g: Any, hp: Any) -> bool:
-        """Update ``p`` and its state in place with :mod:`adamp_core.fused` when it applies; False when
-        the array-API step must run instead."""
-        state = self._states[gi][k]
-        if not _fused.supports(p, g, *self._state_arrays(state)):
-            return False
-        status, new_state = self._fused_kernel(p, g, state, hp, self.skip_nonfinite)
-        if status == _fused.FALLBACK:
-            return False
-        if status == _fused.SKIPPED:
-            self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-        else:
-            self._states[gi][k] = new_state
-        return True
 
     @staticmethod
     def _no_grad(todo: list[Any]) -> Any:

@@ -34,19 +34,16 @@ jitted step compiles once.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
-import adamp_core as ac
-from adamp_core.adamp import check_adamp_state
+from adamp_core import dispatch
 from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
-from adamp_core.grouped import adamp_update_group, group_indices, sgdp_update_group
-from adamp_core.hyperparams import _flag
-from adamp_core.sgdp import check_sgdp_state
+from adamp_core.hyperparams import check_flag
+from adamp_core.optimizers import ADAMP, SGDP, OptimizerSpec
 
 __all__ = ["ScaleByAdamPState", "ScaleBySGDPState", "adamp", "sgdp"]
 
@@ -124,68 +121,42 @@ def _flatten_like(treedef: Any, tree: Any, what: str, updates: Any) -> list[Any]
         raise ValueError(f"{what} must have the structure of the gradients: {exc}") from None
 
 
-class _Grouped(NamedTuple):
-    """What the multi-tensor path of a transformation needs (``foreach``)."""
-
-    check_hp: Callable[[Any], Any]  # learning rate -> checked hyperparameters
-    check_state: Callable[[Any, Any], None]
-    update_group: Callable[..., Any]  # adamp_core.grouped.adamp_update_group / sgdp_update_group
-
-
-def _check_leaf(grouped: _Grouped, p: Any, g: Any, s: Any, lr: Any) -> Any:
-    """The checks of the per-leaf step (adamp_core.adamp_step / sgdp_step), in its order, without the
-    update; returns the checked hyperparameters."""
-    hp = grouped.check_hp(lr)
-    check_array(p)
-    check_grad(p, g)
-    check_hyper_arrays(p, hp)
-    grouped.check_state(p, s)
-    return hp
-
-
-def _step_groups(grouped: _Grouped, paths: list[Any], grads: list[Any], params: list[Any], states: list[Any],
-                 lr: Any, skip: bool) -> tuple[list[Any], list[Any], list[Any]]:
-    """Every leaf checked first (naming a bad one), then stepped with :mod:`adamp_core.grouped`: leaves of
-    one dtype and state dtypes whose row lengths share a bucket go together (on a CPU backend only those
-    below ``HOST_TENSOR_MAX_ELEMENTS``, whose step is not bandwidth-bound). Returns the new params, the
-    new states and, with ``skip``, the per-leaf "grad was finite" flags."""
-    hps = []
+def _checked_leaves(spec: OptimizerSpec, hp: Any, paths: list[Any], params: list[Any], grads: list[Any],
+                    states: list[Any]) -> None:
+    """The checks of the core's step (``adamp_core.adamp_step`` / ``sgdp_step``), in its order, for every
+    leaf before any is stepped; an error names the leaf."""
     for path, p, g, s in zip(paths, params, grads, states, strict=True):
         try:
-            hps.append(_check_leaf(grouped, p, g, s, lr))
+            check_array(p)
+            check_grad(p, g)
+            check_hyper_arrays(p, hp)
+            spec.check_state(p, s)
         except (TypeError, ValueError) as exc:  # name the leaf; nothing has run
             raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
-    n = len(params)
-    new_p, new_s, ok = [None] * n, [None] * n, [None] * n
-    keys = [(p.dtype, tuple(x.dtype for x in s)) for p, s in zip(params, states, strict=True)]
-    on_host = jax.default_backend() == "cpu"
-    for idx in group_indices(keys, [tuple(p.shape) for p in params], on_host=on_host):
-        ps, gs, ss = [params[i] for i in idx], [grads[i] for i in idx], [states[i] for i in idx]
-        ps_new, ss_new, flags = grouped.update_group(check_array(ps[0]), ps, gs, ss, hps[idx[0]], skip)
-        for j, i in enumerate(idx):
-            new_p[i], new_s[i] = ps_new[j], ss_new[j]
-            ok[i] = None if flags is None else flags[j]
-    return new_p, new_s, ok
 
 
 def _transformation(
-    name: str,
+    spec: OptimizerSpec,
     learning_rate: Any,
-    init_leaf: Callable[[Any], Any],
-    step_leaf: Callable[[Any, Any, Any, Any], tuple[Any, Any]],
-    state_cls: type,
-    core_cls: type,
+    hyper: dict[str, Any],
+    state_dtype: Any,
     skip_nonfinite: bool,
-    grouped: _Grouped | None = None,
+    foreach: bool | None,
+    state_cls: type,
 ) -> optax.GradientTransformation:
-    fields = core_cls._fields  # the state_cls fields between count and nonfinite_skips, one tree each
+    """The optax transformation of ``spec`` (``hyper``: its hyperparameters but ``lr``, checked already)."""
+    name = spec.name.lower()
+    fields = spec.state._fields  # the state_cls fields between count and nonfinite_skips, one tree each
+
+    def check_hp(lr: Any) -> Any:
+        return spec.checked({**hyper, "lr": lr})
 
     def init_one(path: Any, p: Any) -> Any:
         try:
-            s = init_leaf(p)  # the core checks the param and state_dtype; moments are zeros_like(p)
+            s = spec.init(p, state_dtype=state_dtype)  # the core checks the param and state_dtype
         except (TypeError, ValueError) as exc:  # name the leaf of a bad param
             raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
-        return s._replace(step=_zero_count(p)) if "step" in fields else s
+        return s._replace(step=_zero_count(p)) if spec.has_step else s
 
     def init_fn(params: Any) -> Any:
         paths_params, treedef = jax.tree_util.tree_flatten_with_path(params)
@@ -200,37 +171,27 @@ def _transformation(
             raise ValueError(_NO_PARAMS.format(name=name))
         if not isinstance(state, state_cls):
             raise TypeError(f"state must be a {state_cls.__name__} (from {name}(...).init), got {type(state).__name__}")
-        lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+        hp = check_hp(learning_rate(state.count) if callable(learning_rate) else learning_rate)
         # The updates' structure drives: params and the state's trees are flattened up to it (empty
         # nodes such as optax.MaskedNode have no leaves), and each leaf's core state is rebuilt from them.
         paths_grads, treedef = jax.tree_util.tree_flatten_with_path(updates)
+        paths, grads = [path for path, _ in paths_grads], [g for _, g in paths_grads]
         params_l = _flatten_like(treedef, params, "params", updates)
         columns = [_flatten_like(treedef, getattr(state, f), f"state.{f}", updates) for f in fields]
-        states_l = [core_cls(*leaf) for leaf in zip(*columns, strict=True)]
-        skips_l = (
-            _flatten_like(treedef, state.nonfinite_skips, "state.nonfinite_skips", updates) if skip_nonfinite else []
-        )
-        new_updates, new_states, new_skips = [], [], []
-        if grouped is not None:  # foreach: leaves stepped together (adamp_core.grouped)
-            paths, grads = [path for path, _ in paths_grads], [g for _, g in paths_grads]
-            ps_new, new_states, oks = _step_groups(grouped, paths, grads, params_l, states_l, lr, skip_nonfinite)
-            for i, (p, new_p) in enumerate(zip(params_l, ps_new, strict=True)):
-                if skip_nonfinite:
-                    new_skips.append(skips_l[i] + jnp.logical_not(oks[i]).astype(jnp.int32))
-                new_updates.append(new_p - p)
-        else:  # foreach=False: one leaf at a time
-            for i, ((path, g), p, s) in enumerate(zip(paths_grads, params_l, states_l, strict=True)):
-                try:
-                    new_p, new_s = step_leaf(p, g, s, lr)
-                except (TypeError, ValueError) as exc:  # name the leaf; nothing has changed (pure functions)
-                    raise type(exc)(f"{exc} (leaf {jax.tree_util.keystr(path)})") from None
-                if skip_nonfinite:  # the core kept p and s for a non-finite g; count it (no sync)
-                    new_skips.append(skips_l[i] + jnp.logical_not(ac.all_finite(g)).astype(jnp.int32))
-                # optax applies updates additively: p + (new_p - p) == new_p up to one rounding.
-                new_updates.append(new_p - p)
-                new_states.append(new_s)
-        skips = treedef.unflatten(new_skips) if skip_nonfinite else None
-        trees = [treedef.unflatten([s[i] for s in new_states]) for i in range(len(fields))]
+        states_l = [spec.state(*leaf) for leaf in zip(*columns, strict=True)]
+        _checked_leaves(spec, hp, paths, params_l, grads, states_l)
+        # JAX arrays are immutable (no fused kernels); under jax.jit XLA fuses each leaf's step itself.
+        traced = any(isinstance(p, jax.core.Tracer) for p in params_l)
+        tensors = [dispatch.Tensor(p, g, s, writable=False) for p, g, s in zip(params_l, grads, states_l, strict=True)]
+        outcomes = dispatch.step(spec, tensors, hp, skip_nonfinite=skip_nonfinite, foreach=foreach, traced=traced)
+        # optax applies updates additively: p + (new_p - p) == new_p up to one rounding.
+        new_updates = [o.param - p for o, p in zip(outcomes, params_l, strict=True)]
+        trees = [treedef.unflatten([getattr(o.state, f) for o in outcomes]) for f in fields]
+        skips = None
+        if skip_nonfinite:  # the core kept p and s for a non-finite g; count it (no sync)
+            skips_l = _flatten_like(treedef, state.nonfinite_skips, "state.nonfinite_skips", updates)
+            skips = treedef.unflatten([n + jnp.logical_not(o.ok).astype(jnp.int32)
+                                       for n, o in zip(skips_l, outcomes, strict=True)])
         new_state = state_cls(optax.safe_increment(state.count), *trees, skips)
         return treedef.unflatten(new_updates), new_state
 
@@ -283,26 +244,9 @@ def adamp(
     ms, and 2,000 small tensors did not compile within 7 minutes (XLA and the thousands of padded
     concatenations), so it is opt-in.
     """
-    _check_learning_rate(learning_rate)
-    hp = ac.check_adamp(
-        1e-3 if callable(learning_rate) else learning_rate, (b1, b2), eps, weight_decay, delta, wd_ratio, nesterov
-    )
-    kwargs = hp._asdict()
-    del kwargs["lr"]
-    skip = _flag(skip_nonfinite, "skip_nonfinite")
-
-    def step_leaf(p: Any, g: Any, s: Any, lr: Any) -> tuple[Any, Any]:
-        return ac.adamp_step(p, g, s, lr=lr, skip_nonfinite=skip, **kwargs)
-
-    def check_hp(lr: Any) -> Any:
-        return ac.check_adamp(lr, (b1, b2), eps, weight_decay, delta, wd_ratio, nesterov)
-
-    grouped = _Grouped(check_hp, check_adamp_state, adamp_update_group) if _foreach(foreach) else None
-    return _transformation(
-        "adamp", learning_rate, lambda p: ac.adamp_init(p, state_dtype=state_dtype), step_leaf, ScaleByAdamPState,
-        ac.AdamPState, skip,
-        grouped,
-    )
+    hyper = dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
+                 nesterov=nesterov)
+    return _make(ADAMP, learning_rate, hyper, state_dtype, skip_nonfinite, foreach, ScaleByAdamPState)
 
 
 def sgdp(
@@ -331,30 +275,16 @@ def sgdp(
     nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``. ``skip_nonfinite`` and
     ``foreach``: as in :func:`adamp`.
     """
+    hyper = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, eps=eps,
+                 delta=delta, wd_ratio=wd_ratio)
+    return _make(SGDP, learning_rate, hyper, state_dtype, skip_nonfinite, foreach, ScaleBySGDPState)
+
+
+def _make(spec: OptimizerSpec, learning_rate: Any, hyper: dict[str, Any], state_dtype: Any, skip_nonfinite: Any,
+          foreach: Any, state_cls: type) -> optax.GradientTransformation:
+    """Check everything that can be checked now (numbers, flags), then build the transformation."""
     _check_learning_rate(learning_rate)
-    hp = ac.check_sgdp(
-        0.1 if callable(learning_rate) else learning_rate,
-        momentum,
-        dampening,
-        weight_decay,
-        nesterov,
-        eps,
-        delta,
-        wd_ratio,
-    )
-    kwargs = hp._asdict()
-    del kwargs["lr"]
-    skip = _flag(skip_nonfinite, "skip_nonfinite")
-
-    def step_leaf(p: Any, g: Any, s: Any, lr: Any) -> tuple[Any, Any]:
-        return ac.sgdp_step(p, g, s, lr=lr, skip_nonfinite=skip, **kwargs)
-
-    def check_hp(lr: Any) -> Any:
-        return ac.check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
-
-    grouped = _Grouped(check_hp, check_sgdp_state, sgdp_update_group) if _foreach(foreach) else None
-    return _transformation(
-        "sgdp", learning_rate, lambda p: ac.sgdp_init(p, state_dtype=state_dtype), step_leaf, ScaleBySGDPState,
-        ac.SGDPState, skip,
-        grouped,
-    )
+    # A schedule is checked at each update; here a placeholder stands for it.
+    spec.checked({**hyper, "lr": 0.0 if callable(learning_rate) else learning_rate})
+    return _transformation(spec, learning_rate, hyper, state_dtype, check_flag(skip_nonfinite, "skip_nonfinite"),
+                           _foreach(foreach), state_cls)

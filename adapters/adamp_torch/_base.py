@@ -11,16 +11,16 @@ from collections.abc import Callable
 from typing import Any
 
 import array_api_compat.torch as _xp_torch
-import numpy as np
 import torch
-from torch.nn import Parameter as nn_Parameter
 from torch.optim.optimizer import required
 
+from adamp_core import dispatch
 from adamp_core import fused as _fused
-from adamp_core._common import finite_flag, keep_if_finite
 from adamp_core.arrays import check_hyper_arrays
 from adamp_core.diagnostics import step_diagnostics
-from adamp_core.grouped import group_indices
+from adamp_core.optimizers import OptimizerSpec
+
+from ._distributed import is_dtensor, local_shards
 
 __all__ = ["ProjectedOptimizer", "XP", "no_grad_step", "required"]
 
@@ -62,7 +62,6 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
 
 # Group keys that adamp 0.3.0 does not have.
 _EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
-_FUSED_DTYPES = (torch.float32, torch.float64)
 
 
 def _label(gi: int, pi: int) -> str:
@@ -70,21 +69,46 @@ def _label(gi: int, pi: int) -> str:
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
-    """Base of :class:`adamp_torch.AdamP` and :class:`adamp_torch.SGDP` (not public)."""
+    """Base of :class:`adamp_torch.AdamP` and :class:`adamp_torch.SGDP` (not public): everything but the
+    signature and the docstring, which a subclass adds with its :class:`adamp_core.optimizers.OptimizerSpec`."""
 
-    _name = "ProjectedOptimizer"
-    _state_keys: tuple[str, ...] = ()  # per-param state arrays, shaped like the param
-    # The hyperparameter names every saved group must have: those of adamp 0.3.0's groups (``lr`` and
-    # the keys of the adamp_core.hyperparams spec). Not ``self.defaults``: torch's ``__setstate__``
-    # adds keys of its own there (``differentiable``), which no saved group needs to carry.
-    _group_keys: tuple[str, ...] = ()
-    _has_step = False
+    _spec: OptimizerSpec
     _diagnostics: dict[torch.Tensor, Any] | None = None  # see record_diagnostics
+
+    def __init__(self, params: Any, given: dict[str, Any]) -> None:
+        """``given``: the subclass's arguments (its ``locals()``): the spec's hyperparameters and this
+        adapter's options."""
+        defaults = {n: given[n] for n in (*self._spec.names, *_EXTRA_KEYS)}
+        defaults["state_dtype"] = normalize_state_dtype(defaults["state_dtype"])
+        # lr may be left to the param groups (adamp 0.3.0 uses torch's `required` too).
+        self._check_hyper({**defaults, "lr": 0.0} if defaults["lr"] is required else defaults)
+        super().__init__(params, defaults)
+
+    @property
+    def _name(self) -> str:
+        return self._spec.name
+
+    @property
+    def _state_keys(self) -> tuple[str, ...]:
+        """The per-param state arrays, shaped like the param (``exp_avg``, ``exp_avg_sq``; ``momentum``)."""
+        return self._spec.buffers
+
+    @property
+    def _has_step(self) -> bool:
+        return self._spec.has_step
+
+    @property
+    def _group_keys(self) -> tuple[str, ...]:
+        """The hyperparameter names every saved group must have: those of adamp 0.3.0's groups (the spec's).
+        Not ``self.defaults``: torch's ``__setstate__`` adds keys of its own there (``differentiable``),
+        which no saved group needs to carry."""
+        return self._spec.names
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _check_hyper(self, group: dict[str, Any]) -> Any:
         """Validated hyperparameters of ``group`` (an adamp_core NamedTuple); raises on a bad one."""
-        raise NotImplementedError
+        self._check_flags(group)
+        return self._spec.checked(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """``torch.optim.Optimizer.add_param_group``, refusing bad hyperparameters and complex params
@@ -185,95 +209,99 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
 
-    # -- the fused CPU kernels (adamp_core.fused) ---------------------------------------------------
-    @staticmethod
-    def _fused_group(group: dict[str, Any]) -> bool:
-        """Whether this step may use the fused kernels for ``group`` (never inside torch.compile)."""
-        if group.get("fused") is False or not _fused.AVAILABLE or torch.compiler.is_compiling():
-            return False
-        _fused.set_threads(torch.get_num_threads())  # torch.set_num_threads governs the kernels too
-        return True
+    # -- the step: framework glue around adamp_core.dispatch ---------------------------------------
+    @no_grad_step
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """Perform one optimization step; ``closure`` (re-evaluating the model and returning the
+        loss) runs with grad enabled. Returns the closure's loss, or ``None``.
 
-    @staticmethod
-    def _fusable(p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> bool:
-        """Whether the fused kernels apply to ``p``, ``g`` and the state: plain CPU tensors (no DTensor or
-        other subclass), float32/float64, one dtype, C-contiguous."""
-        if p.device.type != "cpu" or p.dtype not in _FUSED_DTYPES or type(p) not in (torch.Tensor, nn_Parameter):
-            return False
-        for x in (g, *state):
-            if type(x) is not torch.Tensor or x.dtype != p.dtype or not x.is_contiguous() or x.is_conj() or x.is_neg():
-                return False
-        return p.is_contiguous()
-
-    def _batchable(self, p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> bool:
-        """Whether ``p`` joins its group's one batched kernel call (:func:`adamp_core.fused.adamp_batch`):
-        a fusable tensor small enough that per-tensor call overhead would dominate its update, and no
-        diagnostics to record (they need each param's old value)."""
-        return p.numel() < _fused.BATCH_MAX_SIZE and self._diagnostics is None and self._fusable(p, g, *state)
-
-    def _fused_views(self, p: torch.Tensor, g: torch.Tensor, *state: torch.Tensor) -> list[Any] | None:
-        """Zero-copy NumPy views of ``p``, ``g`` and the state when :meth:`_fusable`, else None."""
-        return [x.detach().numpy() for x in (p, g, *state)] if self._fusable(p, g, *state) else None
-
-    @staticmethod
-    def _fused_batch(batch: list[tuple[Any, ...]], hp: Any, skip: bool) -> list[tuple[Any, ...]]:
-        """Update the small tensors of a group with one fused kernel call per dtype.
-
-        ``batch`` holds ``(param, p, g, state tensors, step or None, skip counter or None)``; AdamP's
-        entries have a step tensor (the kernel gets ``t + 1``, advanced here where the step ran), SGDP's
-        None. Returns the entries the kernel left unwritten for the array-API step (float64 sums out of
-        range, :data:`adamp_core.fused.FALLBACK`)."""
-        fallback: list[tuple[Any, ...]] = []
-        for dtype in {entry[1].dtype for entry in batch}:
-            items = [entry for entry in batch if entry[1].dtype == dtype]
-            addresses = np.array([[x.data_ptr() for x in (e[1], e[2], *e[3])] for e in items], dtype=np.int64)
-            shapes = [tuple(e[1].shape) for e in items]
-            np_dtype = np.float32 if dtype == torch.float32 else np.float64
-            steps = [e[4] for e in items]
-            if steps[0] is not None:  # CPU tensors: reading them is no device sync
-                status = _fused.adamp_batch(addresses, shapes, np_dtype, torch.stack(steps).numpy() + 1, hp, skip)
-            else:
-                status = _fused.sgdp_batch(addresses, shapes, np_dtype, hp, skip)
-            done = [e[4] for e, s in zip(items, status, strict=True) if s == _fused.OK and e[4] is not None]
-            skipped = [e[5] for e, s in zip(items, status, strict=True) if s == _fused.SKIPPED]
-            if done:
-                torch._foreach_add_(done, 1)
-            if skipped:
-                torch._foreach_add_(skipped, 1)
-            fallback += [e for e, s in zip(items, status, strict=True) if s == _fused.FALLBACK]
-        return fallback
-
-    # -- the multi-tensor array-API step (adamp_core.grouped) ---------------------------------------
-    def _foreach_group(self, group: dict[str, Any]) -> bool:
-        """Whether this step updates the group's tensors that the fused kernels do not take (CUDA,
-        16-bit, non-contiguous, ``fused=False``) together, a few dozen kernels per group of equal row
-        length instead of per tensor: not with ``foreach=False``, with diagnostics on (they need each
-        param's old value) or inside ``torch.compile`` (which fuses the per-tensor step itself)."""
-        return group.get("foreach") is not False and self._diagnostics is None and not torch.compiler.is_compiling()
-
-    def _grouped_steps(self, entries: list[tuple[Any, ...]], hp: Any, skip: bool) -> None:
-        """Update ``entries`` (``(param, p, g, state tensors, step or None, skip counter or None)``) with
-        :mod:`adamp_core.grouped`: one group per dtype, state dtypes, device and row length (bounded in
-        size), written back with one ``torch._foreach_copy_`` per array; a group of one takes the
-        per-tensor step (no concatenation). No sync."""
-        keys = [(e[1].dtype, e[1].device, tuple(s.dtype for s in e[3])) for e in entries]
-        on_cpu = all(e[1].device.type == "cpu" for e in entries)  # a large CPU tensor's step is bandwidth-bound
-        for idx in group_indices(keys, [tuple(e[1].shape) for e in entries], on_host=on_cpu):
-            items = [entries[i] for i in idx]
-            if len(items) == 1:
-                self._entry_step(items[0], hp, skip)
+        Every grad and hyperparameter of every group is checked before any param or state is
+        written; a sparse, complex, or mismatched (shape, dtype, device) grad raises. Each group is
+        then stepped by :func:`adamp_core.dispatch.step` (which picks the fused kernels, the
+        multi-tensor step or the per-tensor step) and written back in place.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        hypers = self._check_grads()
+        traced = torch.compiler.is_compiling()  # the compiled graph fuses the per-tensor step itself
+        for group, hp in zip(self.param_groups, hypers, strict=True):
+            owners, tensors = self._group_tensors(group)
+            if not tensors:
                 continue
-            params, grads = [e[1] for e in items], [e[2] for e in items]
-            states = [self._core_state(e[4], e[3]) for e in items]
-            new_p, new_states, ok = self._update_group(XP, params, grads, states, hp, skip)
-            torch._foreach_copy_(params, new_p)
-            n_bufs = len(items[0][3])  # the state's arrays are its last fields (after AdamP's step)
-            for j in range(n_bufs):
-                torch._foreach_copy_([e[3][j] for e in items], [s[j - n_bufs] for s in new_states])
-            if items[0][4] is not None:
-                torch._foreach_copy_([e[4] for e in items], [s.step for s in new_states])
-            if ok is not None:
-                torch._foreach_add_([e[5] for e in items], list(torch.unbind(torch.logical_not(ok).to(torch.int64))))
+            if group["fused"] is not False and _fused.AVAILABLE and not traced:
+                _fused.set_threads(torch.get_num_threads())  # torch.set_num_threads governs the kernels too
+            old = [t.param.clone() for t in tensors] if self._diagnostics is not None else None
+            outcomes = dispatch.step(self._spec, tensors, hp, skip_nonfinite=group["skip_nonfinite"],
+                                     fused=group["fused"], foreach=group["foreach"], traced=traced)
+            self._write_back(owners, tensors, outcomes, group["skip_nonfinite"])
+            if old is not None:
+                for p, t, o, before in zip(owners, tensors, outcomes, old, strict=True):
+                    if o.how != dispatch.SKIPPED:
+                        self._diagnostics[p] = step_diagnostics(before, t.param, t.grad, hp.delta, hp.eps)
+        return loss
+
+    def _group_tensors(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[dispatch.Tensor]]:
+        """The group's params that have a grad (their state created on first use) as the dispatcher's
+        :class:`adamp_core.dispatch.Tensor`: DTensors (FSDP2) as their local rows with the layout that
+        reduces over all of them, grads negated for ``maximize``."""
+        spec = self._spec
+        owners, tensors = [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._new_state(group, p))
+            if group["skip_nonfinite"]:
+                self._skip_counter(p)  # every stepped param has one from its first step on
+            local, g, bufs, rows = local_shards(p, p.grad, *(state[k] for k in spec.buffers))
+            if group["maximize"]:
+                g = torch.neg(g)
+            core = spec.state(state["step"], *bufs) if spec.has_step else spec.state(*bufs)
+            # A DTensor left whole (not sharded by rows) runs through DTensor's propagation: alone.
+            tensors.append(dispatch.Tensor(local, g, core, rows, alone=is_dtensor(local)))
+            owners.append(p)
+        return owners, tensors
+
+    def _write_back(self, owners: list[torch.Tensor], tensors: list[dispatch.Tensor],
+                    outcomes: list[dispatch.Outcome], skip: bool) -> None:
+        """Write the dispatcher's results into the params and their state, in place (params and state keep
+        their identity, device and memory format), with as few torch calls as possible: one
+        ``_foreach_copy_`` for every new array, one ``_foreach_add_`` for the step counts the kernels
+        advanced and one for the skip counters. No sync."""
+        spec = self._spec
+        fields = spec.state._fields
+        dst: list[torch.Tensor] = []
+        src: list[torch.Tensor] = []
+        advanced: list[torch.Tensor] = []  # step counts of tensors the kernels wrote
+        skipped: list[torch.Tensor] = []  # skip counters of tensors the kernels did not write
+        counters: list[torch.Tensor] = []  # skip counters of new results, with their "grad was finite" flags
+        flags: list[torch.Tensor] = []
+        for p, t, o in zip(owners, tensors, outcomes, strict=True):
+            if o.how == dispatch.WRITTEN:
+                if spec.has_step:
+                    advanced.append(t.state.step)
+            elif o.how == dispatch.SKIPPED:
+                skipped.append(self._skip_counter(p))
+            else:
+                dst += [t.param, *(getattr(t.state, f) for f in fields)]
+                src += [o.param, *(getattr(o.state, f) for f in fields)]
+                if skip:
+                    counters.append(self._skip_counter(p))
+                    flags.append(torch.logical_not(o.ok).to(torch.int64))
+        if any(is_dtensor(x) for x in dst) or torch.compiler.is_compiling():
+            for d, x in zip(dst, src, strict=True):
+                d.copy_(x)
+        elif dst:
+            torch._foreach_copy_(dst, src)
+        if advanced:
+            torch._foreach_add_(advanced, 1)
+        if skipped:
+            torch._foreach_add_(skipped, 1)
+        if counters:
+            torch._foreach_add_(counters, flags)
 
     # -- diagnostics (issue: make the slowdown visible) -----------------------------------------
     def record_diagnostics(self, enabled: bool = True) -> None:
@@ -290,9 +318,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         :func:`adamp_core.diagnostics.to_host`). Empty until a step ran with :meth:`record_diagnostics` on."""
         return {} if self._diagnostics is None else self._diagnostics
 
-    def _record(self, p: torch.Tensor, old: torch.Tensor, new: torch.Tensor, g: torch.Tensor, hp: Any) -> None:
-        self._diagnostics[p] = step_diagnostics(old, new, g, hp.delta, hp.eps)
-
     def _skip_counter(self, p: torch.Tensor) -> torch.Tensor:
         """``state["nonfinite_skips"]`` of ``p``: a 0-d int64 tensor on its device counting the steps
         skipped for a non-finite grad (created at the first step with ``skip_nonfinite=True``)."""
@@ -300,13 +325,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if "nonfinite_skips" not in state:
             state["nonfinite_skips"] = torch.zeros((), dtype=torch.int64, device=p.device)
         return state["nonfinite_skips"]
-
-    @staticmethod
-    def _keep_if_finite(counter: torch.Tensor, g: Any, new_p: Any, new: Any, p: Any, old: Any, rows: Any) -> Any:
-        """The core's ``(new_p, new)`` if ``g`` is finite, else ``(p, old)``; counts the skip. No sync."""
-        ok = finite_flag(XP, g, rows)
-        counter.add_(torch.logical_not(ok).to(counter.dtype))
-        return keep_if_finite(XP, ok, new_p, new, p, old)
 
     # -- checkpoints ------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -2,18 +2,14 @@ r"""``torch.optim`` AdamP: a drop-in for ``adamp.AdamP`` (0.3.0) whose maths is 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from typing import Any
 
 import torch
 
-from adamp_core import fused as _fused
-from adamp_core.adamp import AdamPState, adamp_update
-from adamp_core.grouped import adamp_update_group
-from adamp_core.hyperparams import ADAMP_DEFAULTS, AdamPHyperparams, check_adamp
+from adamp_core.optimizers import ADAMP
 
-from ._base import XP, ProjectedOptimizer, no_grad_step, normalize_state_dtype
-from ._distributed import local_shards
+from ._base import ProjectedOptimizer
 
 __all__ = ["AdamP"]
 
@@ -73,10 +69,7 @@ class AdamP(ProjectedOptimizer):
     :meth:`state_dict`, as adamp 0.3.0 stores it), ``exp_avg``, ``exp_avg_sq``.
     """
 
-    _name = "AdamP"
-    _state_keys = ("exp_avg", "exp_avg_sq")
-    _has_step = True
-    _group_keys = tuple(dict.fromkeys(("lr", *ADAMP_DEFAULTS)))  # what a saved group must have (adamp 0.3.0's keys)
+    _spec = ADAMP
 
     def __init__(
         self,
@@ -95,160 +88,4 @@ class AdamP(ProjectedOptimizer):
         fused: bool | None = None,
         foreach: bool | None = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=betas,
-            eps=eps,
-            weight_decay=weight_decay,
-            delta=delta,
-            wd_ratio=wd_ratio,
-            nesterov=nesterov,
-            maximize=maximize,
-            state_dtype=normalize_state_dtype(state_dtype),
-            skip_nonfinite=skip_nonfinite,
-            fused=fused,
-            foreach=foreach,
-        )
-        self._check_hyper(defaults)
-        super().__init__(params, defaults)
-
-    def _check_hyper(self, group: dict[str, Any]) -> AdamPHyperparams:
-        self._check_flags(group)
-        return check_adamp(
-            group["lr"],
-            group["betas"],
-            group["eps"],
-            group["weight_decay"],
-            group["delta"],
-            group["wd_ratio"],
-            group["nesterov"],
-        )
-
-    def _init_group(
-        self,
-        group: dict[str, Any],
-        params: list[torch.Tensor],
-        grads: list[torch.Tensor],
-        exp_avgs: list[torch.Tensor],
-        exp_avg_sqs: list[torch.Tensor],
-        steps: list[torch.Tensor],
-    ) -> None:
-        """Collect the group's params that have a grad, creating their state on first use."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(self._new_state(group, p))
-            params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            steps.append(state["step"])
-
-    @no_grad_step
-    def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """Perform one optimization step; ``closure`` (re-evaluating the model and returning the
-        loss) runs with grad enabled. Returns the closure's loss, or ``None``.
-
-        Every grad and hyperparameter of every group is checked before any param or state is
-        written; a sparse, complex, or mismatched (shape, dtype, device) grad raises.
-        """
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        hypers = self._check_grads()
-        for group, hp in zip(self.param_groups, hypers, strict=True):
-            params: list[torch.Tensor] = []
-            grads: list[torch.Tensor] = []
-            exp_avgs: list[torch.Tensor] = []
-            exp_avg_sqs: list[torch.Tensor] = []
-            steps: list[torch.Tensor] = []
-            self._init_group(group, params, grads, exp_avgs, exp_avg_sqs, steps)
-            maximize, skip = group["maximize"], group["skip_nonfinite"]
-            use_fused, use_foreach = self._fused_group(group), self._foreach_group(group)
-            batch: list[tuple[Any, ...]] = []  # small fusable tensors: one kernel call for all of them
-            advanced: list[torch.Tensor] = []  # step counts of the large tensors the kernels updated
-            together: list[tuple[Any, ...]] = []  # the rest: the multi-tensor array-API step
-            for p, g, m, v, t in zip(params, grads, exp_avgs, exp_avg_sqs, steps, strict=True):
-                counter = self._skip_counter(p) if skip else None
-                # DTensor (FSDP2): the core runs on the local rows; `rows` reduces over all of them.
-                param, (p, g, (m, v), rows) = p, local_shards(p, g, m, v)
-                gs = torch.neg(g) if maximize else g
-                if use_fused and rows is None:
-                    if self._batchable(p, gs, m, v):
-                        batch.append((param, p, gs, (m, v), t, counter))
-                        continue
-                    if self._fused_step(param, p, gs, m, v, t, hp, skip, counter, advanced):
-                        continue
-                if use_foreach and rows is None:
-                    together.append((param, p, gs, (m, v), t, counter))
-                    continue
-                self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, rows)
-            if advanced:
-                torch._foreach_add_(advanced, 1)  # one call instead of a tensor op per param
-            if batch:
-                for param, p, gs, (m, v), t, counter in self._fused_batch(batch, hp, skip):
-                    self._array_api_step(param, p, gs, m, v, t, hp, skip, counter, None)
-            if together:
-                self._grouped_steps(together, hp, skip)
-        return loss
-
-    _update_group = staticmethod(adamp_update_group)
-
-    @staticmethod
-    def _core_state(t: Any, bufs: tuple[Any, ...]) -> AdamPState:
-        return AdamPState(t, *bufs)
-
-    def _entry_step(self, entry: tuple[Any, ...], hp: Any, skip: bool) -> None:
-        param, p, g, (m, v), t, counter = entry
-        self._array_api_step(param, p, g, m, v, t, hp, skip, counter, None)
-
-    def _array_api_step(
-        self, param: Any, p: Any, g: Any, m: Any, v: Any, t: Any, hp: Any, skip: bool, counter: Any, rows: Any
-    ) -> None:
-        """The step of ``p`` by :func:`adamp_core.adamp.adamp_update` (``g``: the grad, negated for
-        ``maximize``), written back in place: params and state keep their identity, device and memory
-        format."""
-        new_p, new = adamp_update(XP, p, g, AdamPState(t, m, v), hp, rows)
-        if skip:  # a non-finite grad leaves param and state (step included) as they were
-            new_p, new = self._keep_if_finite(counter, g, new_p, new, p, AdamPState(t, m, v), rows)
-        if self._diagnostics is not None:
-            self._record(param, p, new_p, g, hp)
-        t.copy_(new.step)
-        m.copy_(new.exp_avg)
-        v.copy_(new.exp_avg_sq)
-        p.copy_(new_p)
-
-    def _fused_step(
-        self,
-        param: Any,
-        p: Any,
-        g: Any,
-        m: Any,
-        v: Any,
-        t: Any,
-        hp: Any,
-        skip: bool,
-        counter: Any,
-        advanced: list[torch.Tensor],
-    ) -> bool:
-        """The step of ``p`` by :func:`adamp_core.fused.adamp_inplace` when it applies; False when the
-        array-API step must run instead (not a plain contiguous float32/float64 CPU tensor, or float64
-        sums out of the kernels' range). The step count ``t`` is appended to ``advanced`` (the caller
-        advances them all at once)."""
-        arrays = self._fused_views(p, g, m, v)
-        if arrays is None:
-            return False
-        old = p.clone() if self._diagnostics is not None else None
-        status, _ = _fused.adamp_inplace(*arrays, int(t) + 1, hp, skip)  # a CPU tensor: no sync to read t
-        if status == _fused.FALLBACK:
-            return False
-        if status == _fused.SKIPPED:
-            counter.add_(1)
-            return True
-        advanced.append(t)
-        if old is not None:
-            self._record(param, old, p, g, hp)
-        return True
+        super().__init__(params, locals())

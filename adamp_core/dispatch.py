@@ -1,0 +1,184 @@
+"""The one place that decides how a group of tensors is stepped.
+
+An adapter hands :func:`step` one param group at a time: each tensor as a :class:`Tensor` (param,
+grad, core state, row layout, whether its arrays may be written in place), the checked
+hyperparameters and its options. :func:`step` splits the tensors among the execution paths with one
+policy and returns an :class:`Outcome` per tensor, in order:
+
+1. **fused CPU kernels** (:mod:`adamp_core.fused`, numba; ``fused`` not False, not traced): tensors
+   whose param, grad and state are writeable, C-contiguous float32/float64 host buffers of one dtype
+   (NumPy arrays, plain CPU torch tensors) and whose rows are all local. Those below
+   :data:`adamp_core.fused.BATCH_MAX_SIZE` elements go in one batched kernel call per dtype, larger ones
+   one row-parallel call each. They are written in place (``WRITTEN``); a tensor whose float64 sums
+   leave the kernels' range (``FALLBACK``) takes the next path.
+2. **multi-tensor array-API step** (:mod:`adamp_core.grouped`; ``foreach=True``, or ``None`` outside a
+   tracer, which fuses per-tensor steps itself; rows local): tensors of one library, dtype, device and state dtypes whose row lengths share a bucket,
+   stepped together. On a host device only tensors below ``host_tensor_max_elements`` join a group
+   (a larger one's step is bandwidth-bound there).
+3. **per-tensor array-API step** (:func:`adamp_core.adamp.adamp_update` / ``sgdp_update``): everything
+   else, including shards whose rows span processes (``rows``), tensors the adapter marks ``alone`` and
+   everything inside a tracer (``torch.compile``, which fuses the step itself).
+
+Paths 2 and 3 return new arrays (``NEW``) that the adapter writes back its own way (``copy_``, item
+assignment, or a new pytree). Adding a path (the next: fused CUDA kernels) touches this module and the
+path's own module only. Nothing here syncs a device: the kernels' status is read on the host, where the
+arrays are.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+from . import fused as _fused
+from ._common import finite_flag, keep_if_finite
+from .arrays import check_array, device, is_host
+from .grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
+from .optimizers import OptimizerSpec
+from .projection import RowReduce
+
+__all__ = ["NEW", "SKIPPED", "WRITTEN", "Outcome", "Tensor", "advanced", "step"]
+
+WRITTEN, NEW, SKIPPED = "written", "new", "skipped"
+
+
+class Tensor(NamedTuple):
+    """One tensor of a group, as an adapter hands it to :func:`step`."""
+
+    param: Any  # the array to step (a shard's local rows under FSDP2)
+    grad: Any  # its gradient (negated already for ``maximize``)
+    state: Any  # its core state (AdamPState / SGDPState)
+    rows: RowReduce | None = None  # rows split across processes (see RowReduce); None: all rows here
+    writable: bool = True  # param and state arrays may be written in place (False: JAX, read-only arrays)
+    alone: bool = False  # only the per-tensor step (e.g. a torch DTensor left to DTensor's own propagation)
+
+
+class Outcome(NamedTuple):
+    """What :func:`step` did to one tensor.
+
+    ``how`` is ``WRITTEN`` (the fused kernels wrote the param and the state's arrays in place; the state's
+    step count, if any, is the adapter's to advance by one: ``param``/``state`` are None), ``NEW``
+    (``param`` and ``state`` are the results, new arrays to write back; with ``skip_nonfinite`` they equal
+    the old values where ``ok``, a 0-d bool array, is false) or ``SKIPPED`` (a kernel found a non-finite
+    grad entry: nothing changed)."""
+
+    how: str
+    param: Any = None
+    state: Any = None
+    ok: Any = None
+
+
+def step(
+    spec: OptimizerSpec,
+    tensors: Sequence[Tensor],
+    hp: Any,
+    *,
+    skip_nonfinite: bool = False,
+    fused: bool | None = None,
+    foreach: bool | None = None,
+    traced: bool = False,
+    host_tensor_max_elements: int = HOST_TENSOR_MAX_ELEMENTS,
+) -> list[Outcome]:
+    """Step every tensor of one param group (already checked) on its path; see the module docstring.
+
+    ``fused`` / ``foreach``: the adapters' options (None: where they apply and pay; True: ``fused`` as None,
+    ``foreach`` also inside a tracer; False: never). ``traced``: inside a tracer that fuses each tensor's
+    step itself (``torch.compile``, ``jax.jit``): no kernels, and the multi-tensor step only if asked for.
+    ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group."""
+    out: list[Outcome | None] = [None] * len(tensors)
+    rest = list(range(len(tensors)))
+    if fused is not False and not traced and _fused.AVAILABLE:
+        rest = _kernels(spec, tensors, hp, skip_nonfinite, out)
+    if foreach is True or (foreach is None and not traced):  # asked for, or where it pays
+        together = [i for i in rest if tensors[i].rows is None and not tensors[i].alone]
+        _groups(spec, tensors, together, hp, skip_nonfinite, host_tensor_max_elements, out)
+        rest = [i for i in rest if tensors[i].rows is not None or tensors[i].alone]
+    for i in rest:
+        out[i] = _alone(spec, tensors[i], hp, skip_nonfinite)
+    return out  # type: ignore[return-value]
+
+
+def _arrays(spec: OptimizerSpec, t: Tensor) -> list[Any]:
+    return [t.param, t.grad, *(getattr(t.state, f) for f in spec.buffers)]
+
+
+def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool, out: list[Any]) -> list[int]:
+    """Path 1: the fused kernels, in place. Returns the indices they did not take."""
+    batches: dict[Any, list[tuple[int, list[int]]]] = {}  # dtype -> (index, addresses) of small tensors
+    rest = []
+    for i, t in enumerate(tensors):
+        if not t.writable or t.alone or t.rows is not None:
+            rest.append(i)
+            continue
+        arrays = _arrays(spec, t)
+        addresses = _fused.host_addresses(arrays)
+        if addresses is None:
+            rest.append(i)
+        elif math.prod(t.param.shape) < _fused.BATCH_MAX_SIZE:
+            batches.setdefault(t.param.dtype, []).append((i, addresses))
+        else:
+            status = _fused.run_inplace(spec.kernel, _fused.host_views(arrays), _next_step(spec, t.state), hp, skip)
+            if status == _fused.FALLBACK:
+                rest.append(i)
+            else:
+                out[i] = Outcome(SKIPPED if status == _fused.SKIPPED else WRITTEN)
+    for entries in batches.values():
+        idx = [i for i, _ in entries]
+        params = [tensors[i].param for i in idx]
+        steps = [_next_step(spec, tensors[i].state) for i in idx] if spec.has_step else None
+        status = _fused.run_batch(spec.kernel, [a for _, a in entries], params, steps, hp, skip)
+        for i, s in zip(idx, status, strict=True):
+            if s == _fused.FALLBACK:
+                rest.append(i)
+            else:
+                out[i] = Outcome(SKIPPED if s == _fused.SKIPPED else WRITTEN)
+    return sorted(rest)
+
+
+def _next_step(spec: OptimizerSpec, state: Any) -> int | None:
+    """The step count the kernels compute with (the new one, from 1): read on the host, where the state is."""
+    return int(state.step) + 1 if spec.has_step else None
+
+
+def _groups(spec: OptimizerSpec, tensors: Sequence[Tensor], idx: list[int], hp: Any, skip: bool, host_max: int,
+            out: list[Any]) -> None:
+    """Path 2: the multi-tensor array-API step, one group of equal library, dtypes, device and row bucket
+    at a time (a group of one takes the per-tensor step)."""
+    if not idx:
+        return
+    keys, shapes = [], []
+    for i in idx:
+        t = tensors[i]
+        xp = check_array(t.param)
+        keys.append((xp, t.param.dtype, device(t.param), tuple(getattr(t.state, f).dtype for f in spec.buffers)))
+        shapes.append(tuple(t.param.shape))
+    on_host = all(is_host(tensors[i].param) for i in idx)
+    for members in group_indices(keys, shapes, on_host=on_host, host_max_elements=host_max):
+        chosen = [idx[j] for j in members]
+        if len(chosen) == 1:
+            out[chosen[0]] = _alone(spec, tensors[chosen[0]], hp, skip)
+            continue
+        ts = [tensors[i] for i in chosen]
+        new_p, new_s, ok = spec.update_group(
+            keys[members[0]][0], [t.param for t in ts], [t.grad for t in ts], [t.state for t in ts], hp, skip
+        )
+        for j, i in enumerate(chosen):
+            out[i] = Outcome(NEW, new_p[j], new_s[j], None if ok is None else ok[j, ...])
+
+
+def _alone(spec: OptimizerSpec, t: Tensor, hp: Any, skip: bool) -> Outcome:
+    """Path 3: the per-tensor array-API step (``rows``: a shard's layout)."""
+    xp = check_array(t.param)
+    new_p, new_s = spec.update(xp, t.param, t.grad, t.state, hp, t.rows)
+    if not skip:
+        return Outcome(NEW, new_p, new_s)
+    ok = finite_flag(xp, t.grad, t.rows)  # every shard of a param decides alike
+    new_p, new_s = keep_if_finite(xp, ok, new_p, new_s, t.param, t.state)
+    return Outcome(NEW, new_p, new_s, ok)
+
+
+def advanced(spec: OptimizerSpec, state: Any) -> Any:
+    """``state`` with its step count advanced by one (a ``WRITTEN`` outcome, for an adapter that holds
+    immutable states; the kernels wrote the arrays)."""
+    return state._replace(step=state.step + 1) if spec.has_step else state
