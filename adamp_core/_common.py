@@ -6,10 +6,12 @@ import math
 import numbers
 from typing import Any
 
-from .arrays import check_grad
+from .arrays import check_array, check_grad, check_hyper_arrays
+from .hyperparams import check_flag
 
 __all__ = [
     "all_finite",
+    "checked_step",
     "bias_correction",
     "check_step_count",
     "finite_flag",
@@ -126,3 +128,19 @@ def keep_if_finite(xp: Any, ok: Any, new_param: Any, new_state: Any, param: Any,
         return (new_param, new_state) if bool(ok) else (param, state)
     fields = (xp.where(ok, n, o) for n, o in zip(new_state, state, strict=True))
     return xp.where(ok, new_param, param), type(state)(*fields)
+
+
+def checked_step(param: Any, grad: Any, state: Any, hp: Any, check_state: Any, update: Any,
+                 skip_nonfinite: Any) -> tuple[Any, Any]:
+    """:func:`adamp_core.adamp_step` / :func:`adamp_core.sgdp_step` once their hyperparameters are checked
+    (``hp``): every check of the param, grad, array hyperparameters and state before any maths, then
+    ``update`` and, with ``skip_nonfinite``, the non-finite guard."""
+    skip = check_flag(skip_nonfinite, "skip_nonfinite")
+    xp = check_array(param)
+    check_grad(param, grad)
+    check_hyper_arrays(param, hp)
+    check_state(param, state)
+    new_param, new_state = update(xp, param, grad, state, hp)
+    if skip:
+        return keep_if_finite(xp, finite_flag(xp, grad), new_param, new_state, param, state)
+    return new_param, new_state

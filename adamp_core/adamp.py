@@ -22,14 +22,13 @@ from ._common import (
     bias_correction,
     check_state_arrays,
     check_step_count,
-    finite_flag,
+    checked_step,
     is_python_int,
-    keep_if_finite,
     scalar,
     state_zeros,
 )
-from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device, namespace_name
-from .hyperparams import AdamPHyperparams, check_adamp, check_flag
+from .arrays import check_array, compute_dtype, device, namespace_name
+from .hyperparams import AdamPHyperparams, check_adamp
 from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["AdamPState", "adamp_init", "adamp_step"]
@@ -63,20 +62,9 @@ def check_adamp_state(param: Any, state: Any) -> None:
     check_state_arrays(param, exp_avg=state.exp_avg, exp_avg_sq=state.exp_avg_sq)
 
 
-def adamp_step(
-    param: Any,
-    grad: Any,
-    state: AdamPState,
-    lr: Any = 1e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    nesterov: bool = False,
-    *,
-    skip_nonfinite: bool = False,
-) -> tuple[Any, AdamPState]:
+def adamp_step(param: Any, grad: Any, state: AdamPState, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999),
+               eps: Any = 1e-8, weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False,
+               *, skip_nonfinite: bool = False) -> tuple[Any, AdamPState]:
     r"""One AdamP step (Heo et al., ICLR 2021, Algorithm 2); returns ``(new_param, new_state)``.
 
     .. math::
@@ -98,15 +86,7 @@ def adamp_step(
     (sync-free, except with a Python-int ``state.step``, where the flag is read on the host).
     """
     hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
-    skip = check_flag(skip_nonfinite, "skip_nonfinite")
-    xp = check_array(param)
-    check_grad(param, grad)
-    check_hyper_arrays(param, hp)
-    check_adamp_state(param, state)
-    new_param, new_state = adamp_update(xp, param, grad, state, hp)
-    if skip:
-        return keep_if_finite(xp, finite_flag(xp, grad), new_param, new_state, param, state)
-    return new_param, new_state
+    return checked_step(param, grad, state, hp, check_adamp_state, adamp_update, skip_nonfinite)
 
 
 def adamp_update(

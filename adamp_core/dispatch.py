@@ -12,12 +12,12 @@ policy and returns an :class:`Outcome` per tensor, in order:
    one row-parallel call each. They are written in place (``WRITTEN``); a tensor whose float64 sums
    leave the kernels' range (``FALLBACK``) takes the next path.
 2. **multi-tensor array-API step** (:mod:`adamp_core.grouped`; ``foreach=True``, or ``None`` outside a
-   tracer, which fuses per-tensor steps itself; rows local): tensors of one library, dtype, device and state dtypes whose row lengths share a bucket,
-   stepped together. On a host device only tensors below ``host_tensor_max_elements`` join a group
-   (a larger one's step is bandwidth-bound there).
+   tracer, which fuses per-tensor steps itself; rows local): tensors of one library, dtype, device and
+   state dtypes whose row lengths share a bucket, stepped together. On a host device only tensors below
+   ``host_tensor_max_elements`` join a group (a larger one's step is bandwidth-bound there).
 3. **per-tensor array-API step** (:func:`adamp_core.adamp.adamp_update` / ``sgdp_update``): everything
-   else, including shards whose rows span processes (``rows``), tensors the adapter marks ``alone`` and
-   everything inside a tracer (``torch.compile``, which fuses the step itself).
+   else, including shards whose rows span processes (``rows``), tensors the adapter marks ``alone`` and,
+   by default, everything inside a tracer (``torch.compile``, ``jax.jit``: it fuses each step itself).
 
 Paths 2 and 3 return new arrays (``NEW``) that the adapter writes back its own way (``copy_``, item
 assignment, or a new pytree). Adding a path (the next: fused CUDA kernels) touches this module and the

@@ -18,9 +18,9 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._common import check_state_arrays, finite_flag, keep_if_finite, scalar, state_zeros
-from .arrays import check_array, check_grad, check_hyper_arrays, compute_dtype, device
-from .hyperparams import SGDPHyperparams, check_flag, check_sgdp
+from ._common import check_state_arrays, checked_step, scalar, state_zeros
+from .arrays import check_array, compute_dtype, device
+from .hyperparams import SGDPHyperparams, check_sgdp
 from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
@@ -44,21 +44,9 @@ def check_sgdp_state(param: Any, state: Any) -> None:
     check_state_arrays(param, momentum=state.momentum)
 
 
-def sgdp_step(
-    param: Any,
-    grad: Any,
-    state: SGDPState,
-    lr: Any,
-    momentum: Any = 0.0,
-    dampening: Any = 0.0,
-    weight_decay: Any = 0.0,
-    nesterov: bool = False,
-    eps: Any = 1e-8,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    *,
-    skip_nonfinite: bool = False,
-) -> tuple[Any, SGDPState]:
+def sgdp_step(param: Any, grad: Any, state: SGDPState, lr: Any, momentum: Any = 0.0, dampening: Any = 0.0,
+              weight_decay: Any = 0.0, nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1,
+              *, skip_nonfinite: bool = False) -> tuple[Any, SGDPState]:
     r"""One SGDP step (Heo et al., ICLR 2021, Algorithm 1); returns ``(new_param, new_state)``.
 
     .. math::
@@ -80,15 +68,7 @@ def sgdp_step(
     :func:`adamp_core.all_finite` and the choice an ``xp.where`` (sync-free).
     """
     hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
-    skip = check_flag(skip_nonfinite, "skip_nonfinite")
-    xp = check_array(param)
-    check_grad(param, grad)
-    check_hyper_arrays(param, hp)
-    check_sgdp_state(param, state)
-    new_param, new_state = sgdp_update(xp, param, grad, state, hp)
-    if skip:
-        return keep_if_finite(xp, finite_flag(xp, grad), new_param, new_state, param, state)
-    return new_param, new_state
+    return checked_step(param, grad, state, hp, check_sgdp_state, sgdp_update, skip_nonfinite)
 
 
 def sgdp_update(
