@@ -31,3 +31,15 @@ def run_recipe(tmp_path, monkeypatch):
         return ns
 
     return run
+
+
+@pytest.fixture
+def one_torch_thread():
+    """One torch intra-op thread for the test: fastest for tiny models, and immune to a busy machine (torch's
+    OpenMP threads spin-wait for each other; on 2 shared cores a tiny BERT step took 0.5 s instead of 10 ms)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -16,22 +16,14 @@ import torch
 
 import adamp_torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # The reference optimizer of each recipe class, swapped in for ours (same module, scheduler, data):
 # torch's own, and the official package.
 CASES = {
     "Classifier": ("AdamP", adamp_torch.AdamP, torch.optim.AdamW, adamp.AdamP),
     "SGDPClassifier": ("SGDP", adamp_torch.SGDP, torch.optim.SGD, adamp.SGDP),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: fastest for these tiny models, and immune to a busy machine (torch's OpenMP
-    threads spin-wait for each other; on 2 shared cores a tiny BERT step took 0.5 s instead of 10 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _fit_and_resume(ns, cls_name, root, epochs=3, resume_after=1):

@@ -27,18 +27,10 @@ import torch
 
 import adamp_torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 # What timm.optim may import of timm when timm's package __init__ (torchvision) is bypassed.
 ALLOWED = {"timm", "timm.layers", "timm.layers.config", "timm.models", "timm.models._manipulate"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: fastest for these tiny models, and immune to a busy machine (torch's OpenMP
-    threads spin-wait for each other; on 2 shared cores a tiny BERT step took 0.5 s instead of 10 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _timm_modules() -> set[str]:

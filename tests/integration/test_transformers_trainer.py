@@ -13,20 +13,12 @@ from transformers import Trainer  # noqa: F401  (the real client, imported here:
 
 import adamp_torch
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 HP = {
     "adamp": dict(lr=1e-3, betas=(0.9, 0.999), weight_decay=1e-2),
     "sgdp": dict(lr=0.05, momentum=0.9, weight_decay=1e-4, nesterov=True),
 }
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: fastest for these tiny models, and immune to a busy machine (torch's OpenMP
-    threads spin-wait for each other; on 2 shared cores a tiny BERT step took 0.5 s instead of 10 ms)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _params(trainer) -> dict[str, torch.Tensor]:
