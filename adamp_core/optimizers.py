@@ -69,26 +69,9 @@ class OptimizerSpec:
         return self.check(**{n: values[n] for n in self.names})
 
 
-ADAMP = OptimizerSpec(
-    name="AdamP",
-    defaults=dict(hyperparams.ADAMP_DEFAULTS),
-    check=hyperparams.check_adamp,
-    state=AdamPState,
-    init=adamp_init,
-    check_state=check_adamp_state,
-    update=adamp_update,
-    update_group=adamp_update_group,
-    kernel="adamp",
-)
-
-SGDP = OptimizerSpec(
-    name="SGDP",
-    defaults={"lr": REQUIRED, **hyperparams.SGDP_DEFAULTS},
-    check=hyperparams.check_sgdp,
-    state=SGDPState,
-    init=sgdp_init,
-    check_state=check_sgdp_state,
-    update=sgdp_update,
-    update_group=sgdp_update_group,
-    kernel="sgdp",
-)
+# Name, hyperparameters with their defaults (the official signature), check, state, init, state check, the
+# per-tensor step, the group step, the fused kernels' name.
+ADAMP = OptimizerSpec("AdamP", dict(hyperparams.ADAMP_DEFAULTS), hyperparams.check_adamp, AdamPState, adamp_init,
+                      check_adamp_state, adamp_update, adamp_update_group, "adamp")
+SGDP = OptimizerSpec("SGDP", {"lr": REQUIRED, **hyperparams.SGDP_DEFAULTS}, hyperparams.check_sgdp, SGDPState,
+                     sgdp_init, check_sgdp_state, sgdp_update, sgdp_update_group, "sgdp")

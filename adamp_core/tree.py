@@ -188,41 +188,18 @@ def _step(
     return node.unflatten(iter(new_p)), node.unflatten(iter(new_s))
 
 
-def adamp_step(
-    params: Any,
-    grads: Any,
-    states: Any,
-    lr: Any = 1e-3,
-    betas: tuple[Any, Any] = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    nesterov: bool = False,
-    *,
-    skip_nonfinite: bool = False,
-) -> tuple[Any, Any]:
+def adamp_step(params: Any, grads: Any, states: Any, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999),
+               eps: Any = 1e-8, weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False,
+               *, skip_nonfinite: bool = False) -> tuple[Any, Any]:
     """:func:`adamp_core.adamp_step` over a (nested) list/tuple/dict or pytree; returns ``(params, states)``.
     ``skip_nonfinite``: as in :func:`adamp_core.adamp_step`, param by param."""
     hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
     return _step(params, grads, states, hp, check_adamp_state, adamp_update, skip_nonfinite)
 
 
-def sgdp_step(
-    params: Any,
-    grads: Any,
-    states: Any,
-    lr: Any,
-    momentum: Any = 0.0,
-    dampening: Any = 0.0,
-    weight_decay: Any = 0.0,
-    nesterov: bool = False,
-    eps: Any = 1e-8,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    *,
-    skip_nonfinite: bool = False,
-) -> tuple[Any, Any]:
+def sgdp_step(params: Any, grads: Any, states: Any, lr: Any, momentum: Any = 0.0, dampening: Any = 0.0,
+              weight_decay: Any = 0.0, nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1,
+              *, skip_nonfinite: bool = False) -> tuple[Any, Any]:
     """:func:`adamp_core.sgdp_step` over a (nested) list/tuple/dict or pytree; returns ``(params, states)``.
     ``skip_nonfinite``: as in :func:`adamp_core.sgdp_step`, param by param."""
     hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)

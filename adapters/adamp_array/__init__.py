@@ -69,22 +69,10 @@ class AdamP(ArrayOptimizer):
 
     _spec = ADAMP
 
-    def __init__(
-        self,
-        params: Any,
-        lr: Any = 1e-3,
-        betas: tuple[Any, Any] = (0.9, 0.999),
-        eps: Any = 1e-8,
-        weight_decay: Any = 0.0,
-        delta: Any = 0.1,
-        wd_ratio: Any = 0.1,
-        nesterov: bool = False,
-        *,
-        state_dtype: Any = None,
-        skip_nonfinite: bool = False,
-        fused: bool | None = None,
-        foreach: bool | None = None,
-    ) -> None:
+    def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: Any = 1e-8,
+                 weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False, *,
+                 state_dtype: Any = None, skip_nonfinite: bool = False, fused: bool | None = None,
+                 foreach: bool | None = None) -> None:
         super().__init__(params, locals())
 
 
@@ -103,21 +91,8 @@ class SGDP(ArrayOptimizer):
 
     _spec = SGDP_SPEC
 
-    def __init__(
-        self,
-        params: Any,
-        lr: Any = REQUIRED,
-        momentum: Any = 0.0,
-        dampening: Any = 0.0,
-        weight_decay: Any = 0.0,
-        nesterov: bool = False,
-        eps: Any = 1e-8,
-        delta: Any = 0.1,
-        wd_ratio: Any = 0.1,
-        *,
-        state_dtype: Any = None,
-        skip_nonfinite: bool = False,
-        fused: bool | None = None,
-        foreach: bool | None = None,
-    ) -> None:
+    def __init__(self, params: Any, lr: Any = REQUIRED, momentum: Any = 0.0, dampening: Any = 0.0,
+                 weight_decay: Any = 0.0, nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1,
+                 wd_ratio: Any = 0.1, *, state_dtype: Any = None, skip_nonfinite: bool = False,
+                 fused: bool | None = None, foreach: bool | None = None) -> None:
         super().__init__(params, locals())

@@ -198,20 +198,9 @@ def _transformation(
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def adamp(
-    learning_rate: Any = 1e-3,
-    b1: Any = 0.9,
-    b2: Any = 0.999,
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    nesterov: bool = False,
-    *,
-    state_dtype: Any = None,
-    skip_nonfinite: bool = False,
-    foreach: bool | None = None,
-) -> optax.GradientTransformation:
+def adamp(learning_rate: Any = 1e-3, b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, weight_decay: Any = 0.0,
+          delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False, *, state_dtype: Any = None,
+          skip_nonfinite: bool = False, foreach: bool | None = None) -> optax.GradientTransformation:
     r"""AdamP (paper Algorithm 2) as an optax transformation.
 
     .. math::
@@ -249,20 +238,9 @@ def adamp(
     return _make(ADAMP, learning_rate, hyper, state_dtype, skip_nonfinite, foreach, ScaleByAdamPState)
 
 
-def sgdp(
-    learning_rate: Any,
-    momentum: Any = 0.0,
-    dampening: Any = 0.0,
-    weight_decay: Any = 0.0,
-    nesterov: bool = False,
-    eps: Any = 1e-8,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    *,
-    state_dtype: Any = None,
-    skip_nonfinite: bool = False,
-    foreach: bool | None = None,
-) -> optax.GradientTransformation:
+def sgdp(learning_rate: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay: Any = 0.0,
+         nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1, *, state_dtype: Any = None,
+         skip_nonfinite: bool = False, foreach: bool | None = None) -> optax.GradientTransformation:
     r"""SGDP (paper Algorithm 1) as an optax transformation.
 
     .. math::

@@ -71,21 +71,9 @@ class AdamP(ProjectedOptimizer):
 
     _spec = ADAMP
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | torch.Tensor = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 0,
-        delta: float = 0.1,
-        wd_ratio: float = 0.1,
-        nesterov: bool = False,
-        *,
-        maximize: bool = False,
-        state_dtype: torch.dtype | str | None = None,
-        skip_nonfinite: bool = False,
-        fused: bool | None = None,
-        foreach: bool | None = None,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
+                 delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, *, maximize: bool = False,
+                 state_dtype: torch.dtype | str | None = None, skip_nonfinite: bool = False, fused: bool | None = None,
+                 foreach: bool | None = None) -> None:
         super().__init__(params, locals())

@@ -60,22 +60,9 @@ class SGDP(ProjectedOptimizer):
 
     _spec = SGDP_SPEC
 
-    def __init__(
-        self,
-        params: Iterable[Any],
-        lr: float | torch.Tensor = required,
-        momentum: float = 0,
-        dampening: float = 0,
-        weight_decay: float = 0,
-        nesterov: bool = False,
-        eps: float = 1e-8,
-        delta: float = 0.1,
-        wd_ratio: float = 0.1,
-        *,
-        maximize: bool = False,
-        state_dtype: torch.dtype | str | None = None,
-        skip_nonfinite: bool = False,
-        fused: bool | None = None,
-        foreach: bool | None = None,
-    ) -> None:
+    def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = required, momentum: float = 0,
+                 dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8,
+                 delta: float = 0.1, wd_ratio: float = 0.1, *, maximize: bool = False,
+                 state_dtype: torch.dtype | str | None = None, skip_nonfinite: bool = False, fused: bool | None = None,
+                 foreach: bool | None = None) -> None:
         super().__init__(params, locals())
