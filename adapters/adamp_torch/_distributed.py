@@ -2,8 +2,8 @@ r"""DTensor params (FSDP2 ``fully_shard``, HSDP): the core runs on each process'
 
 FSDP2 shards every param on dim 0, so a process holds whole rows of the channel view (possibly
 none: a 1-row weight on 2 ranks). Per-row statistics are then local; the max over rows and the
-layer-view sums are not. :func:`local_shards` hands :func:`adamp_core.adamp.adamp_update` /
-:func:`~adamp_core.sgdp.sgdp_update` the local tensors and a :class:`ShardedRows`, whose reductions
+layer-view sums are not. :func:`local_shards` hands the core's step (through :func:`adamp_core.dispatch.step`,
+which steps such a tensor alone) the local tensors and a :class:`ShardedRows`, whose reductions
 over rows reduce the local rows and then all-gather the per-shard results over the mesh dimension
 that shards dim 0: one all-gather of a few scalars per call, 4 per param with ``ndim > 1`` per step
 (row-scale minima, layer sums, max cosine, layer ``w.u``), no host sync. Every rank combines the same
