@@ -31,7 +31,6 @@ import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from . import fused as _fused
 from ._common import finite_flag, keep_if_finite
 from .arrays import check_array, device, is_host
 from .grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
@@ -88,8 +87,11 @@ def step(
     ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group."""
     out: list[Outcome | None] = [None] * len(tensors)
     rest = list(range(len(tensors)))
-    if fused is not False and not traced and _fused.AVAILABLE:
-        rest = _kernels(spec, tensors, hp, skip_nonfinite, out)
+    if fused is not False and not traced and any(t.writable for t in tensors):
+        from . import fused as _fused  # numba is loaded only where the kernels may run (never for JAX arrays)
+
+        if _fused.AVAILABLE:
+            rest = _kernels(spec, tensors, hp, skip_nonfinite, out)
     if foreach is True or (foreach is None and not traced):  # asked for, or where it pays
         together = [i for i in rest if tensors[i].rows is None and not tensors[i].alone]
         _groups(spec, tensors, together, hp, skip_nonfinite, host_tensor_max_elements, out)
@@ -105,6 +107,7 @@ def _arrays(spec: OptimizerSpec, t: Tensor) -> list[Any]:
 
 def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool, out: list[Any]) -> list[int]:
     """Path 1: the fused kernels, in place. Returns the indices they did not take."""
+    from . import fused as _fused
     batches: dict[Any, list[tuple[int, list[int]]]] = {}  # dtype -> (index, addresses) of small tensors
     rest = []
     for i, t in enumerate(tensors):
