@@ -15,6 +15,7 @@ __all__ = [
     "bias_correction",
     "check_step_count",
     "finite_flag",
+    "host_bias_correction",
     "is_python_int",
     "keep_if_finite",
     "scalar",
@@ -48,6 +49,12 @@ def bias_correction(xp: Any, beta: Any, step: Any, dtype: Any) -> Any:
         log_beta = xp.log(xp.astype(beta, dtype))
     # -expm1(t log beta) instead of 1 - beta**t: no cancellation when beta**t ~ 1 (float32 at small t).
     return -xp.expm1(t * log_beta)
+
+
+def host_bias_correction(beta: float, t: int) -> float:
+    """:func:`bias_correction`'s array formula, ``-expm1(t log beta)``, in Python floats (a checked
+    ``beta`` in [0, 1)): what the fused kernels (:mod:`adamp_core.fused`) take, computed on the host."""
+    return -math.expm1(t * math.log(beta)) if beta > 0 else 1.0
 
 
 def state_zeros(xp: Any, param: Any, state_dtype: Any) -> Any:

@@ -175,7 +175,9 @@ _HYPER_LABELS = {
 }
 
 
-def _is_number(value: Any) -> bool:
+def _is_builtin_number(value: Any) -> bool:
+    """A Python ``float``/``int``/``bool`` (what a checked hyperparameter is when it is not an array): an
+    exact type test, cheaper than ``numbers.Real`` on the per-param path."""
     return type(value) in (float, int, bool)
 
 
@@ -186,8 +188,8 @@ def check_hyper_arrays(param: Any, hp: Any) -> None:
     items = []
     for name, value in zip(hp._fields, hp, strict=True):
         if name == "betas":
-            items += [(f"beta parameter at index {i}", b) for i, b in enumerate(value) if not _is_number(b)]
-        elif name in _HYPER_LABELS and not _is_number(value):
+            items += [(f"beta parameter at index {i}", b) for i, b in enumerate(value) if not _is_builtin_number(b)]
+        elif name in _HYPER_LABELS and not _is_builtin_number(value):
             items.append((_HYPER_LABELS[name], value))
     if not items:  # the common case, once per param: Python numbers only
         return

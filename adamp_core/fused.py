@@ -48,6 +48,9 @@ try:
 except ImportError:  # pragma: no cover - exercised when the extra is absent
     numba = None
 
+from ._common import host_bias_correction
+from .projection import channel_shape
+
 __all__ = [
     "AVAILABLE",
     "BATCH_MAX_SIZE",
@@ -56,7 +59,6 @@ __all__ = [
     "SKIPPED",
     "adamp_batch",
     "adamp_inplace",
-    "channel_shape",
     "check_fused",
     "host_addresses",
     "host_views",
@@ -336,10 +338,6 @@ def _launch(name: str, size: int, *args: Any) -> tuple[int, bool]:
         return parallel(*args)
 
 
-def _bias_correction(beta: float, t: int) -> float:
-    return -math.expm1(t * math.log(beta)) if beta > 0 else 1.0
-
-
 def adamp_inplace(
     param: np.ndarray,
     grad: np.ndarray,
@@ -370,14 +368,14 @@ def adamp_inplace(
         f(b2),
         f(1.0 - b1),
         f(1.0 - b2),
-        f(1.0 / math.sqrt(_bias_correction(b2, step))),
+        f(1.0 / math.sqrt(host_bias_correction(b2, step))),
         f(hp.eps),
         bool(hp.nesterov),
         param.ndim > 1,
         float(hp.delta),
         float(f(hp.eps)),
         decay,
-        f(lr / _bias_correction(b1, step)),
+        f(lr / host_bias_correction(b1, step)),
         bool(skip_nonfinite),
         param.dtype == np.float64,
     )
@@ -411,15 +409,6 @@ def sgdp_inplace(
     )
 
 
-def channel_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(rows, row length)`` of the kernels' view of an array of ``shape``: the channel view
-    ``(shape[0], -1)`` for ``ndim >= 2``, one row otherwise."""
-    size = math.prod(shape)
-    if len(shape) >= 2:
-        return shape[0], size // shape[0] if shape[0] else 0
-    return 1, size
-
-
 def _batch_inputs(shapes: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray, Any]:
     dims = np.array([channel_shape(tuple(s)) for s in shapes], dtype=np.int64).reshape(-1, 2)
     project = np.array([len(s) > 1 for s in shapes], dtype=np.bool_)
@@ -446,8 +435,8 @@ def adamp_batch(
     lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
     # The bias corrections once per distinct step count, with the same Python maths as adamp_inplace.
     uniq, inverse = np.unique(np.asarray(steps, dtype=np.int64), return_inverse=True)
-    inv_sbc2 = np.array([1.0 / math.sqrt(_bias_correction(b2, int(t))) for t in uniq], dtype=dtype)[inverse]
-    step_size = np.array([lr / _bias_correction(b1, int(t)) for t in uniq], dtype=dtype)[inverse]
+    inv_sbc2 = np.array([1.0 / math.sqrt(host_bias_correction(b2, int(t))) for t in uniq], dtype=dtype)[inverse]
+    step_size = np.array([lr / host_bias_correction(b1, int(t)) for t in uniq], dtype=dtype)[inverse]
     sc = np.array([b1, b2, 1.0 - b1, 1.0 - b2, hp.eps], dtype=dtype)
     decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=dtype)
     out = np.empty(len(dims), dtype=np.int8)

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple
 from ._common import finite_flag, is_python_int, keep_if_finite
 from .adamp import AdamPState, adamp_update
 from .arrays import device
-from .projection import RowReduce
+from .projection import RowReduce, channel_shape
 from .sgdp import SGDPState, sgdp_update
 
 __all__ = [
@@ -55,13 +55,6 @@ GROUP_MAX_ELEMENTS = 1 << 21  # 2M elements (8 MiB in float32) per group: bounds
 # On a CPU only tensors below this size join a group: a larger tensor's step is bandwidth-bound there, and
 # the concatenation would only add traffic (measured: ResNet-50 shapes, torch and NumPy, one thread).
 HOST_TENSOR_MAX_ELEMENTS = 1 << 16
-
-
-def _layout(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(rows, row length)`` of a tensor in a group: the channel view, or one row for a 1-d tensor."""
-    if len(shape) <= 1:
-        return 1, math.prod(shape)
-    return shape[0], math.prod(shape[1:])
 
 
 def row_bucket(length: int) -> int:
@@ -84,7 +77,7 @@ def group_indices(keys: Sequence[Any], shapes: Sequence[tuple[int, ...]], max_el
     filled: dict[int, int] = {}  # id of an open group -> its padded size
     order: list[list[int]] = []
     for i, (key, shape) in enumerate(zip(keys, shapes, strict=True)):
-        rows, length = _layout(shape)
+        rows, length = channel_shape(shape)
         bucket = row_bucket(length)
         size = rows * bucket
         if rows * length == 0 or size > largest:
@@ -225,7 +218,7 @@ def _split(xp: Any, group: _Group, x: Any) -> list[Any]:
 
 def _plan(xp: Any, params: Sequence[Any]) -> _Group:
     shapes = [tuple(p.shape) for p in params]
-    layouts = [_layout(s) for s in shapes]
+    layouts = [channel_shape(s) for s in shapes]
     projected = {len(s) > 1 for s in shapes}
     if len(projected) != 1 or any(math.prod(s) == 0 for s in shapes):
         raise ValueError(f"Invalid group: shapes {shapes} (expected non-empty tensors, all 1-d or all with "

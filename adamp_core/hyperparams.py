@@ -64,7 +64,9 @@ class SGDPHyperparams(NamedTuple):
     wd_ratio: Any
 
 
-def _is_number(x: Any) -> bool:
+def _is_real_scalar(x: Any) -> bool:
+    """A real number held on the host (a Python or NumPy scalar, not a bool): checked here; a 0-d array
+    (anything else) passes unchecked."""
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
@@ -72,7 +74,7 @@ def _real(value: Any, label: str) -> Any:
     """Return a Python number as float; pass 0-d arrays through unchecked."""
     if isinstance(value, bool) or value is None or isinstance(value, (str, bytes, complex)):
         raise TypeError(f"Invalid {label}: {value!r} (expected a real number)")
-    if _is_number(value):
+    if _is_real_scalar(value):
         value = float(value)
         if math.isnan(value):
             raise ValueError(f"Invalid {label}: {value}")
@@ -88,14 +90,14 @@ def _real(value: Any, label: str) -> Any:
 
 def _nonnegative(value: Any, label: str, *, finite: bool = True) -> Any:
     value = _real(value, label)
-    if _is_number(value) and (value < 0.0 or (finite and math.isinf(value))):
+    if _is_real_scalar(value) and (value < 0.0 or (finite and math.isinf(value))):
         raise ValueError(f"Invalid {label}: {value}")
     return value
 
 
 def _beta(value: Any, label: str) -> Any:
     value = _real(value, label)
-    if _is_number(value) and not 0.0 <= value < 1.0:
+    if _is_real_scalar(value) and not 0.0 <= value < 1.0:
         raise ValueError(f"Invalid {label}: {value}")
     return value
 
@@ -103,7 +105,7 @@ def _beta(value: Any, label: str) -> Any:
 def _unit(value: Any, label: str) -> Any:
     """A real number in [0, 1] (momentum, dampening)."""
     value = _real(value, label)
-    if _is_number(value) and not 0.0 <= value <= 1.0:
+    if _is_real_scalar(value) and not 0.0 <= value <= 1.0:
         raise ValueError(f"Invalid {label}: {value} (expected a number in [0, 1])")
     return value
 
@@ -156,7 +158,7 @@ def check_sgdp(
     eps = _nonnegative(eps, "epsilon value")
     delta = _nonnegative(delta, "delta value")
     wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
-    if nesterov and _is_number(momentum) and _is_number(dampening) and (momentum <= 0.0 or dampening != 0.0):
+    if nesterov and _is_real_scalar(momentum) and _is_real_scalar(dampening) and (momentum <= 0.0 or dampening != 0.0):
         # adamp==0.3.0 runs these (torch.optim.SGD refuses them): a drop-in runs them too, and says so.
         warnings.warn(
             f"SGDP with nesterov=True, momentum={momentum}, dampening={dampening}: Nesterov momentum usually"
@@ -166,7 +168,7 @@ def check_sgdp(
             stacklevel=3,
         )
     # SGDP divides the decoupled weight decay by (1 - momentum) (official sgdp.py).
-    if _is_number(weight_decay) and _is_number(momentum) and weight_decay > 0.0 and momentum >= 1.0:
+    if _is_real_scalar(weight_decay) and _is_real_scalar(momentum) and weight_decay > 0.0 and momentum >= 1.0:
         raise ValueError(
             f"Invalid momentum value: {momentum} (weight decay is divided by 1 - momentum, so momentum must be < 1"
             f" when weight_decay={weight_decay})"

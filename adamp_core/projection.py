@@ -40,10 +40,19 @@ from typing import Any, NamedTuple
 
 from .arrays import device, is_numpy
 
-__all__ = ["RowStats", "ViewDecision", "RowReduce", "row_stats", "decide_view", "project_update", "projected_view",
-           "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
+__all__ = ["RowStats", "ViewDecision", "RowReduce", "channel_shape", "row_stats", "decide_view", "project_update",
+           "projected_view", "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
 
 VIEW_NONE, VIEW_CHANNEL, VIEW_LAYER = 0, 1, 2
+
+
+def channel_shape(shape: tuple[int, ...]) -> tuple[int, int]:
+    """``(rows, row length)`` of the channel view of an array of ``shape``: ``(shape[0], -1)`` for
+    ``ndim >= 2``, one row for a 1-d or 0-d array (never projected). The row length is explicit, not
+    -1: a shard may hold no rows, and ``(0, -1)`` is ambiguous."""
+    if len(shape) <= 1:
+        return 1, math.prod(shape)
+    return shape[0], math.prod(shape[1:])
 
 
 class RowStats(NamedTuple):
@@ -94,9 +103,8 @@ class RowReduce:
     def thresholds(self, xp: Any, w: Any, delta: Any, dtype: Any) -> tuple[Any, Any]:
         r"""The test's thresholds :math:`\delta/\sqrt{\text{row length}}` (channel view) and
         :math:`\delta/\sqrt{\text{size}}` (layer view) of the whole tensor (``w`` may be a shard)."""
-        shape = w.shape if self.shape is None else self.shape
-        size = math.prod(shape)
-        return delta / math.sqrt(size // shape[0]), delta / math.sqrt(size)
+        rows, length = channel_shape(w.shape if self.shape is None else self.shape)
+        return delta / math.sqrt(length), delta / math.sqrt(rows * length)
 
     def sum(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
         return tuple(xp.sum(x) for x in xs)
@@ -125,8 +133,7 @@ def per_row(xp: Any, x: Any, w: Any) -> Any:
 
 
 def _rows(xp: Any, x: Any) -> Any:
-    # Explicit row length, not -1: a shard may hold no rows, and (0, -1) is ambiguous.
-    return xp.reshape(x, (x.shape[0], math.prod(x.shape[1:])))
+    return xp.reshape(x, channel_shape(x.shape))
 
 
 def _pow2_scale(xp: Any, rows: Any) -> Any:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import adamp_array
-from adamp_array._convert import library
+from adamp_core.arrays import namespace_name as library
 from adamp_xp.testing.adapters_conformance import run_array_adapter
 from adamp_xp.testing.backends import BACKENDS, Backend
 from adamp_xp.testing.oracle import REGIMES, make_grad, reference_run, rel_error

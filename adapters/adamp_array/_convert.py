@@ -10,24 +10,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-from array_api_compat import array_namespace, device, is_cupy_array, is_jax_array, is_numpy_array, is_torch_array
+from array_api_compat import array_namespace, device
 
 from adamp_core.arrays import namespace_name
 
-__all__ = ["flatten_state_dict", "library", "to_like", "to_numpy", "unflatten_state_dict"]
-
-
-def library(x: Any) -> str:
-    """'numpy', 'torch', 'jax', 'cupy', or the top-level module of another array type."""
-    for name, test in (
-        ("numpy", is_numpy_array),
-        ("torch", is_torch_array),
-        ("jax", is_jax_array),
-        ("cupy", is_cupy_array),
-    ):
-        if test(x):
-            return name
-    return namespace_name(x)
+__all__ = ["flatten_state_dict", "to_like", "to_numpy", "unflatten_state_dict"]
 
 
 SEP = "/"
@@ -40,7 +27,7 @@ def _shape(x: Any) -> tuple[int, ...]:
 def to_numpy(x: Any) -> np.ndarray:
     """A host NumPy copy (or view) of an array of any library; 16-bit brain floats become float32
     (NumPy has no bfloat16), which is exact."""
-    lib = library(x)
+    lib = namespace_name(x)
     if lib == "numpy" or isinstance(x, np.generic):
         out = np.asarray(x)
     elif lib == "torch":
@@ -72,7 +59,7 @@ def to_like(x: Any, like: Any, what: str) -> Any:
     if _shape(x) != _shape(like):
         raise ValueError(f"{what} has shape {_shape(x)} but the param has shape {_shape(like)}")
     xp = array_namespace(like)
-    if library(x) == library(like):
+    if namespace_name(x) == namespace_name(like):
         src, floating = x, xp.isdtype(x.dtype, "real floating")
     else:  # another library (or device): through a host NumPy copy
         src = to_numpy(x)
