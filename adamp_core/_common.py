@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-from .arrays import check_array, check_grad, check_hyper_arrays
+from .arrays import check_array, check_grad, check_hyper_arrays, dtype_is
 from .hyperparams import check_flag
 
 __all__ = [
@@ -85,8 +85,7 @@ def check_step_count(step: Any) -> None:
     shape = getattr(step, "shape", None)
     if shape is None or tuple(shape) != ():
         raise TypeError(f"Invalid state.step: {step!r} (expected an int or a 0-d integer array)")
-    kind = str(step.dtype)
-    if "int" not in kind:
+    if not dtype_is(step, "integral"):
         raise TypeError(f"Invalid state.step dtype: {step.dtype} (expected an integer dtype)")
 
 
@@ -118,8 +117,6 @@ def finite_flag(xp: Any, grad: Any, rows: Any = None) -> Any:
 def all_finite(grad: Any) -> Any:
     r"""0-d boolean array, true when every entry of ``grad`` is finite: the test ``skip_nonfinite=True``
     makes before a step (:math:`\bigwedge_i \operatorname{isfinite}(g_i)`). Sync-free."""
-    from .arrays import check_array
-
     xp = check_array(grad, "grad")
     return finite_flag(xp, grad)
 

@@ -20,7 +20,7 @@ from array_api_compat import (
 )
 from array_api_compat import device as _compat_device
 
-__all__ = ["device", "check_array", "check_grad", "check_state_array", "compute_dtype", "namespace_name"]
+__all__ = ["device", "check_array", "check_grad", "compute_dtype", "dtype_is", "namespace_name"]
 
 
 def _torch_tensor() -> Any:
@@ -206,14 +206,24 @@ def check_hyper_arrays(param: Any, hp: Any) -> None:
             raise ValueError(f"Invalid {label}: on device {device(value)} but param on {device(param)}")
 
 
-def check_state_array(param: Any, arr: Any, what: str) -> None:
-    """Check an optimizer-state array against its param (same checks as a grad)."""
-    check_grad(param, arr, what)
+def dtype_is(x: Any, kind: str | tuple[str, ...]) -> bool:
+    """Whether ``x`` is an array (of any array-API library, NumPy scalars included) whose dtype is of the
+    array-API ``kind`` (``"integral"``, ``("bool", "complex floating")``, ...: ``isdtype``'s kinds).
+    Metadata only; NumPy arrays and torch tensors without array-api-compat's dispatch."""
+    if type(x) is _ndarray():
+        xp = _compat_namespace("numpy")
+    elif _is_torch(x):
+        xp = _compat_namespace("torch")
+    elif is_array_api_obj(x):
+        xp = array_namespace(x)
+    else:
+        return False
+    return xp.isdtype(x.dtype, kind)
 
 
 def compute_dtype(xp: Any, dtype: Any) -> Any:
-    """Dtype the maths runs in: float32 for 16-bit floats (reductions are never done
-    in half precision), otherwise the param's own dtype."""
-    if str(dtype).endswith(("float16", "bfloat16")):
+    """Dtype the maths runs in: float32 for 16-bit floats (float16, bfloat16: reductions are never
+    done in half precision), otherwise the param's own (real floating) dtype."""
+    if xp.finfo(dtype).bits == 16:
         return xp.float32
     return dtype

@@ -468,7 +468,6 @@ def sgdp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, hp: Any, skip_non
 
 
 # -- what the dispatcher (adamp_core.dispatch) calls: which arrays the kernels take, and how --------------
-_DTYPES = (np.float32, np.float64)
 
 
 def _torch_plain(x: Any) -> bool:
@@ -514,13 +513,21 @@ def run_inplace(kernel: str, views: list[np.ndarray], step: int | None, hp: Any,
     return sgdp_inplace(*views, hp, skip_nonfinite)[0]
 
 
+def _numpy_dtype(x: Any) -> Any:
+    """The NumPy dtype (float32 or float64) of an array :func:`host_addresses` accepted: a NumPy array's
+    own, a torch tensor's by its element size."""
+    if type(x) is np.ndarray:
+        return x.dtype.type
+    return np.float32 if x.element_size() == 4 else np.float64
+
+
 def run_batch(kernel: str, addresses: list[list[int]], params: list[Any], steps: list[int] | None, hp: Any,
               skip_nonfinite: bool) -> Any:
     """Many tensors of one dtype by :func:`adamp_batch` / :func:`sgdp_batch` (``addresses`` from
     :func:`host_addresses`, ``params`` for their shapes); returns the status of each."""
     table = np.array(addresses, dtype=np.int64)
     shapes = [tuple(p.shape) for p in params]
-    dtype = np.float32 if str(params[0].dtype).endswith("float32") else np.float64
+    dtype = _numpy_dtype(params[0])
     if kernel == "adamp":
         return adamp_batch(table, shapes, dtype, steps, hp, skip_nonfinite)
     return sgdp_batch(table, shapes, dtype, hp, skip_nonfinite)

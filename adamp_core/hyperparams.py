@@ -24,6 +24,8 @@ import numbers
 import warnings
 from typing import Any, NamedTuple
 
+from .arrays import dtype_is
+
 __all__ = [
     "ADAMP_DEFAULTS",
     "SGDP_DEFAULTS",
@@ -82,7 +84,7 @@ def _real(value: Any, label: str) -> Any:
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         if tuple(value.shape) != ():
             raise ValueError(f"Invalid {label}: expected a scalar or a 0-d array, got shape {tuple(value.shape)}")
-        if "bool" in str(value.dtype) or "complex" in str(value.dtype):
+        if dtype_is(value, ("bool", "complex floating")):
             raise TypeError(f"Invalid {label}: a 0-d array of dtype {value.dtype} (expected a real number)")
         return value
     raise TypeError(f"Invalid {label}: {value!r} (expected a real number)")

@@ -298,9 +298,9 @@ def _backend(backend: str) -> Any:
 class GradCache:
     """Grads of one workload, converted once per backend and shared (read-only) by its runners."""
 
-    def __init__(self, workload: Workload, seed: int = 0, data: tuple[list[Any], list[Any]] | None = None) -> None:
+    def __init__(self, workload: Workload, seed: int = 0) -> None:
         self.workload = workload
-        self.params, self.grads = data if data is not None else host_data(workload, seed)
+        self.params, self.grads = host_data(workload, seed)
         self._by_backend: dict[str, list[Any]] = {}
 
     def grads_on(self, backend: str) -> list[Any]:

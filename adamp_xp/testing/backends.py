@@ -108,7 +108,9 @@ class Backend:
 
             out = cupy.asnumpy(x)
         elif self.library == "jax":
-            out = np.asarray(x.astype("float32") if str(x.dtype) == "bfloat16" else x)
+            import jax.numpy as jnp
+
+            out = np.asarray(x.astype("float32") if x.dtype == jnp.bfloat16 else x)
         else:
             out = np.asarray(x)
         return np.array(out, dtype=np.float64 if np.issubdtype(out.dtype, np.floating) else out.dtype, copy=True)

@@ -6,6 +6,7 @@ Nothing here is on the hot path: it runs when a state dict is saved or loaded.
 from __future__ import annotations
 
 import numbers
+import sys
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,7 +33,7 @@ def to_numpy(x: Any) -> np.ndarray:
         out = np.asarray(x)
     elif lib == "torch":
         t = x.detach().cpu()
-        out = (t.float() if str(t.dtype) == "torch.bfloat16" else t).numpy()
+        out = (t.float() if t.dtype == sys.modules["torch"].bfloat16 else t).numpy()
     elif lib == "cupy":
         out = x.get()
     elif lib == "jax":
@@ -42,7 +43,8 @@ def to_numpy(x: Any) -> np.ndarray:
             out = np.from_dlpack(x)
         except (TypeError, ValueError, RuntimeError, BufferError, AttributeError):
             out = np.asarray(x)
-    if str(out.dtype) == "bfloat16":  # ml_dtypes' bfloat16 (JAX): not understood by other libraries
+    ml_dtypes = sys.modules.get("ml_dtypes")  # loaded wherever a NumPy bfloat16 array exists
+    if ml_dtypes is not None and out.dtype == ml_dtypes.bfloat16:  # JAX's: not understood by other libraries
         out = out.astype(np.float32)
     return out
 
