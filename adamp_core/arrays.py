@@ -20,8 +20,8 @@ from array_api_compat import (
 )
 from array_api_compat import device as _compat_device
 
-__all__ = ["check_array", "check_grad", "check_hyper_arrays", "compute_dtype", "device", "dtype_is", "is_host", "is_numpy",
-           "namespace_name"]
+__all__ = ["check_array", "check_grad", "check_hyper_arrays", "compute_dtype", "device", "dtype_is", "is_host",
+           "is_numpy", "namespace_name"]
 
 
 def _torch_tensor() -> Any:
