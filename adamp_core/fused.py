@@ -164,54 +164,45 @@ if AVAILABLE:
             return FALLBACK
         return OK
 
-    def _adamp_kernel(
-        w, g, m, v, b1, b2, c1, c2, inv_sbc2, eps, nesterov, project, delta, eps64, decay, step_size, skip, check_range
-    ):  # pragma: no cover - compiled
-        # Scalars come in the param's dtype (elementwise maths in it, as the pure step); sums in float64.
-        n_rows, n_cols = w.shape
-        stats = np.empty((n_rows, 4))
-        bad = np.zeros(n_rows)
-        for r in prange(n_rows):
-            wg = ww = gg = wp = 0.0
-            nb = 0.0
-            for j in range(n_cols):
-                wj, gj = w[r, j], g[r, j]
-                mj = b1 * m[r, j] + c1 * gj  # Alg. 2 line 2
-                vj = b2 * v[r, j] + c2 * gj * gj  # Alg. 2 line 3
-                den = np.sqrt(vj) * inv_sbc2 + eps  # Alg. 2 line 4
-                pj = (b1 * mj + c1 * gj) / den if nesterov else mj / den
-                wd, gd = np.float64(wj), np.float64(gj)
-                wg += wd * gd
-                ww += wd * wd
-                gg += gd * gd
-                wp += wd * np.float64(pj)
-                nb += gj * 0.0  # NaN iff some g entry is NaN or inf (no branch: the loop vectorizes)
-            stats[r, 0], stats[r, 1], stats[r, 2], stats[r, 3] = wg, ww, gg, wp
-            bad[r] = 0.0 if nb == 0.0 else 1.0
-        status = _screen(stats, bad, skip, check_range)
-        if status != OK:
-            return status, False
-        coef = np.empty(n_rows)
-        projected = _decide(stats, project, n_cols, delta, eps64, coef)
-        coefs = coef.astype(w.dtype)
-        dec = decay[1] if projected else decay[0]
-        for r in prange(n_rows):
-            c = coefs[r]
-            for j in range(n_cols):
-                wj, gj = w[r, j], g[r, j]
-                mj = b1 * m[r, j] + c1 * gj
-                vj = b2 * v[r, j] + c2 * gj * gj
-                den = np.sqrt(vj) * inv_sbc2 + eps
-                pj = (b1 * mj + c1 * gj) / den if nesterov else mj / den
-                pj = pj - wj * c  # Alg. 2 line 8: the radial part removed (c = 0: not projected)
-                m[r, j] = mj
-                v[r, j] = vj
-                w[r, j] = wj * dec - step_size * pj  # Alg. 2 lines 10-11: decoupled decay, then the step
-        return OK, projected
+    # What differs between AdamP and SGDP, bound in each copy of the generic kernels (see _compile): the
+    # scalars (a tuple, from the array ``sc`` of the param's dtype), the state maths of one entry (``(new s1,
+    # new s2, unprojected update p)`` from the old state ``s1, s2`` and the grad ``gj``) and how the new state
+    # is stored once ``p`` is projected (``qj``). AdamP's state is ``(m, v)``; SGDP's is its momentum buffer,
+    # passed as both ``s1`` and ``s2``.
+    _scalars = _entry = _store = _serial = None
 
-    def _sgdp_kernel(
-        w, g, b, mu, c1, nesterov, project, delta, eps64, decay, lr, skip, check_range
+    def _adamp_scalars(sc):  # pragma: no cover - compiled
+        return sc[0], sc[1], sc[2], sc[3], sc[4], sc[5]
+
+    def _adamp_entry(sc, nesterov, mj, vj, gj):  # pragma: no cover - compiled
+        b1, b2, c1, c2, inv_sbc2, eps = sc
+        mj = b1 * mj + c1 * gj  # Alg. 2 line 2
+        vj = b2 * vj + c2 * gj * gj  # Alg. 2 line 3
+        den = np.sqrt(vj) * inv_sbc2 + eps  # Alg. 2 line 4
+        return mj, vj, (b1 * mj + c1 * gj) / den if nesterov else mj / den
+
+    def _adamp_store(m, v, r, j, mj, vj, qj, nesterov):  # pragma: no cover - compiled
+        m[r, j] = mj
+        v[r, j] = vj
+
+    def _sgdp_scalars(sc):  # pragma: no cover - compiled
+        return sc[0], sc[1]
+
+    def _sgdp_entry(sc, nesterov, bj, unused, gj):  # pragma: no cover - compiled
+        mu, c1 = sc
+        bj = mu * bj + c1 * gj  # Alg. 1 line 2
+        return bj, unused, gj + mu * bj if nesterov else bj
+
+    def _sgdp_store(b, unused, r, j, bj, unused_j, qj, nesterov):  # pragma: no cover - compiled
+        b[r, j] = bj if nesterov else qj  # adamp 0.3.0 projects the buffer itself in place (not with nesterov)
+
+    def _kernel(
+        w, g, s1, s2, sc, step, project, nesterov, delta, eps64, decay, skip, check_range
     ):  # pragma: no cover - compiled
+        # One step of the optimizer whose ``_scalars``, ``_entry`` and ``_store`` this copy calls (see
+        # _compile). The scalars ``sc`` (an array) and ``step`` come in the param's dtype (elementwise maths in
+        # it, as the pure step); sums in float64.
+        k = _scalars(sc)
         n_rows, n_cols = w.shape
         stats = np.empty((n_rows, 4))
         bad = np.zeros(n_rows)
@@ -220,8 +211,7 @@ if AVAILABLE:
             nb = 0.0
             for j in range(n_cols):
                 wj, gj = w[r, j], g[r, j]
-                bj = mu * b[r, j] + c1 * gj  # Alg. 1 line 2
-                pj = gj + mu * bj if nesterov else bj
+                pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)[2]
                 wd, gd = np.float64(wj), np.float64(gj)
                 wg += wd * gd
                 ww += wd * wd
@@ -241,30 +231,23 @@ if AVAILABLE:
             c = coefs[r]
             for j in range(n_cols):
                 wj, gj = w[r, j], g[r, j]
-                bj = mu * b[r, j] + c1 * gj
-                pj = gj + mu * bj if nesterov else bj
-                qj = pj - wj * c  # Alg. 1 line 6
-                # adamp 0.3.0 projects the buffer itself in place (not with nesterov).
-                b[r, j] = bj if nesterov else qj
-                w[r, j] = wj * dec - lr * qj
+                s1j, s2j, pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)
+                qj = pj - wj * c  # Alg. 2 line 8, Alg. 1 line 6: the radial part removed (c = 0: not projected)
+                _store(s1, s2, r, j, s1j, s2j, qj, nesterov)
+                w[r, j] = wj * dec - step * qj  # Alg. 2 lines 10-11: decoupled decay, then the step
         return OK, projected
 
     _decide = _jit(_decide)
     _screen = _jit(_screen)
 
-    def _variant(func, suffix):
-        """A copy of ``func`` under another name. numba's on-disk cache keys a function by its name and
-        line, not by its options: a serial and a parallel compilation of one function would load each
-        other's machine code (a parallel kernel run serially, or threads started for a tiny tensor)."""
-        copy = types.FunctionType(func.__code__, func.__globals__, func.__name__ + suffix)
+    def _variant(func, suffix, **names):
+        """A copy of ``func`` under another name, its globals ``names`` bound as given. numba's on-disk
+        cache keys a function by its name and line, not by its options or globals: a serial and a parallel
+        compilation of one function (or an AdamP and an SGDP one) would load each other's machine code (a
+        parallel kernel run serially, threads started for a tiny tensor, or the other optimizer)."""
+        copy = types.FunctionType(func.__code__, {**func.__globals__, **names}, func.__name__ + suffix)
         copy.__qualname__ = func.__qualname__ + suffix
         return copy
-
-    _KERNELS = {
-        name: (_jit(_variant(kernel, "_serial")), _pjit(_variant(kernel, "_parallel")))
-        for name, kernel in (("adamp", _adamp_kernel), ("sgdp", _sgdp_kernel))
-    }
-    _adamp_serial, _sgdp_serial = _KERNELS["adamp"][0], _KERNELS["sgdp"][0]
 
     @numba.extending.intrinsic
     def _pointer(typingctx, address):  # pragma: no cover - compiled
@@ -278,32 +261,33 @@ if AVAILABLE:
     def _view(address, shape, like):  # pragma: no cover - compiled
         return numba.carray(_pointer(address), (shape[0], shape[1]), like.dtype)
 
-    def _adamp_batch(
-        like, addr, shapes, project, sc, inv_sbc2, step_size, nesterov, delta, eps64, decay, skip, check_range, out
+    def _batch(
+        like, addr, shapes, project, sc, steps, out, nesterov, delta, eps64, decay, skip, check_range
     ):  # pragma: no cover - compiled
-        # One tensor per iteration, each by the serial kernel: threads share out the tensors.
+        # One tensor per iteration, each by the serial kernel: threads share out the tensors. ``addr``: the
+        # addresses of param, grad and state (one state array: SGDP's buffer, passed as s1 and s2).
+        last = addr.shape[1] - 1
         for i in prange(addr.shape[0]):
             w, g = _view(addr[i, 0], shapes[i], like), _view(addr[i, 1], shapes[i], like)
-            m, v = _view(addr[i, 2], shapes[i], like), _view(addr[i, 3], shapes[i], like)
-            status, _ = _adamp_serial(
-                w, g, m, v, sc[0], sc[1], sc[2], sc[3], inv_sbc2[i], sc[4], nesterov, project[i], delta, eps64,
-                decay, step_size[i], skip, check_range,
-            )  # fmt: skip
-            out[i] = status
-
-    def _sgdp_batch(
-        like, addr, shapes, project, sc, nesterov, delta, eps64, decay, skip, check_range, out
-    ):  # pragma: no cover - compiled
-        for i in prange(addr.shape[0]):
-            w, g = _view(addr[i, 0], shapes[i], like), _view(addr[i, 1], shapes[i], like)
-            b = _view(addr[i, 2], shapes[i], like)
-            status, _ = _sgdp_serial(
-                w, g, b, sc[0], sc[1], nesterov, project[i], delta, eps64, decay, sc[2], skip, check_range
+            s1, s2 = _view(addr[i, 2], shapes[i], like), _view(addr[i, last], shapes[i], like)
+            status, _ = _serial(
+                w, g, s1, s2, sc[i], steps[i], project[i], nesterov, delta, eps64, decay, skip, check_range
             )
             out[i] = status
 
     _view = _jit(_view)
-    _BATCH = {"adamp": _pjit(_adamp_batch), "sgdp": _pjit(_sgdp_batch)}
+
+    def _compile(name, scalars, entry, store):
+        """The serial and parallel kernels of one optimizer (its ``scalars``, ``entry`` and ``store``), and
+        its batch."""
+        ops = {"_scalars": _jit(scalars), "_entry": _jit(entry), "_store": _jit(store)}
+        serial = _jit(_variant(_kernel, f"_{name}_serial", **ops))
+        parallel = _pjit(_variant(_kernel, f"_{name}_parallel", **ops))
+        return (serial, parallel), _pjit(_variant(_batch, f"_{name}", _serial=serial))
+
+    _KERNELS, _BATCH = {}, {}
+    _KERNELS["adamp"], _BATCH["adamp"] = _compile("adamp", _adamp_scalars, _adamp_entry, _adamp_store)
+    _KERNELS["sgdp"], _BATCH["sgdp"] = _compile("sgdp", _sgdp_scalars, _sgdp_entry, _sgdp_store)
 
 
 @contextlib.contextmanager
@@ -338,86 +322,73 @@ def _launch(name: str, size: int, *args: Any) -> tuple[int, bool]:
         return parallel(*args)
 
 
-def adamp_inplace(
-    param: np.ndarray,
-    grad: np.ndarray,
-    exp_avg: np.ndarray,
-    exp_avg_sq: np.ndarray,
-    step: int,
-    hp: Any,
-    skip_nonfinite: bool = False,
-) -> tuple[int, bool]:
+def _adamp_host(hp: Any, t: int) -> tuple[list[float], float, float]:
+    """AdamP's kernel scalars at the new step count ``t``, Python floats: ``(b1, b2, 1 - b1, 1 - b2,
+    1/sqrt(1 - b2^t), eps)``, the step size ``lr / (1 - b1^t)`` and the decay ``lr * weight_decay``."""
+    b1, b2 = (float(b) for b in hp.betas)
+    lr, sbc2 = float(hp.lr), math.sqrt(host_bias_correction(b2, t))
+    sc = [b1, b2, 1.0 - b1, 1.0 - b2, 1.0 / sbc2, float(hp.eps)]
+    return sc, lr / host_bias_correction(b1, t), lr * float(hp.weight_decay)
+
+
+def _sgdp_host(hp: Any) -> tuple[list[float], float, float]:
+    """SGDP's kernel scalars, Python floats: ``(momentum, 1 - dampening)``, the step size ``lr`` and the
+    decay ``lr * weight_decay / (1 - momentum)`` (official sgdp.py: decay scaled by 1/(1 - momentum))."""
+    lr, mu, wd = float(hp.lr), float(hp.momentum), float(hp.weight_decay)
+    return [mu, 1.0 - float(hp.dampening)], lr, lr * wd / (1.0 - mu) if wd != 0.0 else 0.0
+
+
+def _options(hp: Any, scale: float, dtype: Any, skip_nonfinite: bool) -> tuple[Any, ...]:
+    """The kernels' last arguments: nesterov, delta, eps (rounded to ``dtype``), the decoupled decay factors
+    ``[not projected, projected]`` (``scale``, and ``scale`` times ``wd_ratio``), skip, check the range."""
+    dtype = np.dtype(dtype)
+    decay = np.array([1.0 - scale, 1.0 - scale * float(hp.wd_ratio)], dtype=dtype)
+    eps = float(dtype.type(hp.eps))
+    return bool(hp.nesterov), float(hp.delta), eps, decay, bool(skip_nonfinite), dtype == np.float64
+
+
+def _inplace(name: str, param: np.ndarray, grad: np.ndarray, s1: np.ndarray, s2: np.ndarray,
+             host: tuple[list[float], float, float], hp: Any, skip_nonfinite: bool) -> tuple[int, bool]:
+    """One tensor by the kernel ``name`` (serial or parallel by its size); ``host``: ``_adamp_host`` or
+    ``_sgdp_host``, rounded here to the param's dtype."""
+    (sc, step, scale), r1 = host, _rows(s1)
+    return _launch(name, param.size, _rows(param), _rows(grad), r1, r1 if s2 is s1 else _rows(s2),
+                   np.array(sc, param.dtype), param.dtype.type(step), param.ndim > 1,
+                   *_options(hp, scale, param.dtype, skip_nonfinite))
+
+
+def adamp_inplace(param: np.ndarray, grad: np.ndarray, exp_avg: np.ndarray, exp_avg_sq: np.ndarray, step: int,
+                  hp: Any, skip_nonfinite: bool = False) -> tuple[int, bool]:
     """One AdamP step written into ``param``, ``exp_avg``, ``exp_avg_sq`` (``step``: the new count ``t``,
     from 1; ``hp``: checked :class:`adamp_core.hyperparams.AdamPHyperparams` of Python floats).
 
     Returns ``(status, projected)``: :data:`OK`; :data:`SKIPPED` (``skip_nonfinite`` and a non-finite
     grad entry) or :data:`FALLBACK` (float64 row sums of squares out of range, see above): nothing written.
     """
-    f = param.dtype.type
-    b1, b2 = (float(b) for b in hp.betas)
-    lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
-    decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=param.dtype)
-    return _launch(
-        "adamp",
-        param.size,
-        _rows(param),
-        _rows(grad),
-        _rows(exp_avg),
-        _rows(exp_avg_sq),
-        f(b1),
-        f(b2),
-        f(1.0 - b1),
-        f(1.0 - b2),
-        f(1.0 / math.sqrt(host_bias_correction(b2, step))),
-        f(hp.eps),
-        bool(hp.nesterov),
-        param.ndim > 1,
-        float(hp.delta),
-        float(f(hp.eps)),
-        decay,
-        f(lr / host_bias_correction(b1, step)),
-        bool(skip_nonfinite),
-        param.dtype == np.float64,
-    )
+    return _inplace("adamp", param, grad, exp_avg, exp_avg_sq, _adamp_host(hp, step), hp, skip_nonfinite)
 
 
-def sgdp_inplace(
-    param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: Any, skip_nonfinite: bool = False
-) -> tuple[int, bool]:
+def sgdp_inplace(param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: Any,
+                 skip_nonfinite: bool = False) -> tuple[int, bool]:
     """One SGDP step written into ``param`` and its ``momentum`` buffer; returns ``(status, projected)``
     as :func:`adamp_inplace`."""
-    lr, mu, wd, ratio = float(hp.lr), float(hp.momentum), float(hp.weight_decay), float(hp.wd_ratio)
-    scale = lr * wd / (1.0 - mu) if wd != 0.0 else 0.0  # official sgdp.py: decay scaled by 1/(1 - momentum)
-    f = param.dtype.type
-    decay = np.array([1.0 - scale, 1.0 - scale * ratio], dtype=param.dtype)
-    return _launch(
-        "sgdp",
-        param.size,
-        _rows(param),
-        _rows(grad),
-        _rows(momentum),
-        f(mu),
-        f(1.0 - float(hp.dampening)),
-        bool(hp.nesterov),
-        param.ndim > 1,
-        float(hp.delta),
-        float(f(hp.eps)),
-        decay,
-        f(lr),
-        bool(skip_nonfinite),
-        param.dtype == np.float64,
-    )
+    return _inplace("sgdp", param, grad, momentum, momentum, _sgdp_host(hp), hp, skip_nonfinite)
 
 
-def _batch_inputs(shapes: Any, dtype: Any) -> tuple[np.ndarray, np.ndarray, Any]:
+def _run_batch(name: str, addresses: np.ndarray, shapes: Any, dtype: Any, sc: np.ndarray, steps: np.ndarray,
+               scale: float, hp: Any, skip_nonfinite: bool) -> Any:
+    """Many tensors by the batch kernel ``name``: ``sc`` (rows) and ``steps`` per tensor, in ``dtype``."""
     dims = np.array([channel_shape(tuple(s)) for s in shapes], dtype=np.int64).reshape(-1, 2)
     project = np.array([len(s) > 1 for s in shapes], dtype=np.bool_)
-    return dims, project, np.empty(0, dtype=dtype)
+    out = np.empty(len(dims), dtype=np.int8)
+    with _keeping_torch_threads():
+        _BATCH[name](np.empty(0, dtype=dtype), np.ascontiguousarray(addresses, dtype=np.int64), dims, project, sc,
+                     steps, out, *_options(hp, scale, dtype, skip_nonfinite))
+    return out
 
 
-def adamp_batch(
-    addresses: np.ndarray, shapes: Any, dtype: Any, steps: Any, hp: Any, skip_nonfinite: bool = False
-) -> Any:
+def adamp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, steps: Any, hp: Any,
+                skip_nonfinite: bool = False) -> Any:
     """:func:`adamp_inplace` for many tensors in one kernel call (the tensors are shared out among
     numba's threads, each tensor by the serial kernel): no per-tensor Python or dispatch cost, which
     dominates for small tensors.
@@ -429,42 +400,22 @@ def adamp_batch(
     :data:`FALLBACK`; as :func:`adamp_inplace`, nothing is written for the last two). The step counts
     are the caller's to advance.
     """
-    dims, project, like = _batch_inputs(shapes, dtype)
-    f = np.dtype(dtype).type
-    b1, b2 = (float(b) for b in hp.betas)
-    lr, wd, ratio = float(hp.lr), float(hp.weight_decay), float(hp.wd_ratio)
-    # The bias corrections once per distinct step count, with the same Python maths as adamp_inplace.
+    # The scalars once per distinct step count, with the same Python maths as adamp_inplace.
     uniq, inverse = np.unique(np.asarray(steps, dtype=np.int64), return_inverse=True)
-    inv_sbc2 = np.array([1.0 / math.sqrt(host_bias_correction(b2, int(t))) for t in uniq], dtype=dtype)[inverse]
-    step_size = np.array([lr / host_bias_correction(b1, int(t)) for t in uniq], dtype=dtype)[inverse]
-    sc = np.array([b1, b2, 1.0 - b1, 1.0 - b2, hp.eps], dtype=dtype)
-    decay = np.array([1.0 - lr * wd, 1.0 - lr * wd * ratio], dtype=dtype)
-    out = np.empty(len(dims), dtype=np.int8)
-    with _keeping_torch_threads():
-        _BATCH["adamp"](
-            like, np.ascontiguousarray(addresses, dtype=np.int64), dims, project, sc, inv_sbc2, step_size,
-            bool(hp.nesterov), float(hp.delta), float(f(hp.eps)), decay, bool(skip_nonfinite), like.dtype == np.float64,
-            out,
-        )  # fmt: skip
-    return out
+    host = [_adamp_host(hp, int(t)) for t in uniq]
+    sc = np.array([h[0] for h in host], dtype=dtype).reshape(-1, 6)[inverse]
+    step_size = np.array([h[1] for h in host], dtype=dtype)[inverse]
+    scale = float(hp.lr) * float(hp.weight_decay)  # as _adamp_host
+    return _run_batch("adamp", addresses, shapes, dtype, sc, step_size, scale, hp, skip_nonfinite)
 
 
 def sgdp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, hp: Any, skip_nonfinite: bool = False) -> Any:
     """:func:`sgdp_inplace` for many tensors in one kernel call, as :func:`adamp_batch`; ``addresses``:
     ``(n, 3)``, of ``param``, ``grad`` and ``momentum``."""
-    dims, project, like = _batch_inputs(shapes, dtype)
-    f = np.dtype(dtype).type
-    lr, mu, wd, ratio = float(hp.lr), float(hp.momentum), float(hp.weight_decay), float(hp.wd_ratio)
-    scale = lr * wd / (1.0 - mu) if wd != 0.0 else 0.0  # as sgdp_inplace
-    sc = np.array([mu, 1.0 - float(hp.dampening), lr], dtype=dtype)
-    decay = np.array([1.0 - scale, 1.0 - scale * ratio], dtype=dtype)
-    out = np.empty(len(dims), dtype=np.int8)
-    with _keeping_torch_threads():
-        _BATCH["sgdp"](
-            like, np.ascontiguousarray(addresses, dtype=np.int64), dims, project, sc, bool(hp.nesterov),
-            float(hp.delta), float(f(hp.eps)), decay, bool(skip_nonfinite), like.dtype == np.float64, out,
-        )  # fmt: skip
-    return out
+    sc, lr, scale = _sgdp_host(hp)
+    n = len(shapes)
+    sc_rows = np.tile(np.array(sc, dtype=dtype), (n, 1))
+    return _run_batch("sgdp", addresses, shapes, dtype, sc_rows, np.full(n, lr, dtype=dtype), scale, hp, skip_nonfinite)
 
 
 # -- what the dispatcher (adamp_core.dispatch) calls: which arrays the kernels take, and how --------------

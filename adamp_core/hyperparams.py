@@ -119,15 +119,8 @@ def check_flag(value: Any, name: str) -> bool:
     return value
 
 
-def check_adamp(
-    lr: Any = 1e-3,
-    betas: Any = (0.9, 0.999),
-    eps: Any = 1e-8,
-    weight_decay: Any = 0.0,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-    nesterov: Any = False,
-) -> AdamPHyperparams:
+def check_adamp(lr: Any = 1e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8, weight_decay: Any = 0.0,
+                delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: Any = False) -> AdamPHyperparams:
     """Validate AdamP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
     lr = _nonnegative(lr, "learning rate")
     eps = _nonnegative(eps, "epsilon value")
@@ -141,16 +134,8 @@ def check_adamp(
     return AdamPHyperparams(lr, (beta1, beta2), eps, weight_decay, delta, wd_ratio, check_flag(nesterov, "nesterov"))
 
 
-def check_sgdp(
-    lr: Any,
-    momentum: Any = 0.0,
-    dampening: Any = 0.0,
-    weight_decay: Any = 0.0,
-    nesterov: Any = False,
-    eps: Any = 1e-8,
-    delta: Any = 0.1,
-    wd_ratio: Any = 0.1,
-) -> SGDPHyperparams:
+def check_sgdp(lr: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay: Any = 0.0, nesterov: Any = False,
+               eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1) -> SGDPHyperparams:
     """Validate SGDP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
     lr = _nonnegative(lr, "learning rate")
     momentum = _unit(momentum, "momentum value")

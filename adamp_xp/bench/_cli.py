@@ -46,63 +46,30 @@ QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-f
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument(
-        "--device",
-        choices=["cpu", "cuda"],
-        default="cpu",
-        help="cpu: numpy, array_api_strict, torch:cpu, jax:cpu; cuda: torch:cuda, cupy, jax:gpu",
-    )
-    p.add_argument(
-        "--workload",
-        action="append",
-        choices=[*WORKLOAD_NAMES, "all"],
-        help="repeatable; default: all (" + ", ".join(WORKLOAD_NAMES) + ")",
-    )
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cpu: numpy, array_api_strict, torch:cpu, jax:cpu; cuda: torch:cuda, cupy, jax:gpu")
+    p.add_argument("--workload", action="append", choices=[*WORKLOAD_NAMES, "all"],
+                   help="repeatable; default: all (" + ", ".join(WORKLOAD_NAMES) + ")")
     p.add_argument("--optimizer", choices=[*OPTIMIZERS, "all"], default="adamp", help="default: adamp")
     p.add_argument("--impl", action="append", choices=list(IMPLS), help="only these rows (repeatable); default: all")
     backends = [*device_backends("cpu"), *device_backends("cuda")]
-    p.add_argument(
-        "--backend",
-        action="append",
-        choices=[*backends, "all"],
-        help="only these backends of --device (repeatable); default: all, except "
-        + ", ".join(QUICK_SKIP_BACKENDS)
-        + " with --quick",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"small sizes (scale {QUICK_SCALE}; "
-        + ", ".join(f"{k} {v:g}" for k, v in QUICK_SCALES.items())
-        + "), 5 runs of >= 20 ms, single-threaded, no "
-        + ", ".join(QUICK_SKIP_BACKENDS)
-        + " rows: a table in about a minute",
-    )
-    p.add_argument(
-        "--scale",
-        type=float,
-        default=None,
-        help=f"workload size factor (default: ${ENV_SCALE}, else {QUICK_SCALE} with --quick (see there), else 1)",
-    )
+    p.add_argument("--backend", action="append", choices=[*backends, "all"],
+                   help=f"only these backends of --device (repeatable); default: all, except "
+                   f"{', '.join(QUICK_SKIP_BACKENDS)} with --quick")
+    scales = ", ".join(f"{k} {v:g}" for k, v in QUICK_SCALES.items())
+    p.add_argument("--quick", action="store_true",
+                   help=f"small sizes (scale {QUICK_SCALE}; {scales}), 5 runs of >= 20 ms, single-threaded, no "
+                   f"{', '.join(QUICK_SKIP_BACKENDS)} rows: a table in about a minute")
+    p.add_argument("--scale", type=float, default=None, help=f"workload size factor (default: ${ENV_SCALE}, else "
+                   f"{QUICK_SCALE} with --quick (see there), else 1)")
     p.add_argument("--repeats", type=int, default=None, help="timed runs per row (default 7; 5 with --quick)")
-    p.add_argument(
-        "--min-time",
-        type=float,
-        default=None,
-        help="seconds per timed run; sets the steps per run (default 0.2; 0.02 with --quick)",
-    )
-    p.add_argument(
-        "--threads",
-        type=int,
-        default=None,
-        help="torch intra-op threads (1 also turns XLA's Eigen pool off); default: the libraries' own, 1 with --quick",
-    )
-    p.add_argument(
-        "--jax-cache",
-        metavar="DIR",
-        default=None,
-        help=f"JAX persistent compilation cache (default: ${ENV_JAX_CACHE}, else ~/.cache/adamp-xp/jax; 'none': off)",
-    )
+    p.add_argument("--min-time", type=float, default=None,
+                   help="seconds per timed run; sets the steps per run (default 0.2; 0.02 with --quick)")
+    p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (1 also turns XLA's Eigen pool "
+                   "off); default: the libraries' own, 1 with --quick")
+    p.add_argument("--jax-cache", metavar="DIR", default=None,
+                   help=f"JAX persistent compilation cache (default: ${ENV_JAX_CACHE}, else ~/.cache/adamp-xp/jax; "
+                   "'none': off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the params and grads (default 0)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 

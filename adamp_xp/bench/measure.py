@@ -324,14 +324,8 @@ def _fresh_runner(row: Row, optimizer: str, cache: GradCache) -> Any:
 # -- every row -----------------------------------------------------------------------------------------------
 
 
-def prepare_resident(
-    rows: list[Row],
-    optimizer: str,
-    cache: GradCache,
-    min_time: float,
-    results: dict[Row, dict[str, Any]],
-    log: Log,
-) -> tuple[dict[Row, Any], dict[Row, int]]:
+def prepare_resident(rows: list[Row], optimizer: str, cache: GradCache, min_time: float,
+                     results: dict[Row, dict[str, Any]], log: Log) -> tuple[dict[Row, Any], dict[Row, int]]:
     """Build every row, then warm them up; the JIT rows compile in background threads (XLA compiles
     outside the GIL) while the other rows warm up. Then calibrate, timed, one row at a time in row
     order. Nothing is timed until all are ready. The runners and steps per run of the rows that are."""
@@ -364,14 +358,8 @@ def prepare_resident(
     return runners, steps
 
 
-def prepare_one_at_a_time(
-    rows: list[Row],
-    optimizer: str,
-    cache: GradCache,
-    min_time: float,
-    results: dict[Row, dict[str, Any]],
-    log: Log,
-) -> dict[Row, int]:
+def prepare_one_at_a_time(rows: list[Row], optimizer: str, cache: GradCache, min_time: float,
+                          results: dict[Row, dict[str, Any]], log: Log) -> dict[Row, int]:
     """Not enough memory for every row at once: build, warm up and calibrate one row at a time, each
     released before the next. The steps per run of the rows that are ready."""
     steps: dict[Row, int] = {}
@@ -387,15 +375,8 @@ def prepare_one_at_a_time(
     return steps
 
 
-def time_rounds(
-    live: list[Row],
-    steps: dict[Row, int],
-    repeats: int,
-    results: dict[Row, dict[str, Any]],
-    runners: dict[Row, Any] | None,
-    optimizer: str,
-    cache: GradCache,
-) -> dict[Row, list[float]]:
+def time_rounds(live: list[Row], steps: dict[Row, int], repeats: int, results: dict[Row, dict[str, Any]],
+                runners: dict[Row, Any] | None, optimizer: str, cache: GradCache) -> dict[Row, list[float]]:
     """``repeats`` rounds of one timed run (:func:`_timed`, ``steps[row]`` steps) per row, the order
     rotating every round. ``runners`` None: each row is rebuilt for every run. A row that fails is
     dropped from ``steps``, with the error in its result. Seconds per step of every run, per row."""
@@ -470,15 +451,8 @@ def add_ratios(results: list[dict[str, Any]], optimizer: str) -> None:
             r["ratio_official"] = r["ms_per_step"] / official["ms_per_step"]
 
 
-def measure(
-    rows: list[Row],
-    optimizer: str,
-    cache: GradCache,
-    repeats: int,
-    min_time: float,
-    device: str,
-    log: Log = None,
-) -> list[dict[str, Any]]:
+def measure(rows: list[Row], optimizer: str, cache: GradCache, repeats: int, min_time: float, device: str,
+            log: Log = None) -> list[dict[str, Any]]:
     """Time every ``(impl, backend)`` row on ``cache``'s workload, interleaved; one result dict per row."""
     results = {row: _new_result(row, optimizer) for row in rows}
     itemsize = cache.params[0].dtype.itemsize if cache.params else 4

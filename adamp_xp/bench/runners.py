@@ -429,34 +429,15 @@ def _optax_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
         if impl == "adamp_optax+jit":
             mod = _require("adamp_optax")
             if optimizer == "adamp":
-                return mod.adamp(
-                    learning_rate=hp["lr"],
-                    b1=hp["betas"][0],
-                    b2=hp["betas"][1],
-                    eps=hp["eps"],
-                    weight_decay=hp["weight_decay"],
-                    delta=hp["delta"],
-                    wd_ratio=hp["wd_ratio"],
-                    nesterov=hp["nesterov"],
-                )
-            return mod.sgdp(
-                learning_rate=hp["lr"],
-                momentum=hp["momentum"],
-                dampening=hp["dampening"],
-                weight_decay=hp["weight_decay"],
-                nesterov=hp["nesterov"],
-                eps=hp["eps"],
-                delta=hp["delta"],
-                wd_ratio=hp["wd_ratio"],
-            )
+                return mod.adamp(learning_rate=hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"],
+                                 weight_decay=hp["weight_decay"], delta=hp["delta"], wd_ratio=hp["wd_ratio"],
+                                 nesterov=hp["nesterov"])
+            return mod.sgdp(learning_rate=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
+                            weight_decay=hp["weight_decay"], nesterov=hp["nesterov"], eps=hp["eps"], delta=hp["delta"],
+                            wd_ratio=hp["wd_ratio"])
         if optimizer == "adamp":
-            return optax.adamw(
-                learning_rate=hp["lr"],
-                b1=hp["betas"][0],
-                b2=hp["betas"][1],
-                eps=hp["eps"],
-                weight_decay=hp["weight_decay"],
-            )
+            return optax.adamw(learning_rate=hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"],
+                               weight_decay=hp["weight_decay"])
         return optax.chain(
             optax.add_decayed_weights(hp["weight_decay"]),
             optax.sgd(learning_rate=hp["lr"], momentum=hp["momentum"], nesterov=hp["nesterov"]),

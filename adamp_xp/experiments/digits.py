@@ -25,11 +25,12 @@ import argparse
 import os
 import sys
 import time
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from . import invalid, run_subcommand
 
 __all__ = ["DigitsConfig", "DigitsResult", "OPTIMIZERS", "format_table", "main", "plot", "register", "run_digits"]
 
@@ -364,25 +365,19 @@ def _seeds(text: str) -> int:
     try:
         n = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: expected an int >= 1") from None
+        n = 0
     if n < 1:
-        raise argparse.ArgumentTypeError(f"invalid --seeds {text!r}: expected an int >= 1")
+        raise invalid("seeds", text, "an int >= 1")
     return n
 
 
 def register(subparsers: Any) -> None:
     """Add ``adamp-xp digits`` to an argparse ``subparsers``."""
-    p = subparsers.add_parser(
-        "digits",
-        help="SGD vs SGDP and AdamW vs AdamP on sklearn digits (small BN-CNN)",
-        description="Train a small BN-CNN on scikit-learn's digits with SGD, SGDP, AdamW and "
-        "AdamP; print test accuracy over seeds and plot weight norms and effective step sizes.",
-    )
-    p.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"{QUICK['epochs']} epochs x {len(QUICK['seeds'])} seeds (under a minute on 2 CPU cores)",
-    )
+    p = subparsers.add_parser("digits", help="SGD vs SGDP and AdamW vs AdamP on sklearn digits (small BN-CNN)",
+                              description="Train a small BN-CNN on scikit-learn's digits with SGD, SGDP, AdamW and "
+                              "AdamP; print test accuracy over seeds and plot weight norms and effective step sizes.")
+    p.add_argument("--quick", action="store_true",
+                   help=f"{QUICK['epochs']} epochs x {len(QUICK['seeds'])} seeds (under a minute on 2 CPU cores)")
     p.add_argument("--epochs", type=int, default=None, help="epochs per run (default 20; --quick: 5)")
     p.add_argument("--seeds", type=_seeds, default=None, help="number of seeds 0..n-1 (default 5; --quick: 3)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
@@ -424,12 +419,5 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `python -m adamp_xp.experiments.digits`
-    parser = argparse.ArgumentParser(prog="adamp-xp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["digits", *(argv or [])])
-    return args.func(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(_cli(sys.argv[1:]))
+if __name__ == "__main__":  # pragma: no cover - `python -m adamp_xp.experiments.digits`
+    sys.exit(run_subcommand(register, "digits", sys.argv[1:]))

@@ -33,11 +33,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+
+from . import invalid, run_subcommand
 
 __all__ = [
     "METHOD_LABELS",
@@ -499,39 +501,26 @@ def _momenta(text: str) -> tuple[float, ...]:
     try:
         values = tuple(float(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid --momenta {text!r}: expected comma-separated numbers") from None
+        raise invalid("momenta", text, "comma-separated numbers") from None
     if not values:
-        raise argparse.ArgumentTypeError(f"invalid --momenta {text!r}: expected at least one value")
+        raise invalid("momenta", text, "at least one value")
     return values
 
 
 def register(subparsers: Any) -> None:
     """Add ``adamp-xp toy`` to an argparse ``subparsers``."""
-    p = subparsers.add_parser(
-        "toy",
-        help="the paper's 2-D toy: momentum inflates |w|, SGDP/AdamP do not",
-        description=__doc__.split("\n\n")[0].replace("``", ""),
-    )
+    p = subparsers.add_parser("toy", help="the paper's 2-D toy: momentum inflates |w|, SGDP/AdamP do not",
+                              description=__doc__.split("\n\n")[0].replace("``", ""))
     p.add_argument("--steps", type=int, default=DEFAULT_STEPS, help=f"steps per optimizer (default {DEFAULT_STEPS})")
-    p.add_argument(
-        "--lr", type=float, default=DEFAULT_LR, help=f"GD/momentum/SGDP learning rate (default {DEFAULT_LR})"
-    )
-    p.add_argument(
-        "--adam-lr", type=float, default=DEFAULT_ADAM_LR, help=f"Adam/AdamP learning rate (default {DEFAULT_ADAM_LR})"
-    )
-    p.add_argument(
-        "--angle",
-        type=float,
-        default=DEFAULT_ANGLE,
-        help=f"initial angle between w0 and w*, degrees (default {DEFAULT_ANGLE:g})",
-    )
+    p.add_argument("--lr", type=float, default=DEFAULT_LR,
+                   help=f"GD/momentum/SGDP learning rate (default {DEFAULT_LR})")
+    p.add_argument("--adam-lr", type=float, default=DEFAULT_ADAM_LR,
+                   help=f"Adam/AdamP learning rate (default {DEFAULT_ADAM_LR})")
+    p.add_argument("--angle", type=float, default=DEFAULT_ANGLE,
+                   help=f"initial angle between w0 and w*, degrees (default {DEFAULT_ANGLE:g})")
     p.add_argument("--momenta", type=_momenta, default=DEFAULT_MOMENTA, help="comma-separated (default 0.9,0.95,0.99)")
-    p.add_argument(
-        "--backend",
-        default="numpy",
-        help="numpy (default), array_api_strict, torch, torch:cuda, jax, "
-        "jax:gpu or cupy: the same experiment through that library",
-    )
+    p.add_argument("--backend", default="numpy", help="numpy (default), array_api_strict, torch, torch:cuda, jax, "
+                   "jax:gpu or cupy: the same experiment through that library")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64", help="default float64")
     p.add_argument("--out", default=".", help="folder for the PNG figures (default: current directory)")
     p.add_argument("--no-plot", action="store_true", help="print the tables only")
@@ -576,14 +565,7 @@ def main(args: argparse.Namespace) -> int:
     return 0 if result.passed else 1
 
 
-def _cli(argv: Sequence[str] | None = None) -> int:  # pragma: no cover - `python -m adamp_xp.experiments.toy`
-    parser = argparse.ArgumentParser(prog="adamp-xp")
-    register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["toy", *(argv or [])])
-    return args.func(args)
-
-
-if __name__ == "__main__":  # pragma: no cover
+if __name__ == "__main__":  # pragma: no cover - `python -m adamp_xp.experiments.toy`
     import sys
 
-    sys.exit(_cli(sys.argv[1:]))
+    sys.exit(run_subcommand(register, "toy", sys.argv[1:]))
