@@ -28,10 +28,10 @@ arrays are.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
-from ._common import finite_flag, keep_if_finite
+from ._common import finite_flag, is_python_int, keep_if_finite
 from .arrays import check_array, device, is_host
 from .grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
 from .optimizers import OptimizerSpec
@@ -78,36 +78,51 @@ def step(
     foreach: bool | None = None,
     traced: bool = False,
     host_tensor_max_elements: int = HOST_TENSOR_MAX_ELEMENTS,
-) -> list[Outcome]:
+    sink: Callable[[list[int], list[Outcome]], None] | None = None,
+) -> list[Outcome] | None:
     """Step every tensor of one param group (already checked) on its path; see the module docstring.
 
     ``fused`` / ``foreach``: the adapters' options (None: where they apply and pay; True: ``fused`` as None,
     ``foreach`` also inside a tracer; False: never). ``traced``: inside a tracer that fuses each tensor's
     step itself (``torch.compile``, ``jax.jit``): no kernels, and the multi-tensor step only if asked for.
-    ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group."""
-    out: list[Outcome | None] = [None] * len(tensors)
+    ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group.
+
+    Returns the outcomes in the tensors' order; or, with ``sink``, hands them to ``sink(indices, outcomes)``
+    as each path finishes a unit (a kernel call, a group, a tensor) and returns None, so that an adapter
+    writing results back in place never holds more than one unit's new arrays."""
+    if sink is None:
+        out: list[Any] = [None] * len(tensors)
+
+        def collect(idx: list[int], outcomes: list[Outcome]) -> None:
+            for i, o in zip(idx, outcomes, strict=True):
+                out[i] = o
+
+        step(spec, tensors, hp, skip_nonfinite=skip_nonfinite, fused=fused, foreach=foreach, traced=traced,
+             host_tensor_max_elements=host_tensor_max_elements, sink=collect)
+        return out
     rest = list(range(len(tensors)))
     if fused is not False and not traced and any(t.writable for t in tensors):
         from . import fused as _fused  # numba is loaded only where the kernels may run (never for JAX arrays)
 
         if _fused.AVAILABLE:
-            rest = _kernels(spec, tensors, hp, skip_nonfinite, out)
+            rest = _kernels(spec, tensors, hp, skip_nonfinite, sink)
     if foreach is True or (foreach is None and not traced):  # asked for, or where it pays
         together = [i for i in rest if tensors[i].rows is None and not tensors[i].alone]
-        _groups(spec, tensors, together, hp, skip_nonfinite, host_tensor_max_elements, out)
+        _groups(spec, tensors, together, hp, skip_nonfinite, host_tensor_max_elements, sink)
         rest = [i for i in rest if tensors[i].rows is not None or tensors[i].alone]
     for i in rest:
-        out[i] = _alone(spec, tensors[i], hp, skip_nonfinite)
-    return out  # type: ignore[return-value]
+        sink([i], [_alone(spec, tensors[i], hp, skip_nonfinite)])
+    return None
 
 
 def _arrays(spec: OptimizerSpec, t: Tensor) -> list[Any]:
     return [t.param, t.grad, *(getattr(t.state, f) for f in spec.buffers)]
 
 
-def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool, out: list[Any]) -> list[int]:
+def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool, sink: Any) -> list[int]:
     """Path 1: the fused kernels, in place. Returns the indices they did not take."""
     from . import fused as _fused
+
     batches: dict[Any, list[tuple[int, list[int]]]] = {}  # dtype -> (index, addresses) of small tensors
     rest = []
     for i, t in enumerate(tensors):
@@ -121,31 +136,42 @@ def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool
         elif math.prod(t.param.shape) < _fused.BATCH_MAX_SIZE:
             batches.setdefault(t.param.dtype, []).append((i, addresses))
         else:
-            status = _fused.run_inplace(spec.kernel, _fused.host_views(arrays), _next_step(spec, t.state), hp, skip)
+            steps = _next_steps(spec, [t.state])
+            status = _fused.run_inplace(spec.kernel, _fused.host_views(arrays), steps and steps[0], hp, skip)
             if status == _fused.FALLBACK:
                 rest.append(i)
             else:
-                out[i] = Outcome(SKIPPED if status == _fused.SKIPPED else WRITTEN)
+                sink([i], [Outcome(SKIPPED if status == _fused.SKIPPED else WRITTEN)])
     for entries in batches.values():
         idx = [i for i, _ in entries]
         params = [tensors[i].param for i in idx]
-        steps = [_next_step(spec, tensors[i].state) for i in idx] if spec.has_step else None
+        steps = _next_steps(spec, [tensors[i].state for i in idx])
         status = _fused.run_batch(spec.kernel, [a for _, a in entries], params, steps, hp, skip)
-        for i, s in zip(idx, status, strict=True):
-            if s == _fused.FALLBACK:
-                rest.append(i)
-            else:
-                out[i] = Outcome(SKIPPED if s == _fused.SKIPPED else WRITTEN)
+        done = [(i, Outcome(SKIPPED if s == _fused.SKIPPED else WRITTEN))
+                for i, s in zip(idx, status, strict=True) if s != _fused.FALLBACK]
+        rest += [i for i, s in zip(idx, status, strict=True) if s == _fused.FALLBACK]
+        if done:
+            sink([i for i, _ in done], [o for _, o in done])
     return sorted(rest)
 
 
-def _next_step(spec: OptimizerSpec, state: Any) -> int | None:
-    """The step count the kernels compute with (the new one, from 1): read on the host, where the state is."""
-    return int(state.step) + 1 if spec.has_step else None
+def _next_steps(spec: OptimizerSpec, states: list[Any]) -> list[int] | None:
+    """The step counts the kernels compute with (the new ones, from 1), read on the host where the states
+    are (the kernels run on host memory only): Python ints as they are, 0-d arrays stacked and read at once
+    (one conversion, not one per tensor)."""
+    if not spec.has_step:
+        return None
+    steps = [s.step for s in states]
+    if all(is_python_int(t) for t in steps):
+        return [t + 1 for t in steps]
+    import numpy as np
+    from array_api_compat import array_namespace
+
+    return [int(t) + 1 for t in np.asarray(array_namespace(*steps).stack(steps)).tolist()]
 
 
 def _groups(spec: OptimizerSpec, tensors: Sequence[Tensor], idx: list[int], hp: Any, skip: bool, host_max: int,
-            out: list[Any]) -> None:
+            sink: Any) -> None:
     """Path 2: the multi-tensor array-API step, one group of equal library, dtypes, device and row bucket
     at a time (a group of one takes the per-tensor step)."""
     if not idx:
@@ -160,14 +186,13 @@ def _groups(spec: OptimizerSpec, tensors: Sequence[Tensor], idx: list[int], hp: 
     for members in group_indices(keys, shapes, on_host=on_host, host_max_elements=host_max):
         chosen = [idx[j] for j in members]
         if len(chosen) == 1:
-            out[chosen[0]] = _alone(spec, tensors[chosen[0]], hp, skip)
+            sink(chosen, [_alone(spec, tensors[chosen[0]], hp, skip)])
             continue
         ts = [tensors[i] for i in chosen]
         new_p, new_s, ok = spec.update_group(
             keys[members[0]][0], [t.param for t in ts], [t.grad for t in ts], [t.state for t in ts], hp, skip
         )
-        for j, i in enumerate(chosen):
-            out[i] = Outcome(NEW, new_p[j], new_s[j], None if ok is None else ok[j, ...])
+        sink(chosen, [Outcome(NEW, new_p[j], new_s[j], None if ok is None else ok[j, ...]) for j in range(len(chosen))])
 
 
 def _alone(spec: OptimizerSpec, t: Tensor, hp: Any, skip: bool) -> Outcome:

@@ -294,17 +294,22 @@ class ArrayOptimizer:
                 # Arrays handed out once held by the optimizer (their library refused a write) are never
                 # written afterwards: not in place by the kernels either.
                 tensors = [dispatch.Tensor(p, g, states[k], writable=(gi, k) not in self._held) for k, p, g in entries]
-                outcomes = dispatch.step(self._spec, tensors, hps[gi], skip_nonfinite=self.skip_nonfinite,
-                                         fused=self.fused, foreach=self.foreach)
-                for (k, p, _), o in zip(entries, outcomes, strict=True):
-                    # skip_nonfinite on the array-API paths: the flag is read on the host (free for NumPy,
-                    # one sync per array on a device).
-                    if o.how == dispatch.SKIPPED or (o.ok is not None and not bool(o.ok)):
-                        self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-                    elif o.how == dispatch.WRITTEN:
-                        states[k] = dispatch.advanced(self._spec, states[k])
-                    else:
-                        self._write_back(gi, k, p, o.param, o.state)
+
+                def write_back(idx: list[int], outcomes: list[dispatch.Outcome], gi: int = gi, entries: Any = entries,
+                               states: Any = states) -> None:
+                    for i, o in zip(idx, outcomes, strict=True):  # as each unit is done: no pile of new arrays
+                        k, p, _ = entries[i]
+                        # skip_nonfinite on the array-API paths: the flag is read on the host (free for NumPy,
+                        # one sync per array on a device).
+                        if o.how == dispatch.SKIPPED or (o.ok is not None and not bool(o.ok)):
+                            self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
+                        elif o.how == dispatch.WRITTEN:
+                            states[k] = dispatch.advanced(self._spec, states[k])
+                        else:
+                            self._write_back(gi, k, p, o.param, o.state)
+
+                dispatch.step(self._spec, tensors, hps[gi], skip_nonfinite=self.skip_nonfinite, fused=self.fused,
+                              foreach=self.foreach, sink=write_back)
         return self.params
 
     def _write_back(self, gi: int, k: Any, p: Any, new_p: Any, new_s: Any) -> None:

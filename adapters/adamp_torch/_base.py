@@ -227,20 +227,29 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         hypers = self._check_grads()
         traced = torch.compiler.is_compiling()  # the compiled graph fuses the per-tensor step itself
         for group, hp in zip(self.param_groups, hypers, strict=True):
-            owners, tensors = self._group_tensors(group)
-            if not tensors:
-                continue
-            if group["fused"] is not False and _fused.AVAILABLE and not traced:
-                _fused.set_threads(torch.get_num_threads())  # torch.set_num_threads governs the kernels too
-            old = [t.param.clone() for t in tensors] if self._diagnostics is not None else None
-            outcomes = dispatch.step(self._spec, tensors, hp, skip_nonfinite=group["skip_nonfinite"],
-                                     fused=group["fused"], foreach=group["foreach"], traced=traced)
-            self._write_back(owners, tensors, outcomes, group["skip_nonfinite"])
-            if old is not None:
-                for p, t, o, before in zip(owners, tensors, outcomes, old, strict=True):
-                    if o.how != dispatch.SKIPPED:
-                        self._diagnostics[p] = step_diagnostics(before, t.param, t.grad, hp.delta, hp.eps)
+            self._step_group(group, hp, traced)
         return loss
+
+    def _step_group(self, group: dict[str, Any], hp: Any, traced: bool) -> None:
+        owners, tensors = self._group_tensors(group)
+        if not tensors:
+            return
+        if group["fused"] is not False and _fused.AVAILABLE and not traced:
+            _fused.set_threads(torch.get_num_threads())  # torch.set_num_threads governs the kernels too
+        old = [t.param.clone() for t in tensors] if self._diagnostics is not None else None
+        skipped: set[int] = set()
+
+        def write_back(idx: list[int], outcomes: list[dispatch.Outcome]) -> None:
+            # As each unit (kernel call, group, tensor) is done: new arrays never pile up.
+            self._write_back([owners[i] for i in idx], [tensors[i] for i in idx], outcomes, group["skip_nonfinite"])
+            skipped.update(i for i, o in zip(idx, outcomes, strict=True) if o.how == dispatch.SKIPPED)
+
+        dispatch.step(self._spec, tensors, hp, skip_nonfinite=group["skip_nonfinite"], fused=group["fused"],
+                      foreach=group["foreach"], traced=traced, sink=write_back)
+        if old is not None:
+            for i, (p, t, before) in enumerate(zip(owners, tensors, old, strict=True)):
+                if i not in skipped:
+                    self._diagnostics[p] = step_diagnostics(before, t.param, t.grad, hp.delta, hp.eps)
 
     def _group_tensors(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[dispatch.Tensor]]:
         """The group's params that have a grad (their state created on first use) as the dispatcher's
