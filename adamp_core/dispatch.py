@@ -123,30 +123,32 @@ def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool
     """Path 1: the fused kernels, in place. Returns the indices they did not take."""
     from . import fused as _fused
 
-    batches: dict[Any, list[tuple[int, list[int]]]] = {}  # dtype -> (index, addresses) of small tensors
+    eligible: list[tuple[int, list[int]]] = []  # (index, addresses) of the tensors the kernels can take
     rest = []
     for i, t in enumerate(tensors):
-        if not t.writable or t.alone or t.rows is not None:
-            rest.append(i)
-            continue
-        arrays = _arrays(spec, t)
-        addresses = _fused.host_addresses(arrays)
+        addresses = None if not t.writable or t.alone or t.rows is not None else _fused.host_addresses(_arrays(spec, t))
         if addresses is None:
             rest.append(i)
-        elif math.prod(t.param.shape) < _fused.BATCH_MAX_SIZE:
-            batches.setdefault(t.param.dtype, []).append((i, addresses))
         else:
-            steps = _next_steps(spec, [t.state])
-            status = _fused.run_inplace(spec.kernel, _fused.host_views(arrays), steps and steps[0], hp, skip)
-            if status == _fused.FALLBACK:
-                rest.append(i)
-            else:
-                sink([i], [Outcome(SKIPPED if status == _fused.SKIPPED else WRITTEN)])
+            eligible.append((i, addresses))
+    steps = dict(zip([i for i, _ in eligible], _next_steps(spec, [tensors[i].state for i, _ in eligible]) or [],
+                     strict=False))
+    batches: dict[Any, list[tuple[int, list[int]]]] = {}  # dtype -> (index, addresses) of small tensors
+    for i, addresses in eligible:
+        t = tensors[i]
+        if math.prod(t.param.shape) < _fused.BATCH_MAX_SIZE:
+            batches.setdefault(t.param.dtype, []).append((i, addresses))
+            continue
+        status = _fused.run_inplace(spec.kernel, _fused.host_views(_arrays(spec, t)), steps.get(i), hp, skip)
+        if status == _fused.FALLBACK:
+            rest.append(i)
+        else:
+            sink([i], [Outcome(SKIPPED if status == _fused.SKIPPED else WRITTEN)])
     for entries in batches.values():
         idx = [i for i, _ in entries]
         params = [tensors[i].param for i in idx]
-        steps = _next_steps(spec, [tensors[i].state for i in idx])
-        status = _fused.run_batch(spec.kernel, [a for _, a in entries], params, steps, hp, skip)
+        status = _fused.run_batch(spec.kernel, [a for _, a in entries], params,
+                                  [steps[i] for i in idx] if steps else None, hp, skip)
         done = [(i, Outcome(SKIPPED if s == _fused.SKIPPED else WRITTEN))
                 for i, s in zip(idx, status, strict=True) if s != _fused.FALLBACK]
         rest += [i for i, s in zip(idx, status, strict=True) if s == _fused.FALLBACK]
@@ -162,6 +164,8 @@ def _next_steps(spec: OptimizerSpec, states: list[Any]) -> list[int] | None:
     if not spec.has_step:
         return None
     steps = [s.step for s in states]
+    if not steps:
+        return []
     if all(is_python_int(t) for t in steps):
         return [t + 1 for t in steps]
     import numpy as np
