@@ -461,7 +461,7 @@ def plot_trajectories(result: ToyResult, path: str) -> str:
     fig.suptitle(
         r"2-D toy $\min_w -\hat w\cdot\hat w^*$: trajectories of $w$ from $|w_0| = 1$ (grey circle)", fontsize=10
     )
-    fig.savefig(path, dpi=90)
+    fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)  # nothing cut: equal-aspect panels, ticks
     plt.close(fig)
     return path
 
@@ -492,7 +492,7 @@ def plot_curves(result: ToyResult, path: str) -> str:
     axes[0, 0].set_ylabel(r"$|w_t|$", fontsize=9)
     axes[1, 0].set_ylabel(r"effective step $|\hat w_{t+1} - \hat w_t|$", fontsize=9)
     axes[2, 0].set_ylabel(r"angle to $w^*$ (deg)", fontsize=9)
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=72, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
