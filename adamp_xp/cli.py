@@ -8,13 +8,15 @@ dependencies (torch, jax, the official package) are imported lazily.
 from __future__ import annotations
 
 import argparse
-import functools
 import importlib
+import importlib.util
 import json
+import os
 import sys
 import time
-from collections import Counter
 from typing import Any
+
+from . import __version__
 
 __all__ = ["main"]
 
@@ -22,86 +24,18 @@ __all__ = ["main"]
 _SUBCOMMANDS: list[str] = ["adamp_xp.experiments.toy", "adamp_xp.experiments.digits", "adamp_xp.bench"]
 
 
-def _enable_jax_x64() -> None:
-    try:
-        import jax
-    except ImportError:
-        return
-    jax.config.update("jax_enable_x64", True)
-
-
-def _core_rows(backends: list[Any], dtypes: list[str], steps: int, jit: bool, emit: Any) -> list[dict[str, Any]]:
-    from .testing import oracle
-
-    rows = []
-    for b in backends:
-        for dtype in dtypes:
-            variants = [("adamp_core", None)]
-            if jit and b.library == "jax":
-                variants.append(("adamp_core+jax.jit", "jit"))
-            for target, how in variants:
-                row: dict[str, Any] = dict(target=target, backend=b.library, device=b.device, dtype=dtype)
-                reason = b.skip_reason() or (None if b.supports(dtype) else f"no {dtype}")
-                if reason:
-                    rows.append({**row, "status": "SKIP", "note": reason})
-                    emit(rows[-1])
-                    continue
-                err, views, ok_views, runs, t0 = 0.0, Counter(), True, 0, time.perf_counter()
-                for opt, cases in (("adamp", oracle.ADAMP_CASES), ("sgdp", oracle.SGDP_CASES)):
-                    for case, hp in cases.items():
-                        step_fn = None
-                        if how == "jit":
-                            import jax
-
-                            import adamp_core as ac
-
-                            core = ac.adamp_step if opt == "adamp" else ac.sgdp_step
-                            step_fn = jax.jit(functools.partial(core, **hp))
-                        for shape in oracle.SHAPES:
-                            r = oracle.run_core(b, opt, case, shape, dtype, steps, step_fn=step_fn)
-                            err = max(err, r.max_rel_error)
-                            views.update(r.views)
-                            ok_views &= r.views_agree
-                            runs += 1
-                tol = oracle.tolerance(dtype)
-                passed = ok_views and err <= tol
-                rows.append({**row, "runs": runs, "steps": steps, "max_rel_error": err, "tolerance": tol,
-                             "views": {"channel": views[1], "layer": views[2], "none": views[0]},
-                             "views_agree": ok_views, "status": "PASS" if passed else "FAIL",
-                             "seconds": round(time.perf_counter() - t0, 1)})
-                emit(rows[-1])
-    return rows
-
-
-# The adapters hold no maths; two cases per optimizer (nesterov + weight decay, and non-default
-# betas/dampening with wd_ratio) check their wiring without compiling every case under jax.jit.
-_ADAPTER_CASES = {"adamp": ["nesterov_wd", "betas_eps_ratio"], "sgdp": ["nesterov_wd", "dampening_ratio"]}
-
-
-def _adapter_rows(backends: list[Any], dtypes: list[str], steps: int) -> list[dict[str, Any]]:
-    try:
-        from .testing import adapters_conformance
-    except ImportError:
-        return []
-    usable = [b for b in backends if b.skip_reason() is None]
-    rows = adapters_conformance.adapter_rows(dtypes=tuple(dtypes), steps=steps, backends=usable, cases=_ADAPTER_CASES)
-    for r in rows:  # rows carry `passed` (and `note` when skipped); the table wants a status
-        r.setdefault("status", "SKIP" if r.get("passed") is None else ("PASS" if r["passed"] else "FAIL"))
-        r.setdefault("tolerance", 1e-10 if r["dtype"] == "float64" else 1e-5)
-    return rows
-
-
-_COLUMNS = (("target", 20), ("backend", 17), ("device", 6), ("dtype", 7), ("max rel err", 11), ("tol", 5),
-            ("views ch/ly/none", 16), ("result", 0))
+_COLUMNS = (("target", 15), ("backend", 16), ("dtype", 8), ("options", 26), ("path (observed)", 34),
+            ("max rel err", 11), ("tol", 7), ("views ch/ly/none", 16), ("s", 5), ("result", 0))
 
 
 def _format_row(r: dict[str, Any]) -> str:
     v = r.get("views")
     cells = [
-        r["target"], r["backend"], r["device"], r["dtype"],
+        r["target"], r["backend"], r["dtype"], r.get("options", "-"), r.get("path", "-"),
         f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else "-",
-        f"{r['tolerance']:.0e}" if "tolerance" in r else "-",
+        f"{r['tolerance']:.2g}" if "tolerance" in r else "-",
         f"{v['channel']}/{v['layer']}/{v['none']}" if v else "-",
+        f"{r['seconds']:.1f}" if "seconds" in r else "-",
         r["status"] + (f" ({r['note']})" if r.get("note") else ""),
     ]
     return "  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)).rstrip()
@@ -113,55 +47,155 @@ def _header() -> str:
     return f"{names}\n{rule}"
 
 
-def conformance(args: argparse.Namespace) -> int:
-    _enable_jax_x64()
+def _skipped(rows: list[dict[str, Any]]) -> list[str]:
+    """Skipped rows, one line per backend and reason (no GPU, library missing) when there are several."""
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        by.setdefault((r["backend"], r.get("note", "")), []).append(r)
+    lines = []
+    for (backend, reason), rs in by.items():
+        if len(rs) == 1:
+            lines.append(_format_row(rs[0]))
+        else:
+            targets = ", ".join(dict.fromkeys(r["target"] for r in rs))
+            lines.append(f"{backend}: {len(rs)} rows SKIP ({reason}): {targets}")
+    return lines
+
+
+class _NoBar:
+    """What the table needs of a tqdm bar, when tqdm (the ``plot`` extra) is not installed."""
+
+    def update(self, n: int) -> None:
+        pass
+
+    def write(self, line: str, file: Any = None) -> None:
+        print(line, file=file)
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(total: int, off: bool) -> Any:
+    """A tqdm bar on stderr (rows done / rows), while rows print on stdout; none when stderr is not a terminal."""
     try:
-        import adamp  # noqa: F401
-        import torch  # noqa: F401
-    except ImportError as exc:
-        print(f"adamp-xp conformance needs the official package and torch: pip install 'adamp-xp[test,torch]' ({exc})")
+        from tqdm import tqdm
+    except ImportError:
+        return _NoBar()
+    return tqdm(total=total, file=sys.stderr, unit="row", leave=False, disable=True if off else None)
+
+
+def conformance(args: argparse.Namespace) -> int:
+    missing = [m for m in ("adamp", "torch") if importlib.util.find_spec(m) is None]  # imported by the workers
+    if missing:
+        print(f"adamp-xp conformance needs the official package and torch: pip install 'adamp-xp[test,torch]' "
+              f"(missing: {', '.join(missing)})")
         return 2
-    from .testing.backends import BACKENDS, get_backend
+    from .testing import conformance as conf
 
-    backends = [get_backend(b) for b in args.backend] if args.backend else list(BACKENDS)
-    dtypes = args.dtype or ["float64", "float32"]
-    from .testing import oracle
-
-    print(f"adamp_core vs adamp==0.3.0: {len(oracle.SHAPES)} shapes x {len(oracle.ADAMP_CASES)} AdamP + "
-          f"{len(oracle.SGDP_CASES)} SGDP cases x {args.steps} steps per backend and dtype; error = max over steps "
-          f"and arrays of max|ours - ref| / max|ref|; views = steps projected on the channel view / layer view / none.",
+    steps = args.steps or (conf.FULL_STEPS if args.full else conf.DEFAULT_STEPS)
+    rows = conf.plan(args.target, args.backend, args.device, args.dtype, full=args.full)
+    if not rows:
+        print("no rows: nothing matches --target/--backend/--device/--dtype")
+        return 2
+    workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
+    jax_cache = conf.jax_cache_dir(args.jax_cache)
+    print(f"adamp-xp {__version__} against adamp==0.3.0: {len(rows)} rows, {steps} steps per trajectory"
+          f"{', every case' if args.full else ''}, {workers} worker(s), JAX cache: {jax_cache or 'off'}.\n"
+          f"error: max over steps, param and state of max|ours - ref| / max|ref|; path: what "
+          f"adamp_core.dispatch.step ran (observed); views: steps on the channel/layer/no view (core rows).",
           flush=True)
-    emit = lambda row: print(_format_row(row), flush=True)
     print(_header(), flush=True)
-    rows = _core_rows(backends, dtypes, args.steps, jit=not args.no_jit, emit=emit)
-    if not args.core_only:
-        for row in _adapter_rows(backends, dtypes, args.steps):
-            rows.append(row)
-            emit(row)
+    t0 = time.perf_counter()
+    bar = _progress(len(rows), args.no_progress)
+    skipped: list[dict[str, Any]] = []
+
+    def show(r: dict[str, Any]) -> None:
+        bar.update(1)
+        if r["status"] == "SKIP" and not args.verbose_skips:
+            skipped.append(r)  # listed together at the end, one line per backend
+            return
+        bar.write(_format_row(r), file=sys.stdout)
+        sys.stdout.flush()
+
+    results = conf.run_rows(rows, steps=steps, workers=workers, jax_cache=jax_cache,
+                            perturb=args.perturb, on_result=show)
+    bar.close()
+    seconds = time.perf_counter() - t0
+    for line in _skipped(skipped):
+        print(line)
+    failed = [r for r in results if r["status"] == "FAIL"]
+    ran = [r for r in results if r["status"] == "PASS"]
+    print(f"\n{len(ran)} passed, {len(failed)} failed, {len(results) - len(ran) - len(failed)} skipped in "
+          f"{seconds:.1f} s ({workers} worker(s), {os.cpu_count()} CPUs)")
     if args.json:
+        doc = {"command": "adamp-xp conformance", "argv": args.argv, "steps": steps, "full": args.full,
+               "seconds": round(seconds, 2), "workers": workers, "versions": conf.versions(),
+               "machine": conf.machine(), "passed": len(ran), "failed": len(failed),
+               "skipped": len(results) - len(ran) - len(failed), "rows": results}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=2)
-    failed = [r for r in rows if r["status"] == "FAIL"]
-    ran = [r for r in rows if r["status"] == "PASS"]
-    print(f"\n{len(ran)} passed, {len(failed)} failed, {len(rows) - len(ran) - len(failed)} skipped")
-    return 1 if failed or not ran else 0
+            json.dump(doc, f, indent=2)
+    if not ran and not failed:
+        print("nothing ran here: every row was skipped")
+    return 1 if failed else 0
+
+
+_CONFORMANCE_HELP = (
+    "Check every entry point of adamp-xp (adamp_core per backend and dtype, eager and under jax.jit; "
+    "adamp_core.tree; adamp_torch on its default fused kernels, multi-tensor and per-tensor paths, 16-bit "
+    "params and channels_last; adamp_array on each backend and path; adamp_optax under jax.jit) against the "
+    "official adamp==0.3.0, step by step, and print one row per check with the execution path that ran. Exit "
+    "status 1 if any row fails."
+)
+
+
+def _described(parser: argparse.ArgumentParser, help_text: str | None) -> None:
+    """Every subcommand's ``--help`` opens with a description that ends like a sentence (a module's
+    docstring cut at its first paragraph may end with a comma)."""
+    text = (parser.description or help_text or "").strip()
+    if text and text[-1] in ",;:":
+        text = text[:-1].rstrip() + "."
+    elif text and text[-1] not in ".!?)":
+        text += "."
+    parser.description = text
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="adamp-xp", description="AdamP/SGDP on the Python array API")
+    parser = argparse.ArgumentParser(
+        prog="adamp-xp",
+        description="AdamP/SGDP (Heo et al., ICLR 2021) on the Python array API: conformance against adamp==0.3.0, "
+        "benchmarks and the paper's experiments.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("conformance", help="compare every backend with adamp==0.3.0 and print a table")
+    p = sub.add_parser("conformance", help="check every entry point and path against adamp==0.3.0 (one table)",
+                       description=_CONFORMANCE_HELP)
+    p.add_argument("--target", action="append", choices=["core", "tree", "adamp_torch", "adamp_array", "adamp_optax"],
+                   help="repeatable; default: all")
     p.add_argument("--backend", action="append", help="backend id (numpy, array_api_strict, torch:cpu, torch:cuda, "
-                   "jax:cpu, jax:gpu, cupy); repeatable; default: all")
-    p.add_argument("--dtype", action="append", choices=["float32", "float64"], help="repeatable; default: both")
-    p.add_argument("--steps", type=int, default=30, help="steps per run (default 30)")
-    p.add_argument("--no-jit", action="store_true", help="skip the jax.jit rows")
-    p.add_argument("--core-only", action="store_true", help="skip the adapter rows")
-    p.add_argument("--json", metavar="PATH", help="also write the rows as JSON")
+                   "jax:cpu, jax:gpu, cupy); repeatable; default: all of --device")
+    p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
+                   help="cpu: the host backends; cuda: torch:cuda, cupy and jax:gpu (SKIP without a GPU); default: all")
+    p.add_argument("--dtype", action="append", choices=["float64", "float32", "bfloat16", "float16"],
+                   help="repeatable; default: all (bfloat16/float16: adamp_torch with state_dtype=float32)")
+    p.add_argument("--steps", type=int, default=None, help="steps per trajectory (default 12; --full: 30)")
+    p.add_argument("--full", action="store_true", help="every case in every row, 30 steps")
+    p.add_argument("--workers", type=int, default=None,
+                   help="worker processes (default: 2, or 1 on one CPU; 0: run in this process)")
+    p.add_argument("--jax-cache", metavar="DIR", default=None,
+                   help="JAX persistent compilation cache (default: $ADAMP_XP_JAX_CACHE, else ~/.cache/adamp-xp/jax; "
+                   "'none': off)")
+    p.add_argument("--json", metavar="PATH", help="also write every row, the versions and the machine as JSON")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.add_argument("--verbose-skips", action="store_true", help="one line per skipped row")
+    p.add_argument("--perturb", default=None, help=argparse.SUPPRESS)  # tests: a wrong step in these rows
     p.set_defaults(func=conformance)
     for module in _SUBCOMMANDS:  # each module adds its own subcommand; heavy imports stay lazy inside them
         importlib.import_module(module).register(sub)
+    helps = {a.dest: a.help for a in getattr(sub, "_choices_actions", [])}
+    for name, subparser in sub.choices.items():
+        _described(subparser, helps.get(name))
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     return args.func(args)
 
 

@@ -1,39 +1,122 @@
-"""The ``adamp-xp`` command runs end to end."""
+"""The ``adamp-xp`` command: conformance end to end (filtered to a few fast rows), --json, the exit
+status on a wrong step, --version and every subcommand's --help."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
 
 import pytest
 
+from adamp_xp import __version__
 from adamp_xp.cli import main
 
 pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
+pytest.importorskip("torch")
+
+FAST = ["--steps", "3", "--no-progress", "--jax-cache", "none"]
 
 
-def test_conformance_prints_table_and_passes(tmp_path, capsys):
+def _table(text: str) -> list[list[str]]:
+    """The table's rows, split on runs of two or more spaces."""
+    return [re.split(r"\s{2,}", line.strip()) for line in text.splitlines() if line.startswith(("adamp_", "-"))]
+
+
+def test_conformance_prints_rows_with_their_paths_and_passes(tmp_path, capsys):
     out = tmp_path / "rows.json"
-    code = main(["conformance", "--backend", "numpy", "--backend", "cupy", "--steps", "6", "--core-only",
-                 "--json", str(out)])
+    code = main(["conformance", "--target", "core", "--target", "tree", "--backend", "numpy", "--backend", "cupy",
+                 "--workers", "0", "--json", str(out), *FAST])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert any(line.split()[:2] == ["adamp_core", "numpy"] and line.endswith("PASS") for line in text.splitlines())
-    rows = json.loads(out.read_text())
-    numpy_rows = [r for r in rows if r["backend"] == "numpy"]
-    assert {r["dtype"] for r in numpy_rows} == {"float32", "float64"}
-    assert all(r["status"] == "PASS" and r["views"]["channel"] and r["views"]["layer"] and r["views"]["none"]
-               for r in numpy_rows)
-    assert {r["status"] for r in rows if r["backend"] == "cupy"} <= {"SKIP", "PASS"}
+    rows = [r for r in _table(text) if r[0] != "-" * 15]
+    assert [r[:3] for r in rows] == [["adamp_core", "numpy", "float64"], ["adamp_core.tree", "numpy", "float64"],
+                                     ["adamp_core", "numpy", "float32"], ["adamp_core.tree", "numpy", "float32"]]
+    assert all(r[4] == "per-tensor" and r[-1] == "PASS" for r in rows), text
+    assert re.search(r"cupy: 4 rows SKIP \(.+\): adamp_core, adamp_core.tree", text)
+    assert re.search(r"4 passed, 0 failed, 4 skipped in [\d.]+ s", text)
+    doc = json.loads(out.read_text())
+    core = [r for r in doc["rows"] if r["target"] == "adamp_core" and r["backend"] == "numpy"]
+    assert all(r["views"]["channel"] and r["views"]["layer"] and r["views"]["none"] and r["views_agree"]
+               for r in core)
 
 
-def test_conformance_includes_adapter_rows(capsys):
-    pytest.importorskip("adamp_array")
-    code = main(["conformance", "--backend", "numpy", "--dtype", "float64", "--steps", "4"])
+def test_json_holds_every_row_the_versions_and_the_machine(tmp_path, capsys):
+    out = tmp_path / "c.json"
+    if __import__("torch").cuda.is_available():
+        pytest.skip("checks the SKIP rows of a machine without a GPU")
+    code = main(["conformance", "--target", "adamp_array", "--backend", "numpy", "--backend", "torch:cuda",
+                 "--dtype", "float32", "--workers", "2", "--json", str(out), *FAST])  # two spawned workers
+    capsys.readouterr()
+    assert code == 0
+    doc = json.loads(out.read_text())
+    assert doc["steps"] == 3 and doc["full"] is False and doc["workers"] == 2 and doc["seconds"] > 0
+    assert (doc["passed"], doc["failed"], doc["skipped"]) == (3, 0, 2)
+    assert doc["argv"][:2] == ["conformance", "--target"]
+    for name in ("adamp-xp", "adamp", "numpy", "torch", "jax", "optax", "numba", "array-api-compat"):
+        assert name in doc["versions"]
+    assert doc["versions"]["adamp"] == "0.3.0" and doc["versions"]["adamp-xp"] == __version__
+    assert {"platform", "cpu_count", "usable_cpus", "python"} <= set(doc["machine"])
+    assert doc["machine"]["cpu_count"] == os.cpu_count()
+    numpy_rows = [r for r in doc["rows"] if r["backend"] == "numpy"]
+    assert [r["options"] for r in numpy_rows] == ["defaults", "fused=False", "fused=False, foreach=False"]
+    for r in numpy_rows:
+        assert r["status"] == "PASS" and r["path"].split(" + ")[0] == r["expected_path"]
+        assert set(r) >= {"target", "backend", "device", "dtype", "options", "path", "paths", "expected_path",
+                          "max_rel_error", "tolerance", "runs", "steps", "cases", "seconds"}
+        assert r["max_rel_error"] <= r["tolerance"] == 1e-5
+    cuda = [r for r in doc["rows"] if r["backend"] == "torch:cuda"]
+    assert len(cuda) == 2 and all(r["status"] == "SKIP" and r["note"] for r in cuda)  # (this test runs on a CPU)
+
+
+def test_a_wrong_step_fails_with_exit_status_1(tmp_path):
+    """The hidden --perturb gives one target's rows a learning rate 0.1% too large: they must FAIL, the
+    others still pass, and the command exits with 1."""
+    out = tmp_path / "bad.json"
+    r = subprocess.run([sys.executable, "-m", "adamp_xp.cli", "conformance", "--target", "core", "--target", "tree",
+                        "--backend", "numpy", "--dtype", "float64", "--workers", "0", "--perturb", "tree",
+                        "--json", str(out), *FAST], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 1, r.stdout + r.stderr
+    rows = {row["target"]: row for row in json.loads(out.read_text())["rows"]}
+    assert rows["adamp_core"]["status"] == "PASS"
+    assert rows["adamp_core.tree"]["status"] == "FAIL" and rows["adamp_core.tree"]["max_rel_error"] > 1e-4
+    assert "1 passed, 1 failed" in r.stdout
+
+
+def test_cuda_rows_skip_with_a_reason_without_a_gpu(capsys):
+    torch = pytest.importorskip("torch")
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present: the CUDA rows run")
+    code = main(["conformance", "--device", "cuda", "--workers", "0", "--verbose-skips", *FAST])
     text = capsys.readouterr().out
     assert code == 0, text
-    assert any(line.split()[:2] == ["adamp_array", "numpy"] and line.endswith("PASS") for line in text.splitlines())
+    rows = [r for r in _table(text) if r[0] != "-" * 15]
+    assert rows and all(r[-1].startswith("SKIP (") for r in rows)
+    assert {r[1] for r in rows} == {"torch:cuda", "jax:gpu", "cupy"}
+    assert "nothing ran here" in text
 
 
 def test_conformance_rejects_unknown_backend():
     with pytest.raises(ValueError, match=r"Unknown backend: 'tensorflow'"):
         main(["conformance", "--backend", "tensorflow"])
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--version"])
+    assert exc.value.code == 0
+    assert capsys.readouterr().out.strip() == f"adamp-xp {__version__}"
+
+
+@pytest.mark.parametrize("command", ["conformance", "bench", "toy", "digits"])
+def test_every_subcommand_help_has_a_description(command, capsys):
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    text = capsys.readouterr().out
+    description = text.split("\n\n")[1]  # usage, description, options
+    assert not description.startswith(("options:", "optional arguments:")), text
+    assert len(description.split()) >= 8
+    assert description.rstrip().endswith("."), description  # a sentence: toy's used to end with a comma
+    assert not description.rstrip().endswith(",")

@@ -24,6 +24,7 @@ from .backends import Backend
 
 __all__ = [
     "ADAMP_CASES",
+    "PARTNERS",
     "SGDP_CASES",
     "SHAPES",
     "REGIMES",
@@ -46,6 +47,21 @@ SHAPES: dict[str, tuple[tuple[int, ...], bool]] = {
     "row_len1": ((6, 1), False),
     "single_row": ((1, 16), False),
     "zero_init": ((4, 9), True),
+}
+
+# A second tensor for each shape of SHAPES (same name + "+"), whose rows fall in the same row bucket of the
+# multi-tensor step (adamp_core.grouped.row_bucket: row lengths 27 and 28 share one, padded), so that the
+# conformance rows of that path step groups of two different tensors. Its init and gradients come from
+# another seed than its partner's.
+PARTNERS: dict[str, tuple[tuple[int, ...], bool]] = {
+    "conv4d+": ((4, 2, 2, 7), False),
+    "linear2d+": ((3, 4, 3), False),
+    "conv3d+": ((7, 10), False),
+    "vector1d+": ((7,), False),
+    "scalar0d+": ((1,), False),
+    "row_len1+": ((3, 1), False),
+    "single_row+": ((2, 4, 4), False),
+    "zero_init+": ((5, 9), True),
 }
 
 ADAMP_CASES: dict[str, dict[str, Any]] = {
@@ -122,27 +138,47 @@ class Reference:
     views: list[int]  # view the official code projected at each step
 
 
-@functools.lru_cache(maxsize=512)
-def reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps: int = 30, seed: int = 0) -> Reference:
-    """The official optimizer's trajectory (cached)."""
+def reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps: int = 30, seed: int = 0,
+                  rounded: str | None = None) -> Reference:
+    """The official optimizer's trajectory (cached).
+
+    ``seed`` draws another init and other gradients for the same shape (a second param of that shape).
+    ``rounded`` (``"bfloat16"``/``"float16"``): a param stored in that dtype with its maths and state in
+    ``dtype``: the init, every gradient and the param after every official step (in ``dtype``, from the
+    upcast param) are rounded to it (see ``adamp_xp.testing.conformance.row_tolerance``)."""
+    return _reference_run(optimizer, case, shape_name, dtype, steps, seed, rounded)
+
+
+@functools.lru_cache(maxsize=2048)
+def _reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps: int, seed: int,
+                   rounded: str | None) -> Reference:
     import adamp
     import torch
 
-    shape, zero = SHAPES[shape_name]
+    shape, zero = SHAPES[shape_name] if shape_name in SHAPES else PARTNERS[shape_name]
     hp = (ADAMP_CASES if optimizer == "adamp" else SGDP_CASES)[case]
-    rng = np.random.default_rng(seed + 1000 * len(shape) + sum(shape))
+    rng = np.random.default_rng(seed + 1000 * len(shape) + sum(shape) + (7919 if shape_name in PARTNERS else 0))
     init = np.zeros(shape) if zero else np.asarray(rng.standard_normal(shape))
     tdt = getattr(torch, dtype)
-    p = torch.nn.Parameter(torch.from_numpy(init.copy()).to(tdt))
+
+    def rounding(a: np.ndarray) -> torch.Tensor:
+        t = torch.from_numpy(a)
+        return (t.to(getattr(torch, rounded)) if rounded else t).to(tdt)
+
+    p = torch.nn.Parameter(rounding(init.copy()))
+    init = p.detach().double().numpy().copy()
     opt = adamp.AdamP([p], **hp) if optimizer == "adamp" else adamp.SGDP([p], **hp)
     delta, eps = hp.get("delta", 0.1), hp.get("eps", 1e-8)
     ref = Reference(init, [], [], [], [])
     for t in range(steps):
         g = make_grad(p.detach().double().numpy(), REGIMES[t % len(REGIMES)], rng)
-        p.grad = torch.from_numpy(g).to(tdt)
+        p.grad = rounding(g)
         ref.grads.append(p.grad.double().numpy().copy())
         ref.views.append(official_view(p.detach(), p.grad, delta, eps))
         opt.step()
+        if rounded:  # the param is stored in 16 bits: what the official maths gave, rounded to nearest
+            with torch.no_grad():
+                p.copy_(rounding(p.detach().double().numpy()))
         ref.params.append(p.detach().double().numpy().copy())
         ref.states.append({k: v.double().numpy().copy() for k, v in opt.state[p].items() if torch.is_tensor(v)})
     return ref

@@ -1,0 +1,825 @@
+"""The rows of ``adamp-xp conformance``: every entry point, on every execution path, against ``adamp==0.3.0``.
+
+A :class:`Row` is one (target, backend, dtype, options). Running it replays the official optimizer's
+gradients (:func:`~adamp_xp.testing.oracle.reference_run`) through the target over the oracle's shape
+table and hyperparameter cases and compares the params and every state array after every step,
+normwise over the trajectory (:func:`~adamp_xp.testing.oracle.rel_error`). While it runs, a recorder
+(:func:`record_paths`) counts which execution path :func:`adamp_core.dispatch.step` gave each tensor
+at each step (the fused kernels, the multi-tensor step or the per-tensor step), so the row reports
+the path that actually ran on this machine, next to the one the dispatcher's documented policy
+predicts (:attr:`Row.expected`).
+
+:func:`run_rows` runs rows in ``spawn``-ed worker processes (torch, JAX and numba start no threads in
+the parent, and each worker runs single-threaded, so two workers use two cores), in bundles that
+share compiled JAX programs, longest first. Every library (torch, JAX, optax, numba, the official
+package) is imported lazily, in the worker that needs it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backends import BACKENDS, Backend, get_backend
+from .oracle import ADAMP_CASES, SGDP_CASES, SHAPES, reference_run, rel_error, tolerance
+
+__all__ = [
+    "ADAPTER_CASES",
+    "DEFAULT_STEPS",
+    "EAGER_JAX_CASES",
+    "FULL_STEPS",
+    "FUSED",
+    "MULTI",
+    "PER_TENSOR",
+    "TARGETS",
+    "Row",
+    "machine",
+    "path_label",
+    "plan",
+    "record_paths",
+    "run_row",
+    "run_rows",
+    "row_tolerance",
+    "versions",
+]
+
+# --target name -> the entry point a row checks
+TARGETS: dict[str, str] = {
+    "core": "adamp_core",
+    "tree": "adamp_core.tree",
+    "adamp_torch": "adamp_torch",
+    "adamp_array": "adamp_array",
+    "adamp_optax": "adamp_optax",
+}
+
+FUSED, MULTI, PER_TENSOR = "fused kernels", "multi-tensor", "per-tensor"
+JIT = "jax.jit"
+
+# Steps per run. 12 = every gradient regime (channel view, layer view, neither) four times: the view
+# decision is checked in each regime, the bias corrections over their steepest part (t = 1..12) and the
+# state recurrences over a dozen updates; --full runs the oracle's 30.
+DEFAULT_STEPS, FULL_STEPS = 12, 30
+
+# The adapters and the tree functions hold no maths (every update is adamp_core's, checked by the core
+# rows over all 10 cases on numpy, torch and under jax.jit); their rows, and the core rows on the two
+# backends where each operation costs a Python round trip (array_api_strict, eager JAX: the same Python
+# code as on numpy, whose namespace glue is what they check), take one nesterov and one non-default case
+# per optimizer (betas/eps/wd_ratio renamed to optax's names, dampening, weight decay). --full runs every
+# case everywhere.
+ADAPTER_CASES: dict[str, tuple[str, ...]] = {
+    "adamp": ("betas_eps_ratio", "nesterov_wd"),
+    "sgdp": ("dampening_ratio", "nesterov_wd"),
+}
+# Eager JAX costs a Python round trip and a dispatch per operation (~0.3 ms on a small CPU: a step of one
+# tensor is ~100 of them): its rows take one case per optimizer, the one that exercises most branches
+# (nesterov, weight decay, SGDP's momentum). The same maths runs compiled in the jax.jit rows, over every case.
+EAGER_JAX_CASES: dict[str, tuple[str, ...]] = {"adamp": ("nesterov_wd",), "sgdp": ("nesterov_wd",)}
+
+# Spacing of the 16-bit dtypes' numbers relative to their magnitude (an ulp: 2**(1 - p), p significant bits).
+_ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
+HALF_DTYPES = tuple(_ULP)
+
+
+def row_tolerance(dtype: str, steps: int) -> float:
+    """The largest normwise relative error a row of ``dtype`` may show over ``steps`` steps.
+
+    float64 and float32: the oracle's (1e-12, 1e-5). bfloat16/float16 params (``state_dtype=float32``: float32
+    maths and state) are compared with the official optimizer run in float32 on the float32 upcast of the
+    16-bit param, whose result is rounded to 16 bits after every step, as a 16-bit param stores it (same
+    init and gradients, both 16-bit values). Our float32 maths and the official's round to the same 16-bit
+    number except where the float32 result lies within float32 rounding (~1e-7) of a halfway point between
+    two 16-bit numbers; there the stored params differ by one 16-bit ulp (2**-7 of the value for bfloat16,
+    2**-10 for float16), which changes the later updates only by O(lr * ulp). Two ulps of the largest param
+    bound that with room for one more such flip of the same entry: 2**-6 (bfloat16), 2**-9 (float16),
+    whatever the number of steps. (Against the float32 run without the rounding, the difference would
+    grow by up to an ulp per step and, near the view thresholds, flip the projection decision: not a
+    usable oracle.)"""
+    if dtype in _ULP:
+        return 2 * _ULP[dtype]
+    return tolerance(dtype)
+
+
+# -- the rows ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the table: ``target`` (a key of :data:`TARGETS`) on ``backend`` (a backend id) in
+    ``dtype`` with ``options`` (what a user writes: ``"fused=False"``, ``"jax.jit"``, ``"channels_last"``),
+    whose tensors the dispatcher's documented policy sends to ``expected`` (a path label)."""
+
+    target: str
+    backend: str
+    dtype: str
+    options: tuple[str, ...] = ()
+    expected: str = PER_TENSOR
+    all_cases: bool = False  # every case of the oracle table (else ADAPTER_CASES, or EAGER_JAX_CASES)
+
+    @property
+    def name(self) -> str:
+        return TARGETS[self.target]
+
+    @property
+    def jit(self) -> bool:
+        return JIT in self.options
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        """The ``key=value`` options as keyword arguments of the target's optimizer."""
+        out: dict[str, Any] = {}
+        for opt in self.options:
+            if "=" in opt:
+                key, value = opt.split("=", 1)
+                out[key] = {"True": True, "False": False, "None": None}.get(value, value)
+        return out
+
+    @property
+    def label(self) -> str:
+        return ", ".join(self.options) if self.options else "defaults"
+
+    def describe(self) -> dict[str, Any]:
+        b = get_backend(self.backend)
+        return dict(target=self.name, backend=self.backend, device=b.device, dtype=self.dtype,
+                    options=self.label, expected_path=self.expected)
+
+
+def _cpu(backend: Backend) -> bool:
+    return backend.device == "cpu"
+
+
+def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: bool, every_backend: bool,
+              every_dtype: bool) -> list[Row]:
+    """Every row of ``targets`` on backend ``b`` (see README "Conformance" for what each one means). The
+    default run leaves out the tree on array_api_strict (``every_backend``) and JAX's float64 tree and
+    adapter rows (``every_dtype``); naming the backend or the dtype brings them back, as does ``full``."""
+    rows: list[Row] = []
+    half = [d for d in dtypes if d in HALF_DTYPES]
+    host = _cpu(b)
+    fused_here = host and b.library in ("numpy", "torch")  # writable host buffers: the kernels' arrays
+    jit_tag = f"{PER_TENSOR} (jit)"
+    slow = b.library in ("array_api_strict", "jax")  # a Python round trip per operation
+    for d in [d for d in dtypes if d in ("float64", "float32")]:
+        if "core" in targets:
+            rows.append(Row("core", b.id, d, all_cases=full or not slow))
+            if b.library == "jax":
+                rows.append(Row("core", b.id, d, (JIT,), jit_tag, all_cases=True))
+        if b.library == "jax" and d == "float64" and every_dtype and not full:
+            continue  # JAX computes in float32 unless jax_enable_x64 is set: its adapters' float64 rows are --full's
+        if "tree" in targets and (full or not every_backend or b.library != "array_api_strict"):
+            rows.append(Row("tree", b.id, d))  # the same structure code for every library but JAX's pytrees
+        if "adamp_torch" in targets and b.library == "torch":
+            if fused_here:
+                rows += [Row("adamp_torch", b.id, d, (), FUSED),
+                         Row("adamp_torch", b.id, d, ("fused=False",), MULTI),
+                         Row("adamp_torch", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR),
+                         Row("adamp_torch", b.id, d, ("channels_last",), f"{FUSED} + {MULTI}")]
+            else:  # no fused kernels off the host: the multi-tensor step is the default
+                rows += [Row("adamp_torch", b.id, d, (), MULTI),
+                         Row("adamp_torch", b.id, d, ("foreach=False",), PER_TENSOR),
+                         Row("adamp_torch", b.id, d, ("channels_last",), MULTI)]
+        if "adamp_array" in targets:
+            if fused_here:
+                rows += [Row("adamp_array", b.id, d, (), FUSED),
+                         Row("adamp_array", b.id, d, ("fused=False",), MULTI),
+                         Row("adamp_array", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR)]
+            else:  # immutable (JAX) or non-NumPy arrays: fused=False changes nothing
+                rows += [Row("adamp_array", b.id, d, (), MULTI),
+                         Row("adamp_array", b.id, d, ("foreach=False",), PER_TENSOR)]
+        if "adamp_optax" in targets and b.library == "jax":
+            rows += [Row("adamp_optax", b.id, d, (JIT,), jit_tag),
+                     Row("adamp_optax", b.id, d, (JIT, "foreach=True"), f"{MULTI} (jit)")]
+    if "adamp_torch" in targets and b.library == "torch":
+        for d in half:
+            rows.append(Row("adamp_torch", b.id, d, ("state_dtype=float32",), MULTI))
+    if full:
+        rows = [r if r.all_cases else Row(r.target, r.backend, r.dtype, r.options, r.expected, True) for r in rows]
+    return rows
+
+
+def plan(targets: Sequence[str] | None = None, backends: Sequence[str] | None = None, device: str = "all",
+         dtypes: Sequence[str] | None = None, full: bool = False) -> list[Row]:
+    """The rows to run: ``targets`` (keys of :data:`TARGETS`, default all) on ``backends`` (ids, default
+    every one of ``device``: ``cpu``, ``cuda`` or ``all``) in ``dtypes`` (default float64, float32 and,
+    for adamp_torch, bfloat16 and float16). ``full``: every case in every row, and JAX's adapter and tree
+    rows in float64 too."""
+    targets = list(TARGETS) if not targets else list(targets)
+    for t in targets:
+        if t not in TARGETS:
+            raise ValueError(f"Unknown target: {t!r} (choose from {', '.join(TARGETS)})")
+    every_backend, every_dtype = not backends, not dtypes
+    chosen = [get_backend(b) for b in backends] if backends else list(BACKENDS)
+    if device != "all":
+        chosen = [b for b in chosen if _cpu(b) == (device == "cpu")]
+    dtypes = list(dtypes) if dtypes else ["float64", "float32", *HALF_DTYPES]
+    rows = []
+    for b in chosen:
+        rows += _rows_for(b, targets, dtypes, full, every_backend, every_dtype)
+    return rows
+
+
+# -- which path ran --------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def record_paths() -> Iterator[Counter[str]]:
+    """Count, per tensor and step, the path :func:`adamp_core.dispatch.step` took: ``WRITTEN``/``SKIPPED``
+    outcomes came from the fused kernels; ``NEW`` ones from the multi-tensor step when the spec's group step
+    computed them (groups of two or more), else from the per-tensor step. Wraps ``dispatch.step`` and the
+    specs' ``update_group`` for the duration (the adapters look both up at call time); outcomes are counted
+    once per outermost call, from the returned list or, when the caller passes a ``sink``, as they reach
+    it. Under ``jax.jit`` the dispatcher runs once, while tracing, and what it chose is what the compiled
+    program runs."""
+    from adamp_core import dispatch, optimizers
+
+    counts: Counter[str] = Counter()
+    depth, grouped = [0], [0]
+    original_step = dispatch.step
+    specs = (optimizers.ADAMP, optimizers.SGDP)
+    original_groups = [s.update_group for s in specs]
+
+    def step(spec: Any, tensors: Any, hp: Any, **kwargs: Any) -> Any:
+        depth[0] += 1
+        try:
+            if depth[0] > 1:  # the dispatcher calling itself: counted by the outermost call
+                return original_step(spec, tensors, hp, **kwargs)
+            grouped[0] = 0
+            seen = Counter()
+
+            def tally(outcomes: Sequence[Any]) -> None:
+                for o in outcomes:
+                    seen["new" if o.how == dispatch.NEW else "kernels"] += 1
+
+            sink = kwargs.get("sink")
+            if sink is not None:
+                def counting_sink(idx: Any, outcomes: Any) -> Any:
+                    tally(outcomes)
+                    return sink(idx, outcomes)
+
+                kwargs["sink"] = counting_sink
+            out = original_step(spec, tensors, hp, **kwargs)
+            if sink is None and out is not None:
+                tally(out)
+            counts[FUSED] += seen["kernels"]
+            counts[MULTI] += grouped[0]
+            counts[PER_TENSOR] += seen["new"] - grouped[0]
+            return out
+        finally:
+            depth[0] -= 1
+
+    def counting(update_group: Callable[..., Any]) -> Callable[..., Any]:
+        def update(xp: Any, params: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
+            grouped[0] += len(params) if len(params) > 1 else 0
+            return update_group(xp, params, *args, **kwargs)
+
+        return update
+
+    dispatch.step = step
+    for s, g in zip(specs, original_groups, strict=True):
+        object.__setattr__(s, "update_group", counting(g))  # the specs are frozen dataclasses
+    try:
+        yield counts
+    finally:
+        dispatch.step = original_step
+        for s, g in zip(specs, original_groups, strict=True):
+            object.__setattr__(s, "update_group", g)
+
+
+def path_label(counts: Counter[str], jit: bool = False) -> str:
+    """``"fused kernels"``, ``"fused kernels + per-tensor 3%"``, ``"per-tensor (jit)"``: the paths that ran,
+    the main one first, the others with their share of tensor steps."""
+    total = sum(counts.values())
+    if not total:
+        return "-"
+    ran = sorted(((n, k) for k, n in counts.items() if n), reverse=True)
+    parts = [ran[0][1]] + [f"{k} {max(1, round(100 * n / total))}%" for n, k in ran[1:]]
+    return " + ".join(parts) + (" (jit)" if jit else "")
+
+
+# -- shared pieces of the runs -----------------------------------------------------------------------
+
+
+def _cases(optimizer: str, names: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    table = ADAMP_CASES if optimizer == "adamp" else SGDP_CASES
+    return {n: table[n] for n in (names if names is not None else table)}
+
+
+def _perturbed(hp: dict[str, Any], perturb: bool) -> dict[str, Any]:
+    """The hyperparameters the implementation under test gets: ``hp``, or with ``perturb`` (a deliberately
+    wrong step, for the test that a FAIL exits with status 1) a learning rate 0.1% too large."""
+    if not perturb:
+        return hp
+    from adamp_core.optimizers import ADAMP
+
+    lr = hp.get("lr", ADAMP.defaults["lr"])
+    return {**hp, "lr": lr * 1.001}
+
+
+def _names(copies: int) -> list[str]:
+    """The trajectories of a run holding every shape, and with ``copies=2`` each shape's partner too
+    (:data:`~adamp_xp.testing.oracle.PARTNERS`: rows in the same bucket, so that the multi-tensor step has
+    groups of two different tensors to form)."""
+    return [*SHAPES, *(f"{s}+" for s in SHAPES)] if copies > 1 else list(SHAPES)
+
+
+def _refs(optimizer: str, case: str, dtype: str, steps: int, copies: int) -> dict[str, Any]:
+    ref_dtype, rounded = ("float32", dtype) if dtype in HALF_DTYPES else (dtype, None)
+    return {name: reference_run(optimizer, case, name, ref_dtype, steps, 0, rounded=rounded) for name in _names(copies)}
+
+
+def _host(backend: Backend, x: Any) -> np.ndarray:
+    # A copy: to_numpy may share memory with a float64 tensor that the adapter updates in place.
+    return np.array(backend.to_numpy(x), copy=True)
+
+
+def _compare(refs: dict[str, Any], ours: dict[str, dict[str, list[np.ndarray]]]) -> float:
+    worst = 0.0
+    for name, ref in refs.items():
+        worst = max(worst, rel_error(ours[name]["param"], ref.params))
+        for field in ref.states[0]:
+            worst = max(worst, rel_error(ours[name][field], [s[field] for s in ref.states]))
+    return worst
+
+
+class _Result:
+    """What a row accumulates: the worst error, the views (core rows), the trajectories run, problems."""
+
+    def __init__(self) -> None:
+        self.error = 0.0
+        self.views: Counter[int] | None = None
+        self.views_agree = True
+        self.runs = 0
+        self.problems: list[str] = []
+
+    def add(self, error: float, runs: int) -> None:
+        self.error = max(self.error, error)
+        self.runs += runs
+
+    def add_views(self, ours: Sequence[int], ref: Sequence[int]) -> None:
+        self.views = self.views if self.views is not None else Counter()
+        self.views.update(int(v) for v in ours)
+        self.views_agree &= [int(v) for v in ours] == [int(v) for v in ref]
+
+
+# -- the core ---------------------------------------------------------------------------------------
+
+
+def _core_eager(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+    import functools
+
+    import adamp_core as ac
+
+    from .oracle import run_core
+
+    for opt in ("adamp", "sgdp"):
+        core = ac.adamp_step if opt == "adamp" else ac.sgdp_step
+        for case, hp in _cases(opt, cases.get(opt)).items():
+            step_fn = functools.partial(core, **_perturbed(hp, perturb))
+            for shape in SHAPES:
+                r = run_core(b, opt, case, shape, row.dtype, steps, step_fn=step_fn)
+                res.add(r.max_rel_error, 1)
+                res.add_views(r.views, r.ref_views)
+
+
+def _traced_hp(optimizer: str, hp: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """A case's hyperparameters split into the ones a compiled program takes as 0-d array arguments (so
+    that one program serves every case) and the static ones: ``nesterov`` (a Python bool by contract) and
+    AdamP's ``betas`` (a float32 array beta would round 0.999 by 1.3e-8, which moves ``1 - beta2**t`` by
+    1e-5 relative at small t: the maths would be right and the comparison off)."""
+    from adamp_core.optimizers import ADAMP, SGDP
+
+    spec = ADAMP if optimizer == "adamp" else SGDP
+    full = {**spec.defaults, **hp}
+    static = (bool(full.pop("nesterov")), tuple(full.pop("betas")) if optimizer == "adamp" else None)
+    return full, static
+
+
+def _jax_device_put(b: Backend, x: Any, dtype: str) -> Any:
+    import jax
+    import jax.numpy as jnp
+
+    return jax.device_put(jnp.asarray(x, dtype=getattr(jnp, dtype)), jax.devices(b.device)[0])
+
+
+def _core_jit(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+    """``adamp_core.adamp_step``/``sgdp_step`` under ``jax.jit``: one program per optimizer and static
+    hyperparameters that scans over the steps (``jax.lax.scan``) for every shape, the other
+    hyperparameters traced, so the cases share it."""
+    import jax
+
+    import adamp_core as ac
+
+    programs: dict[Any, Any] = {}
+    for opt in ("adamp", "sgdp"):
+        step_fn = ac.adamp_step if opt == "adamp" else ac.sgdp_step
+        init_fn = ac.adamp_init if opt == "adamp" else ac.sgdp_init
+        fields = ("exp_avg", "exp_avg_sq") if opt == "adamp" else ("momentum",)
+        for case, hp in _cases(opt, cases.get(opt)).items():
+            traced, static = _traced_hp(opt, _perturbed(hp, perturb))
+            nesterov, betas = static
+            key = (opt, static)
+            if key not in programs:
+
+                def program(inits: Any, grads: Any, h: Any, nesterov: bool = nesterov, betas: Any = betas,
+                            step_fn: Any = step_fn, init_fn: Any = init_fn, fields: Any = fields) -> Any:
+                    extra = {"betas": betas} if betas is not None else {}
+                    out = {}
+                    for name, w0 in inits.items():
+                        def body(carry: Any, g: Any) -> Any:
+                            w, s = carry
+                            view = ac.projected_view(w, g, h["delta"], h["eps"])
+                            w, s = step_fn(w, g, s, nesterov=nesterov, **extra, **h)
+                            return (w, s), (w, tuple(getattr(s, f) for f in fields), view)
+
+                        out[name] = jax.lax.scan(body, (w0, init_fn(w0)), grads[name])[1]
+                    return out
+
+                programs[key] = jax.jit(program)
+            refs = _refs(opt, case, row.dtype, steps, 1)
+            inits = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
+            grads = {n: b.asarray(np.stack(r.grads), row.dtype) for n, r in refs.items()}
+            h = {k: _jax_device_put(b, v, row.dtype) for k, v in traced.items()}
+            out = jax.device_get(programs[key](inits, grads, h))
+            for name, ref in refs.items():
+                params, states, views = out[name]
+                ours = {"param": [_host(b, w) for w in params]}
+                for f, arr in zip(fields, states, strict=True):
+                    ours[f] = [_host(b, x) for x in arr]
+                res.add(_compare({name: ref}, {name: ours}), 1)
+                res.add_views(list(np.asarray(views)), ref.views)
+
+
+def _tree(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+    """``adamp_core.tree`` over a dict holding every shape."""
+    from adamp_core import tree
+
+    for opt in ("adamp", "sgdp"):
+        step_fn = tree.adamp_step if opt == "adamp" else tree.sgdp_step
+        init_fn = tree.adamp_init if opt == "adamp" else tree.sgdp_init
+        for case, hp in _cases(opt, cases.get(opt)).items():
+            refs = _refs(opt, case, row.dtype, steps, 1)
+            params = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
+            states = init_fn(params)
+            ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
+            kw = _perturbed(hp, perturb)
+            for t in range(steps):
+                grads = {n: b.asarray(r.grads[t], row.dtype) for n, r in refs.items()}
+                params, states = step_fn(params, grads, states, **kw)
+                for n, ref in refs.items():
+                    ours[n].setdefault("param", []).append(_host(b, params[n]))
+                    for f in ref.states[t]:
+                        ours[n].setdefault(f, []).append(_host(b, getattr(states[n], f)))
+            res.add(_compare(refs, ours), len(refs))
+
+
+# -- the adapters -----------------------------------------------------------------------------------
+
+
+def _torch_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+    """``adamp_torch.AdamP``/``SGDP`` (``torch.optim`` drop-ins) over ``nn.Parameter``s of every shape."""
+    import torch
+
+    import adamp_torch
+
+    kwargs = row.kwargs
+    if "state_dtype" in kwargs:
+        kwargs["state_dtype"] = getattr(torch, kwargs["state_dtype"])
+    channels_last = "channels_last" in row.options
+    copies = 2 if MULTI in row.expected else 1
+
+    def fmt(x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x
+
+    for opt in ("adamp", "sgdp"):
+        cls = adamp_torch.AdamP if opt == "adamp" else adamp_torch.SGDP
+        for case, hp in _cases(opt, cases.get(opt)).items():
+            refs = _refs(opt, case, row.dtype, steps, copies)
+            params = {n: torch.nn.Parameter(fmt(b.asarray(r.init, row.dtype))) for n, r in refs.items()}
+            optimizer = cls(list(params.values()), **_perturbed(hp, perturb), **kwargs)
+            ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
+            for t in range(steps):
+                for n, p in params.items():
+                    p.grad = fmt(b.asarray(refs[n].grads[t], row.dtype))
+                optimizer.step()
+                for n, p in params.items():
+                    state = optimizer.state[p]
+                    ours[n].setdefault("param", []).append(_host(b, p))
+                    for f in refs[n].states[t]:
+                        ours[n].setdefault(f, []).append(_host(b, state[f]))
+            res.add(_compare(refs, ours), len(refs))
+            for n, p in params.items():  # the adapter keeps dtype, memory format and state dtype
+                want = kwargs.get("state_dtype", p.dtype)
+                if p.dtype != getattr(torch, row.dtype) or any(
+                        v.dtype != want for k, v in optimizer.state[p].items() if k != "step"):
+                    res.problems.append(f"{n}: dtype changed")
+                if channels_last and p.dim() == 4 and not all(
+                        x.is_contiguous(memory_format=torch.channels_last)
+                        for x in (p, *(v for k, v in optimizer.state[p].items() if k != "step"))):
+                    res.problems.append(f"{n}: channels_last lost")
+
+
+def _array_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+    """``adamp_array.AdamP``/``SGDP`` over a dict of arrays of every shape."""
+    import adamp_array
+
+    copies = 2 if MULTI in row.expected else 1
+    for opt in ("adamp", "sgdp"):
+        cls = adamp_array.AdamP if opt == "adamp" else adamp_array.SGDP
+        for case, hp in _cases(opt, cases.get(opt)).items():
+            refs = _refs(opt, case, row.dtype, steps, copies)
+            params = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
+            optimizer = cls(params, **_perturbed(hp, perturb), **row.kwargs)
+            ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
+            for t in range(steps):
+                current = optimizer.step({n: b.asarray(r.grads[t], row.dtype) for n, r in refs.items()})
+                states = optimizer.states
+                for n, ref in refs.items():
+                    ours[n].setdefault("param", []).append(_host(b, current[n]))
+                    for f in ref.states[t]:
+                        ours[n].setdefault(f, []).append(_host(b, getattr(states[n], f)))
+            res.add(_compare(refs, ours), len(refs))
+
+
+def _optax_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+    """``adamp_optax.adamp``/``sgdp`` (``update`` + ``optax.apply_updates``) under ``jax.jit``: one program
+    per optimizer and static hyperparameters scanning over the steps, the others traced."""
+    import jax
+    import optax
+
+    import adamp_optax
+
+    from .adapters_conformance import optax_kwargs
+
+    foreach = row.kwargs.get("foreach")
+    copies = 2 if foreach else 1
+    programs: dict[Any, Any] = {}
+    for opt in ("adamp", "sgdp"):
+        make = adamp_optax.adamp if opt == "adamp" else adamp_optax.sgdp
+        fields = ("exp_avg", "exp_avg_sq") if opt == "adamp" else ("momentum",)
+        for case, hp in _cases(opt, cases.get(opt)).items():
+            traced, static = _traced_hp(opt, _perturbed(hp, perturb))
+            key = (opt, static)
+            if key not in programs:
+                nesterov, betas = static
+
+                def program(params: Any, grads: Any, h: Any, nesterov: bool = nesterov, betas: Any = betas,
+                            make: Any = make, fields: Any = fields, opt: str = opt) -> Any:
+                    kw = dict(h, nesterov=nesterov, **({"betas": betas} if betas is not None else {}))
+                    tx = make(**optax_kwargs(opt, kw), foreach=foreach)
+
+                    def body(carry: Any, g: Any) -> Any:
+                        p, s = carry
+                        updates, s = tx.update(g, s, p)
+                        p = optax.apply_updates(p, updates)
+                        return (p, s), (p, tuple(getattr(s, f) for f in fields))
+
+                    return jax.lax.scan(body, (params, tx.init(params)), grads)[1]
+
+                programs[key] = jax.jit(program)
+            refs = _refs(opt, case, row.dtype, steps, copies)
+            params = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
+            grads = {n: b.asarray(np.stack(r.grads), row.dtype) for n, r in refs.items()}
+            h = {k: _jax_device_put(b, v, row.dtype) for k, v in traced.items()}
+            out_params, out_states = jax.device_get(programs[key](params, grads, h))
+            ours = {n: {"param": [_host(b, w) for w in out_params[n]]} for n in refs}
+            for f, tree in zip(fields, out_states, strict=True):
+                for n in refs:
+                    ours[n][f] = [_host(b, x) for x in tree[n]]
+            res.add(_compare(refs, ours), len(refs))
+
+
+_RUNNERS = {
+    ("core", False): _core_eager,
+    ("core", True): _core_jit,
+    ("tree", False): _tree,
+    ("adamp_torch", False): _torch_adapter,
+    ("adamp_array", False): _array_adapter,
+    ("adamp_optax", True): _optax_adapter,
+}
+
+
+def _skip_reason(row: Row, b: Backend) -> str | None:
+    reason = b.skip_reason()
+    if reason:
+        return reason
+    if row.target == "adamp_optax" and b.library != "jax":
+        return "adamp_optax runs on JAX only"
+    if row.target == "adamp_torch" and b.library != "torch":
+        return "adamp_torch runs on torch only"
+    try:
+        __import__({"adamp_torch": "adamp_torch", "adamp_array": "adamp_array",
+                    "adamp_optax": "adamp_optax"}.get(row.target, "adamp_core"))
+    except ImportError as exc:
+        return f"{row.name} is not installed ({exc})"
+    return None
+
+
+@contextlib.contextmanager
+def _jax_x64(dtype: str, backend: Backend) -> Iterator[None]:
+    """JAX float64 rows need ``jax_enable_x64``; float32 rows run without it, as JAX runs by default."""
+    if backend.library != "jax":
+        yield
+        return
+    import jax
+
+    before = bool(jax.config.jax_enable_x64)
+    jax.config.update("jax_enable_x64", dtype == "float64")
+    try:
+        yield
+    finally:
+        jax.config.update("jax_enable_x64", before)
+
+
+def run_row(row: Row, steps: int = DEFAULT_STEPS, perturb: str | None = None) -> dict[str, Any]:
+    """Run one row here (in this process); return its result (the :meth:`Row.describe` fields, ``status``
+    PASS/FAIL/SKIP, ``max_rel_error``, ``tolerance``, ``path`` (what ran), ``views``, ``runs``, ``steps``,
+    ``cases``, ``seconds``, ``note``). ``perturb``: a target (or "all") whose rows take a deliberately
+    wrong step (tests)."""
+    b = get_backend(row.backend)
+    out = row.describe()
+    reason = _skip_reason(row, b)
+    if reason:
+        return {**out, "status": "SKIP", "note": reason}
+    cases: dict[str, Sequence[str] | None] = (
+        {"adamp": None, "sgdp": None} if row.all_cases
+        else dict(EAGER_JAX_CASES) if b.library == "jax" and not row.jit else dict(ADAPTER_CASES))
+    t0 = time.perf_counter()
+    res = _Result()
+    with _jax_x64(row.dtype, b):
+        if not b.supports(row.dtype):
+            return {**out, "status": "SKIP", "note": f"{b.id} has no {row.dtype}"}
+        try:
+            with record_paths() as counts:
+                _RUNNERS[(row.target, row.jit)](row, b, steps, cases, perturb in (row.target, "all"), res)
+        except Exception as exc:  # a row that raises fails, with the reason; the others still run
+            return {**out, "status": "FAIL", "note": f"{type(exc).__name__}: {exc}"[:300],
+                    "seconds": round(time.perf_counter() - t0, 2)}
+    if row.target in ("core", "tree"):  # the single-tensor entry points: no dispatcher, per tensor
+        counts = Counter({PER_TENSOR: res.runs})
+    tol = row_tolerance(row.dtype, steps)
+    passed = res.error <= tol and res.views_agree and not res.problems
+    note = "; ".join([*([] if res.views_agree else ["views differ from adamp 0.3.0's"]), *res.problems[:3]])
+    views = None if res.views is None else {"channel": res.views[1], "layer": res.views[2], "none": res.views[0]}
+    return {**out, "path": path_label(counts, row.jit), "paths": dict(counts), "runs": res.runs, "steps": steps,
+            "cases": {k: list(v) if v is not None else list(_cases(k, None)) for k, v in cases.items()},
+            "max_rel_error": res.error, "tolerance": tol, "views": views, "views_agree": res.views_agree,
+            "status": "PASS" if passed else "FAIL", **({"note": note} if note else {}),
+            "seconds": round(time.perf_counter() - t0, 2)}
+
+
+# -- running many rows ------------------------------------------------------------------------------
+
+# Rough cost of a row (seconds on one core, 12 steps, warm caches): the longest bundles start first, so
+# that both workers stay busy to the end.
+def _cost(row: Row) -> float:
+    b = get_backend(row.backend)
+    if b.library == "jax":
+        if row.jit:
+            return 15.0 if row.target == "core" else 6.0
+        return 25.0 if row.expected == MULTI else 20.0 if row.target == "core" else 5.0
+    if b.library == "array_api_strict":
+        return 6.0 if row.target == "core" else 4.0
+    return 4.0 if row.target == "core" else 3.0 if row.dtype in HALF_DTYPES else 1.5
+
+
+def _bundles(rows: Sequence[Row]) -> list[list[Row]]:
+    """Rows that share compiled programs run in one process: the eager JAX rows of one dtype that step the
+    params one at a time (XLA compiles each operation once per shape and dtype, and a process loads it from
+    the persistent cache once); the multi-tensor row steps other shapes (the groups') and runs apart."""
+    groups: dict[Any, list[Row]] = {}
+    for row in rows:
+        b = get_backend(row.backend)
+        eager_jax = b.library == "jax" and not row.jit
+        key = (row.backend, row.dtype, row.expected == MULTI) if eager_jax else row
+        groups.setdefault(key, []).append(row)
+    return sorted(groups.values(), key=lambda g: -sum(_cost(r) for r in g))
+
+
+_SETTINGS: dict[str, Any] = {}
+
+
+def _worker_init(settings: dict[str, Any]) -> None:
+    """A worker's set-up, before torch, JAX or numba are imported: one thread each (the workers share the
+    cores), and JAX's persistent compilation cache."""
+    _SETTINGS.update(settings)
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["NUMBA_NUM_THREADS"] = "1"
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+
+
+def _prepare(settings: dict[str, Any], worker: bool = True) -> None:
+    """This process's libraries, once: one torch thread in a worker, and JAX's persistent compilation
+    cache (every operation of an eager JAX row and every jax.jit program is loaded from it on later runs)."""
+    if _SETTINGS.get("_prepared"):
+        return
+    _SETTINGS["_prepared"] = True
+    if worker:
+        with contextlib.suppress(ImportError):
+            import torch
+
+            torch.set_num_threads(1)
+    cache = settings.get("jax_cache")
+    if cache:
+        with contextlib.suppress(ImportError):
+            import jax
+
+            jax.config.update("jax_compilation_cache_dir", cache)
+            jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+
+
+def _run_bundle(rows: list[Row], steps: int, perturb: str | None) -> list[dict[str, Any]]:
+    _prepare(_SETTINGS)
+    return [run_row(r, steps, perturb) for r in rows]
+
+
+def jax_cache_dir(path: str | None = None) -> str | None:
+    """JAX's persistent compilation cache for the workers: ``path``, else ``$ADAMP_XP_JAX_CACHE``, else
+    ``~/.cache/adamp-xp/jax`` (the one ``adamp-xp bench`` uses); ``"none"``: off."""
+    path = path or os.environ.get("ADAMP_XP_JAX_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"), "adamp-xp", "jax")
+    return None if path.lower() == "none" else os.path.abspath(path)
+
+
+def run_rows(rows: Sequence[Row], steps: int = DEFAULT_STEPS, workers: int = 2,
+             jax_cache: str | None = None, perturb: str | None = None,
+             on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
+    """Run ``rows`` (in ``workers`` spawned processes; 0: here, in this process) and return their results in
+    the order of ``rows``; ``on_result`` sees each as it finishes. Rows whose backend cannot run here are
+    skipped at once, without a worker."""
+    results: dict[Row, dict[str, Any]] = {}
+
+    def done(row: Row, result: dict[str, Any]) -> None:
+        results[row] = result
+        if on_result is not None:
+            on_result(result)
+
+    runnable = []
+    for row in rows:
+        reason = get_backend(row.backend).skip_reason()
+        if reason:
+            done(row, {**row.describe(), "status": "SKIP", "note": reason})
+        else:
+            runnable.append(row)
+    settings = {"jax_cache": jax_cache}
+    if workers <= 0:  # here, in order; the caller's threads are left alone
+        _prepare(settings, worker=False)
+        for row in runnable:
+            done(row, run_row(row, steps, perturb))
+        return [results[r] for r in rows]
+
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    ctx = multiprocessing.get_context("spawn")  # no fork after torch/JAX started their threads
+    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
+                             initargs=(settings,)) as pool:
+        futures = {pool.submit(_run_bundle, bundle, steps, perturb): bundle for bundle in _bundles(runnable)}
+        for future in as_completed(futures):
+            bundle = futures[future]
+            try:
+                for row, result in zip(bundle, future.result(), strict=True):
+                    done(row, result)
+            except Exception as exc:  # a worker died (out of memory, a crash in a native library)
+                for row in bundle:
+                    if row not in results:
+                        done(row, {**row.describe(), "status": "FAIL", "note": f"worker failed: {exc!r}"[:300]})
+    return [results[r] for r in rows]
+
+
+# -- what ran where -------------------------------------------------------------------------------------
+
+_DISTRIBUTIONS = ("adamp-xp", "adamp", "numpy", "array-api-compat", "array-api-strict", "torch", "jax", "jaxlib",
+                  "optax", "numba", "cupy", "cupy-cuda12x", "tqdm")
+
+
+def versions() -> dict[str, str | None]:
+    """The installed version of every package a row may use (None: not installed)."""
+    from importlib import metadata
+
+    out: dict[str, str | None] = {}
+    for name in _DISTRIBUTIONS:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def machine() -> dict[str, Any]:
+    """Platform, CPU count (and the CPUs this process may use), Python."""
+    try:
+        usable = len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - macOS, Windows
+        usable = os.cpu_count()
+    return {"platform": platform.platform(), "machine": platform.machine(), "processor": platform.processor(),
+            "cpu_count": os.cpu_count(), "usable_cpus": usable, "python": sys.version.split()[0],
+            "python_implementation": platform.python_implementation()}

@@ -1,0 +1,150 @@
+"""``adamp_xp.testing.conformance``: the rows cover every entry point and execution path, and each row
+reports the path the dispatcher really took (checked against its documented policy)."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+
+from adamp_xp.testing import conformance as C
+
+pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
+
+STEPS = 2
+
+
+def _run(row: C.Row) -> dict:
+    result = C.run_row(row, steps=STEPS)
+    assert result["status"] == "PASS", result
+    assert result["max_rel_error"] <= result["tolerance"]
+    return result
+
+
+def test_the_default_rows_cover_every_target_and_path_on_a_cpu():
+    rows = C.plan(device="cpu")
+    got = {(r.name, r.backend, r.dtype, r.label, r.expected) for r in rows}
+    for dtype in ("float64", "float32"):
+        for backend in ("numpy", "array_api_strict", "torch:cpu", "jax:cpu"):
+            assert ("adamp_core", backend, dtype, "defaults", C.PER_TENSOR) in got
+        assert ("adamp_core", "jax:cpu", dtype, "jax.jit", "per-tensor (jit)") in got
+        for backend in ("numpy", "torch:cpu"):
+            assert ("adamp_core.tree", backend, dtype, "defaults", C.PER_TENSOR) in got
+        for target in ("adamp_torch", "adamp_array"):
+            assert (target, "torch:cpu", dtype, "defaults", C.FUSED) in got
+            assert (target, "torch:cpu", dtype, "fused=False", C.MULTI) in got
+            assert (target, "torch:cpu", dtype, "fused=False, foreach=False", C.PER_TENSOR) in got
+        assert ("adamp_torch", "torch:cpu", dtype, "channels_last", f"{C.FUSED} + {C.MULTI}") in got
+        assert ("adamp_array", "numpy", dtype, "fused=False", C.MULTI) in got
+        for backend in ("array_api_strict",):
+            assert ("adamp_array", backend, dtype, "defaults", C.MULTI) in got
+            assert ("adamp_array", backend, dtype, "foreach=False", C.PER_TENSOR) in got
+    for half in ("bfloat16", "float16"):
+        assert ("adamp_torch", "torch:cpu", half, "state_dtype=float32", C.MULTI) in got
+    # JAX: its default dtype (float32) for the tree and the adapters, float64 too for the core
+    assert ("adamp_core.tree", "jax:cpu", "float32", "defaults", C.PER_TENSOR) in got
+    assert ("adamp_array", "jax:cpu", "float32", "defaults", C.MULTI) in got
+    assert ("adamp_array", "jax:cpu", "float32", "foreach=False", C.PER_TENSOR) in got
+    assert ("adamp_optax", "jax:cpu", "float32", "jax.jit", "per-tensor (jit)") in got
+    assert ("adamp_optax", "jax:cpu", "float32", "jax.jit, foreach=True", "multi-tensor (jit)") in got
+    assert {r.name for r in rows} == set(C.TARGETS.values())
+    assert all(r.backend in ("numpy", "array_api_strict", "torch:cpu", "jax:cpu") for r in rows)
+    full = C.plan(device="cpu", full=True)
+    assert all(r.all_cases for r in full) and len(full) > len(rows)
+    assert ("adamp_optax", "jax:cpu", "float64") in {(r.name, r.backend, r.dtype) for r in full}
+
+
+def test_cuda_rows_are_the_gpu_backends():
+    rows = C.plan(device="cuda")
+    assert {r.backend for r in rows} == {"torch:cuda", "jax:gpu", "cupy"}
+    assert ("adamp_torch", "torch:cuda", "float32", "defaults", C.MULTI) in {
+        (r.name, r.backend, r.dtype, r.label, r.expected) for r in rows}
+
+
+def test_targets_and_backends_filter():
+    rows = C.plan(["adamp_torch"], ["torch:cpu"], dtypes=["float32"])
+    assert {r.label for r in rows} == {"defaults", "fused=False", "fused=False, foreach=False", "channels_last"}
+    with pytest.raises(ValueError, match="Unknown target: 'keras'"):
+        C.plan(["keras"])
+
+
+@pytest.mark.parametrize("options", [(), ("fused=False",), ("fused=False", "foreach=False"), ("channels_last",)],
+                         ids=lambda o: ",".join(o) or "defaults")
+def test_adamp_torch_rows_run_the_path_the_policy_names(options):
+    pytest.importorskip("torch")
+    from adamp_core import fused
+
+    row = next(r for r in C.plan(["adamp_torch"], ["torch:cpu"], dtypes=["float32"]) if r.options == options)
+    result = _run(row)
+    if row.expected.startswith(C.FUSED) and not fused.AVAILABLE:
+        pytest.skip("numba is not installed: no fused kernels")
+    ran = set(result["paths"]) - {k for k, n in result["paths"].items() if not n}
+    assert ran == set(row.expected.split(" + ")), result["paths"]
+    assert result["path"].split(" + ")[0] == row.expected.split(" + ")[0]
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_params_with_float32_state(dtype):
+    pytest.importorskip("torch")
+    (row,) = C.plan(["adamp_torch"], ["torch:cpu"], dtypes=[dtype])
+    result = _run(row)
+    assert result["tolerance"] == C.row_tolerance(dtype, STEPS) == {"bfloat16": 2**-6, "float16": 2**-9}[dtype]
+    assert result["path"] == C.MULTI
+
+
+def test_adamp_array_and_tree_rows_on_numpy():
+    for row in C.plan(["adamp_array", "tree"], ["numpy"], dtypes=["float64"]):
+        result = _run(row)
+        assert result["tolerance"] == 1e-12
+        assert result["path"].split(" + ")[0] == row.expected, (row, result["path"])
+
+
+def test_jax_rows(monkeypatch):
+    """Every JAX row (float32): the core eager and under jax.jit, the tree (pytrees), adamp_array (multi-tensor
+    and per tensor) and adamp_optax (per tensor, and foreach=True: the multi-tensor step traced), on two shapes
+    and one case per optimizer to keep the compilations short."""
+    pytest.importorskip("optax")
+    monkeypatch.setattr(C, "ADAPTER_CASES", {"adamp": ("nesterov_wd",), "sgdp": ("nesterov_wd",)})
+    monkeypatch.setattr(C, "SHAPES", {k: v for k, v in C.SHAPES.items() if k in ("conv4d", "vector1d")})
+    rows = C.plan(backends=["jax:cpu"], dtypes=["float32"])
+    assert [(r.name, r.label) for r in rows] == [
+        ("adamp_core", "defaults"), ("adamp_core", "jax.jit"), ("adamp_core.tree", "defaults"),
+        ("adamp_array", "defaults"), ("adamp_array", "foreach=False"),
+        ("adamp_optax", "jax.jit"), ("adamp_optax", "jax.jit, foreach=True")]
+    for row in rows:
+        result = _run(C.Row(row.target, row.backend, row.dtype, row.options, row.expected))  # not every case
+        assert result["path"] == row.expected
+        assert result["cases"] == {"adamp": ["nesterov_wd"], "sgdp": ["nesterov_wd"]}
+
+
+def test_row_tolerances():
+    assert C.row_tolerance("float64", 12) == 1e-12 and C.row_tolerance("float32", 30) == 1e-5
+    assert C.row_tolerance("bfloat16", 12) == C.row_tolerance("bfloat16", 30) == 2**-6  # two bfloat16 ulps
+    assert C.row_tolerance("float16", 30) == 2**-9
+
+
+def test_path_label():
+    assert C.path_label(Counter({C.FUSED: 90})) == "fused kernels"
+    assert C.path_label(Counter({C.FUSED: 95, C.PER_TENSOR: 5, C.MULTI: 0})) == "fused kernels + per-tensor 5%"
+    assert C.path_label(Counter({C.PER_TENSOR: 16}), jit=True) == "per-tensor (jit)"
+    assert C.path_label(Counter()) == "-"
+
+
+def test_the_recorder_counts_each_path_and_puts_everything_back():
+    np = pytest.importorskip("numpy")
+    from adamp_core import dispatch, fused, optimizers
+
+    step, group = dispatch.step, optimizers.ADAMP.update_group
+    spec = optimizers.ADAMP
+
+    def tensors(n, shape=(4, 3)):
+        return [dispatch.Tensor(np.ones(shape), np.full(shape, 0.1), spec.init(np.ones(shape))) for _ in range(n)]
+
+    hp = spec.checked(dict(spec.defaults))
+    with C.record_paths() as counts:
+        dispatch.step(spec, tensors(3), hp, fused=False)  # one group of three
+        dispatch.step(spec, tensors(2), hp, fused=False, foreach=False)  # one at a time
+        dispatch.step(spec, tensors(2), hp)  # the kernels, where numba is
+    kernels = 2 if fused.AVAILABLE else 0  # without numba the last two form a group
+    assert counts == Counter({C.MULTI: 3 + 2 - kernels, C.PER_TENSOR: 2, C.FUSED: kernels})
+    assert dispatch.step is step and optimizers.ADAMP.update_group is group
