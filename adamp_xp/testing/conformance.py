@@ -29,8 +29,9 @@ from typing import Any
 
 import numpy as np
 
+from .adapters_conformance import _compare, _host
 from .backends import BACKENDS, Backend, get_backend
-from .oracle import ADAMP_CASES, SGDP_CASES, SHAPES, reference_run, rel_error, tolerance
+from .oracle import ADAMP_CASES, SGDP_CASES, SHAPES, reference_run, tolerance
 
 __all__ = [
     "ADAPTER_CASES",
@@ -333,20 +334,6 @@ def _names(copies: int) -> list[str]:
 def _refs(optimizer: str, case: str, dtype: str, steps: int, copies: int) -> dict[str, Any]:
     ref_dtype, rounded = ("float32", dtype) if dtype in HALF_DTYPES else (dtype, None)
     return {name: reference_run(optimizer, case, name, ref_dtype, steps, 0, rounded=rounded) for name in _names(copies)}
-
-
-def _host(backend: Backend, x: Any) -> np.ndarray:
-    # A copy: to_numpy may share memory with a float64 tensor that the adapter updates in place.
-    return np.array(backend.to_numpy(x), copy=True)
-
-
-def _compare(refs: dict[str, Any], ours: dict[str, dict[str, list[np.ndarray]]]) -> float:
-    worst = 0.0
-    for name, ref in refs.items():
-        worst = max(worst, rel_error(ours[name]["param"], ref.params))
-        for field in ref.states[0]:
-            worst = max(worst, rel_error(ours[name][field], [s[field] for s in ref.states]))
-    return worst
 
 
 class _Result:
