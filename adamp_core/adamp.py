@@ -29,6 +29,7 @@ from ._common import (
 )
 from .arrays import check_array, compute_dtype, device, namespace_name
 from .hyperparams import AdamPHyperparams, check_adamp
+from .caution import cautious
 from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["AdamPState", "adamp_init", "adamp_step"]
@@ -64,7 +65,7 @@ def check_adamp_state(param: Any, state: Any) -> None:
 
 def adamp_step(param: Any, grad: Any, state: AdamPState, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999),
                eps: Any = 1e-8, weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False,
-               *, skip_nonfinite: bool = False) -> tuple[Any, AdamPState]:
+               caution: bool = False, *, skip_nonfinite: bool = False) -> tuple[Any, AdamPState]:
     r"""One AdamP step (Heo et al., ICLR 2021, Algorithm 2); returns ``(new_param, new_state)``.
 
     .. math::
@@ -76,6 +77,9 @@ def adamp_step(param: Any, grad: Any, state: AdamPState, lr: Any = 1e-3, betas: 
     (channel, then layer; see :mod:`adamp_core.projection`) and is the identity otherwise, and
     :math:`r` is ``wd_ratio`` when projected, else 1. Never writes its inputs; sync-free.
     Params with ``ndim <= 1`` take the plain AdamW-style step with full weight decay.
+    ``caution=True``: Cautious AdamP (timm 1.0.31's ``caution``): the update keeps the entries whose sign
+    agrees with the gradient (its radial part removed when projected), rescaled, and is projected again;
+    see :mod:`adamp_core.caution`.
     Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
     the grad or the state does not fit the param.
 
@@ -85,7 +89,7 @@ def adamp_step(param: Any, grad: Any, state: AdamPState, lr: Any = 1e-3, betas: 
     not advance); the test is :func:`adamp_core.all_finite` and the choice an ``xp.where``
     (sync-free, except with a Python-int ``state.step``, where the flag is read on the host).
     """
-    hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
+    hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov, caution)
     return checked_step(param, grad, state, hp, check_adamp_state, adamp_update, skip_nonfinite)
 
 
@@ -119,10 +123,12 @@ def adamp_update(
 
     ratio: Any = 1.0
     if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 2 lines 5-9)
-        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows)
+        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows, caution=hp.caution)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
         ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.grouped)
+    elif hp.caution:  # a param the projection does not handle: masked against g itself (adamp_core.caution)
+        u = cautious(xp, u, g, rows, w)
     if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
         w = w * (1 - lr * scalar(xp, hp.weight_decay, cdt) * ratio)  # decoupled decay, before the step
     w = w + (-step_size) * u

@@ -180,6 +180,13 @@ class SegmentRows(RowReduce):
     def min(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
         return self._reduce(xp, xp.min, math.inf, xs)
 
+    def tensor_mean(self, xp: Any, row_sums: Any, w: Any) -> Any:
+        """Per row ``(R,)``: the mean over the row's own tensor (its segment's sum over its true size; the
+        padding holds no entry)."""
+        (total,) = self.sum(xp, row_sums)
+        sizes = [float(c * n) for c, n in zip(self.counts, self.lengths, strict=True)]
+        return total / self.spread(xp, xp.asarray(sizes, dtype=total.dtype, device=self._dev))
+
     def starts(self) -> list[int]:
         """The first row of each tensor."""
         out, start = [], 0

@@ -28,7 +28,9 @@ from .arrays import dtype_is
 
 __all__ = [
     "ADAMP_DEFAULTS",
+    "ADAMP_OPTIONS",
     "SGDP_DEFAULTS",
+    "SGDP_OPTIONS",
     "AdamPHyperparams",
     "SGDPHyperparams",
     "check_adamp",
@@ -43,6 +45,11 @@ ADAMP_DEFAULTS: dict[str, Any] = dict(
 SGDP_DEFAULTS: dict[str, Any] = dict(
     momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False, eps=1e-8, delta=0.1, wd_ratio=0.1
 )
+# Options beyond the official signature, after its hyperparameters (a checkpoint or a group without them
+# means their default, which steps exactly as adamp 0.3.0): ``caution`` (timm 1.0.31's name and position),
+# and for SGDP ``project_buffer``.
+ADAMP_OPTIONS: dict[str, Any] = dict(caution=False)
+SGDP_OPTIONS: dict[str, Any] = dict(caution=False, project_buffer=True)
 
 
 class AdamPHyperparams(NamedTuple):
@@ -53,6 +60,7 @@ class AdamPHyperparams(NamedTuple):
     delta: Any
     wd_ratio: Any
     nesterov: bool
+    caution: bool = False  # Cautious AdamP (timm's ``caution``; adamp_core.caution)
 
 
 class SGDPHyperparams(NamedTuple):
@@ -64,6 +72,8 @@ class SGDPHyperparams(NamedTuple):
     eps: Any
     delta: Any
     wd_ratio: Any
+    caution: bool = False  # Cautious SGDP (timm's ``caution``; adamp_core.caution)
+    project_buffer: bool = True  # store the projected buffer (adamp 0.3.0); False: Alg. 1 as printed (timm)
 
 
 def _is_real_scalar(x: Any) -> bool:
@@ -120,7 +130,7 @@ def check_flag(value: Any, name: str) -> bool:
 
 
 def check_adamp(lr: Any = 1e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8, weight_decay: Any = 0.0,
-                delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: Any = False) -> AdamPHyperparams:
+                delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: Any = False, caution: Any = False) -> AdamPHyperparams:
     """Validate AdamP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
     lr = _nonnegative(lr, "learning rate")
     eps = _nonnegative(eps, "epsilon value")
@@ -131,11 +141,13 @@ def check_adamp(lr: Any = 1e-3, betas: Any = (0.9, 0.999), eps: Any = 1e-8, weig
     weight_decay = _nonnegative(weight_decay, "weight_decay value")
     delta = _nonnegative(delta, "delta value")
     wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
-    return AdamPHyperparams(lr, (beta1, beta2), eps, weight_decay, delta, wd_ratio, check_flag(nesterov, "nesterov"))
+    return AdamPHyperparams(lr, (beta1, beta2), eps, weight_decay, delta, wd_ratio, check_flag(nesterov, "nesterov"),
+                            check_flag(caution, "caution"))
 
 
 def check_sgdp(lr: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay: Any = 0.0, nesterov: Any = False,
-               eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1) -> SGDPHyperparams:
+               eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1, caution: Any = False,
+               project_buffer: Any = True) -> SGDPHyperparams:
     """Validate SGDP hyperparameters; raise ``ValueError``/``TypeError`` naming the bad one."""
     lr = _nonnegative(lr, "learning rate")
     momentum = _unit(momentum, "momentum value")
@@ -145,6 +157,8 @@ def check_sgdp(lr: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay:
     eps = _nonnegative(eps, "epsilon value")
     delta = _nonnegative(delta, "delta value")
     wd_ratio = _nonnegative(wd_ratio, "wd_ratio value")
+    caution = check_flag(caution, "caution")
+    project_buffer = check_flag(project_buffer, "project_buffer")
     if nesterov and _is_real_scalar(momentum) and _is_real_scalar(dampening) and (momentum <= 0.0 or dampening != 0.0):
         # adamp==0.3.0 runs these (torch.optim.SGD refuses them): a drop-in runs them too, and says so.
         warnings.warn(
@@ -160,4 +174,5 @@ def check_sgdp(lr: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay:
             f"Invalid momentum value: {momentum} (weight decay is divided by 1 - momentum, so momentum must be < 1"
             f" when weight_decay={weight_decay})"
         )
-    return SGDPHyperparams(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
+    return SGDPHyperparams(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, caution,
+                           project_buffer)

@@ -8,6 +8,8 @@ IDEs); ``tests/test_spec.py`` checks each against its spec.
 
 >>> from adamp_core.optimizers import ADAMP
 >>> ADAMP.names
+('lr', 'betas', 'eps', 'weight_decay', 'delta', 'wd_ratio', 'nesterov', 'caution')
+>>> ADAMP.official
 ('lr', 'betas', 'eps', 'weight_decay', 'delta', 'wd_ratio', 'nesterov')
 """
 
@@ -40,7 +42,7 @@ class OptimizerSpec:
     """What an entry point needs to know of one optimizer (see the module docstring)."""
 
     name: str  # "AdamP" / "SGDP": the class name of the official package
-    defaults: dict[str, Any]  # every hyperparameter in the official signature's order; REQUIRED: no default
+    defaults: dict[str, Any]  # the official signature's hyperparameters, in its order; REQUIRED: no default
     check: Callable[..., Any]  # keyword hyperparameters -> the validated NamedTuple (or raises)
     state: type  # AdamPState / SGDPState: the per-param state, a NamedTuple of arrays (and a step count)
     init: Callable[..., Any]  # param, *, state_dtype -> fresh state
@@ -48,11 +50,23 @@ class OptimizerSpec:
     update: Callable[..., Any]  # xp, param, grad, state, hp, rows=None -> (new param, new state); unchecked
     update_group: Callable[..., Any]  # adamp_core.grouped: xp, params, grads, states, hp, skip -> (ps, ss, ok)
     kernel: str  # the fused kernels' name in adamp_core.fused ("adamp" -> adamp_inplace / adamp_batch)
+    options: dict[str, Any]  # hyperparameters beyond the official signature (caution...), with their defaults
+
+    @property
+    def official(self) -> tuple[str, ...]:
+        """The official ``adamp==0.3.0`` hyperparameters, in its signature's order (what every saved group has)."""
+        return tuple(self.defaults)
 
     @property
     def names(self) -> tuple[str, ...]:
-        """The hyperparameters, in the official signature's order."""
-        return tuple(self.defaults)
+        """Every hyperparameter: the official ones in their order, then the options (a group or a checkpoint
+        without an option means its default)."""
+        return (*self.defaults, *self.options)
+
+    @property
+    def all_defaults(self) -> dict[str, Any]:
+        """``{name: default}`` of :attr:`names`, in order."""
+        return {**self.defaults, **self.options}
 
     @property
     def has_step(self) -> bool:
@@ -65,13 +79,15 @@ class OptimizerSpec:
         return tuple(f for f in self.state._fields if f != "step")
 
     def checked(self, values: dict[str, Any]) -> Any:
-        """The validated hyperparameters of ``values`` (a dict holding every name)."""
-        return self.check(**{n: values[n] for n in self.names})
+        """The validated hyperparameters of ``values`` (a dict holding every official name; an absent option
+        takes its default)."""
+        return self.check(**{n: values[n] for n in self.defaults},
+                          **{n: values.get(n, d) for n, d in self.options.items()})
 
 
 # Name, hyperparameters with their defaults (the official signature), check, state, init, state check, the
-# per-tensor step, the group step, the fused kernels' name.
+# per-tensor step, the group step, the fused kernels' name, the options beyond the official signature.
 ADAMP = OptimizerSpec("AdamP", dict(hyperparams.ADAMP_DEFAULTS), hyperparams.check_adamp, AdamPState, adamp_init,
-                      check_adamp_state, adamp_update, adamp_update_group, "adamp")
+                      check_adamp_state, adamp_update, adamp_update_group, "adamp", dict(hyperparams.ADAMP_OPTIONS))
 SGDP = OptimizerSpec("SGDP", {"lr": REQUIRED, **hyperparams.SGDP_DEFAULTS}, hyperparams.check_sgdp, SGDPState,
-                     sgdp_init, check_sgdp_state, sgdp_update, sgdp_update_group, "sgdp")
+                     sgdp_init, check_sgdp_state, sgdp_update, sgdp_update_group, "sgdp", dict(hyperparams.SGDP_OPTIONS))

@@ -41,7 +41,7 @@ from typing import Any, NamedTuple
 from .arrays import device, is_numpy
 
 __all__ = ["RowStats", "ViewDecision", "RowReduce", "channel_shape", "row_stats", "decide_view", "project_update",
-           "projected_view", "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
+           "project_update_parts", "projected_view", "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
 
 VIEW_NONE, VIEW_CHANNEL, VIEW_LAYER = 0, 1, 2
 
@@ -114,6 +114,12 @@ class RowReduce:
 
     def min(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
         return tuple(xp.min(x) for x in xs)
+
+    def tensor_mean(self, xp: Any, row_sums: Any, w: Any) -> Any:
+        """The mean over the whole tensor of an entrywise quantity, from its per-row sums ``(rows,)``
+        (through :meth:`sum`, so shards combine theirs): a 0-d array."""
+        (total,) = self.sum(xp, row_sums)
+        return total / math.prod(w.shape if self.shape is None else self.shape)
 
 
 _LOCAL_ROWS = RowReduce()
@@ -222,7 +228,7 @@ def decide_view(xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: Ro
 
 
 def project_update(
-    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None
+    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None, *, caution: bool = False
 ) -> tuple[Any, Any, ViewDecision | None]:
     """Return ``(Pi(u), projected, decision)`` for a weight ``w`` with ``ndim > 1``.
 
@@ -230,30 +236,52 @@ def project_update(
     by :func:`decide_view`, and ``u`` itself when neither view is scale-invariant. ``projected`` is a
     0-d boolean array. Arrays of size 0 are returned unchanged (the official code fails on them).
     ``rows`` (default: ``w`` holds every row) says how to reduce over rows when ``w``, ``g`` and ``u``
-    hold only some of them; see :class:`RowReduce`.
+    hold only some of them; see :class:`RowReduce`. ``caution``: the cautious update instead
+    (:mod:`adamp_core.caution`), masked against ``Pi(g)`` and projected again.
     """
+    return project_update_parts(xp, w, g, u, delta, eps, rows, caution=caution)[1:]
+
+
+def project_update_parts(
+    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None, *, caution: bool = False
+) -> tuple[Any, Any, Any, ViewDecision | None]:
+    """:func:`project_update` as ``(Pi(u), update, projected, decision)``: ``update`` is ``Pi(u)`` itself,
+    or with ``caution`` the cautious update made from it (SGDP stores ``Pi(u)``, unmasked, as its buffer)."""
     dev = device(w)
     rows = _LOCAL_ROWS if rows is None else rows
     if math.prod(w.shape if rows.shape is None else rows.shape) == 0:  # static; every shard agrees
-        return u, xp.asarray(False, device=dev), None
+        return u, u, xp.asarray(False, device=dev), None
     eps_a = xp.asarray(eps, dtype=w.dtype, device=dev)
     stats = row_stats(xp, w, g, u)
     dec, lay = _decide(xp, w, stats, delta, eps_a, rows)
-    # sum_row(w_n * u) * w_n = w * (w.u) / (|w| + eps)^2, per row (channel) or for the whole tensor (layer).
-    # In scaled terms (~w = s w): ~w * (~w.u) / (|~w| + eps s)^2, the same number exactly.
+    # sum_row(w_n * x) * w_n = w * (w.x) / (|w| + eps)^2, per row (channel) or for the whole tensor (layer).
+    # In scaled terms (~w = s w): ~w * (~w.x) / (|~w| + eps s)^2, the same number exactly.
     n_c = xp.sqrt(stats.ww) + eps_a * stats.sw
     n_l = xp.sqrt(lay.ww) + eps_a * lay.sw
-    coef_c = stats.wu / n_c / n_c
-    (wu_l,) = rows.sum(xp, stats.wu * lay.rho)
-    coef_l = lay.rho * (wu_l / n_l / n_l)  # row r: ~w_r * rho_r = S w_r
     zero = xp.zeros((), dtype=w.dtype, device=dev)
-    coef = xp.where(dec.channel, coef_c, xp.where(dec.layer, coef_l, zero))
-    coef = per_row(xp, coef, w)
+    w_s = xp.reshape(stats.w_scaled, w.shape)
+
+    def radial(wx: Any) -> Any:
+        """The radial part of ``x`` on the chosen view (0 where none is), from its per-row ``~w_r . x_r``."""
+        (wx_l,) = rows.sum(xp, wx * lay.rho)
+        coef_l = lay.rho * (wx_l / n_l / n_l)  # row r: ~w_r * rho_r = S w_r
+        coef = xp.where(dec.channel, wx / n_c / n_c, xp.where(dec.layer, coef_l, zero))
+        return w_s * per_row(xp, coef, w)
+
     projected = xp.logical_or(dec.channel, dec.layer)
     # Where nothing is projected coef is 0 and u - w * 0 == u exactly for finite w. (An infinite weight
     # entry, never projected as its cosines are NaN, gives NaN there where adamp 0.3.0 keeps +-inf: an
     # xp.where on the whole tensor to match that would cost a full pass on every step.)
-    return u - xp.reshape(stats.w_scaled, w.shape) * coef, projected, dec
+    q = u - radial(stats.wu)
+    if not caution:
+        return q, q, projected, dec
+    from .caution import caution_factor
+
+    # ~w_r . g_r = (~w_r . ~g_r) / t_r, exactly (t_r a power of two): Pi(g) needs no other pass over g.
+    ref = g - radial(stats.wg / stats.sg)
+    masked = q * caution_factor(xp, q, ref, rows, w)
+    # Projected again (timm): the mask breaks the orthogonality to w. Identity where nothing is projected.
+    return q, masked - radial(_rowdot(xp, stats.w_scaled, _rows(xp, masked))), projected, dec
 
 
 def projected_view(param: Any, grad: Any, delta: Any = 0.1, eps: Any = 1e-8) -> Any:

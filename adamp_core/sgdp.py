@@ -11,7 +11,8 @@ r"""SGDP: SGD with momentum and the radial projection (Heo et al., ICLR 2021, Al
 with momentum :math:`\mu`, dampening :math:`\tau`, weight decay :math:`\lambda`, exactly as
 ``adamp.SGDP`` 0.3.0. Without nesterov the official code projects ``p_t`` *in place*, and since
 ``p_t`` is then the momentum buffer itself, the stored buffer is the projected one,
-:math:`b_t \leftarrow q_t`. We reproduce that (it is what the published results used).
+:math:`b_t \leftarrow q_t`. We reproduce that (it is what the published results used) by default;
+``project_buffer=False`` keeps :math:`b_t` as Algorithm 1 prints it (timm's SGDP).
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from typing import Any, NamedTuple
 from ._common import check_state_arrays, checked_step, scalar, state_zeros
 from .arrays import check_array, compute_dtype, device
 from .hyperparams import SGDPHyperparams, check_sgdp
-from .projection import RowReduce, per_row, project_update, projects
+from .caution import cautious
+from .projection import RowReduce, per_row, project_update_parts, projects
 
 __all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
 
@@ -46,7 +48,8 @@ def check_sgdp_state(param: Any, state: Any) -> None:
 
 def sgdp_step(param: Any, grad: Any, state: SGDPState, lr: Any, momentum: Any = 0.0, dampening: Any = 0.0,
               weight_decay: Any = 0.0, nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1,
-              *, skip_nonfinite: bool = False) -> tuple[Any, SGDPState]:
+              caution: bool = False, project_buffer: bool = True, *,
+              skip_nonfinite: bool = False) -> tuple[Any, SGDPState]:
     r"""One SGDP step (Heo et al., ICLR 2021, Algorithm 1); returns ``(new_param, new_state)``.
 
     .. math::
@@ -57,7 +60,9 @@ def sgdp_step(param: Any, grad: Any, state: SGDPState, lr: Any, momentum: Any = 
     with :math:`p_t = b_t` (or :math:`g_t + \mu b_t` with nesterov), :math:`\Pi_{w}` the radial
     projection on the first scale-invariant view (identity otherwise) and :math:`r` = ``wd_ratio``
     when projected, else 1. Without nesterov the stored buffer is the projected :math:`p_t`, as in
-    adamp 0.3.0. Never writes its inputs; sync-free.
+    adamp 0.3.0; ``project_buffer=False`` keeps the unprojected :math:`b_t`, as Algorithm 1 is printed
+    (and as timm 1.0.31's SGDP does). ``caution=True``: Cautious SGDP (timm's ``caution``; see
+    :mod:`adamp_core.caution`; the buffer is never masked). Never writes its inputs; sync-free.
     Params with ``ndim <= 1`` take the plain SGD step with full weight decay.
     Raises ``ValueError``/``TypeError`` before computing anything if a hyperparameter,
     the grad or the state does not fit the param.
@@ -67,7 +72,7 @@ def sgdp_step(param: Any, grad: Any, state: SGDPState, lr: Any, momentum: Any = 
     gradient with any NaN/inf entry leaves ``param`` and ``state`` as they are; the test is
     :func:`adamp_core.all_finite` and the choice an ``xp.where`` (sync-free).
     """
-    hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
+    hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, caution, project_buffer)
     return checked_step(param, grad, state, hp, check_sgdp_state, sgdp_update, skip_nonfinite)
 
 
@@ -90,12 +95,15 @@ def sgdp_update(
 
     ratio: Any = 1.0
     if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
-        d_p, projected, _ = project_update(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows)
+        q, d_p, projected, _ = project_update_parts(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows,
+                                                    caution=hp.caution)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
         ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.grouped)
-        if not hp.nesterov:
-            buf = d_p  # adamp 0.3.0 projects the buffer itself in place
+        if not hp.nesterov and hp.project_buffer:
+            buf = q  # adamp 0.3.0 projects the buffer itself in place (unmasked: caution masks the step only)
+    elif hp.caution:  # a param the projection does not handle: masked against g itself (adamp_core.caution)
+        d_p = cautious(xp, d_p, g, rows, w)
     if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
         # Decoupled decay scaled by 1 / (1 - momentum), before the step (official sgdp.py).
         w = w * (1 - lr * scalar(xp, hp.weight_decay, cdt) * ratio / (1 - mu))
