@@ -190,19 +190,19 @@ def _step(
 
 def adamp_step(params: Any, grads: Any, states: Any, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999),
                eps: Any = 1e-8, weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False,
-               *, skip_nonfinite: bool = False) -> tuple[Any, Any]:
+               caution: bool = False, *, skip_nonfinite: bool = False) -> tuple[Any, Any]:
     """:func:`adamp_core.adamp_step` over a (nested) list/tuple/dict or pytree; returns ``(params, states)``.
-    ``skip_nonfinite``: as in :func:`adamp_core.adamp_step`, param by param."""
-    hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov)
+    ``caution``, ``skip_nonfinite``: as in :func:`adamp_core.adamp_step`, param by param."""
+    hp = check_adamp(lr, betas, eps, weight_decay, delta, wd_ratio, nesterov, caution)
     return _step(params, grads, states, hp, check_adamp_state, adamp_update, skip_nonfinite)
 
 
 def sgdp_step(params: Any, grads: Any, states: Any, lr: Any, momentum: Any = 0.0, dampening: Any = 0.0,
               weight_decay: Any = 0.0, nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1,
-              *, skip_nonfinite: bool = False) -> tuple[Any, Any]:
+              caution: bool = False, project_buffer: bool = True, *, skip_nonfinite: bool = False) -> tuple[Any, Any]:
     """:func:`adamp_core.sgdp_step` over a (nested) list/tuple/dict or pytree; returns ``(params, states)``.
-    ``skip_nonfinite``: as in :func:`adamp_core.sgdp_step`, param by param."""
-    hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio)
+    ``caution``, ``project_buffer``, ``skip_nonfinite``: as in :func:`adamp_core.sgdp_step`, param by param."""
+    hp = check_sgdp(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, caution, project_buffer)
     return _step(params, grads, states, hp, check_sgdp_state, sgdp_update, skip_nonfinite)
 
 

@@ -39,7 +39,7 @@ def test_spec_is_the_official_signature(name):
 @pytest.mark.parametrize("name", ["adamp", "sgdp"])
 def test_core_signatures_match_the_spec(name):
     spec = SPECS[name]
-    want = list(spec.defaults.items())  # names, order and defaults
+    want = list(spec.all_defaults.items())  # names, order and defaults: the official ones, then the options
     assert list(_hyper(getattr(ac, f"{name}_step"), 3).items()) == want
     assert list(_hyper(getattr(tree, f"{name}_step"), 3).items()) == want
     assert list(_hyper(getattr(hyperparams, f"check_{name}"), 0).items()) == want
@@ -53,8 +53,8 @@ def test_adapter_signatures_match_the_spec(name):
     import adamp_array
 
     cls = spec.name
-    assert list(_hyper(getattr(adamp_torch, cls).__init__, 2).items()) == list(spec.defaults.items())
-    assert list(_hyper(getattr(adamp_array, cls).__init__, 2).items()) == list(spec.defaults.items())
+    assert list(_hyper(getattr(adamp_torch, cls).__init__, 2).items()) == list(spec.all_defaults.items())
+    assert list(_hyper(getattr(adamp_array, cls).__init__, 2).items()) == list(spec.all_defaults.items())
     options = {"maximize", "state_dtype", "skip_nonfinite", "fused", "foreach"}
     torch_kw = {p.name for p in inspect.signature(getattr(adamp_torch, cls).__init__).parameters.values()
                 if p.kind is p.KEYWORD_ONLY}
@@ -78,4 +78,4 @@ def test_optax_signature_matches_the_spec_with_optax_names(name):
         return out
 
     got = _hyper(getattr(adamp_optax, name), 0, official_names)
-    assert list(got.items()) == list(SPECS[name].defaults.items())
+    assert list(got.items()) == list(SPECS[name].all_defaults.items())

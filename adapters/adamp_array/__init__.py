@@ -61,7 +61,8 @@ class AdamP(ArrayOptimizer):
         w_{t+1} = w_t (1 - \eta\lambda r) - \frac{\eta}{1-\beta_1^t}\,\Pi_{w_t}(p_t),
 
     where :math:`\Pi_{w_t}` removes the radial part of the update when :math:`w_t` looks scale-invariant
-    (and :math:`r` is then ``wd_ratio``, else 1). Keyword names and defaults are ``adamp.AdamP``'s.
+    (and :math:`r` is then ``wd_ratio``, else 1). Keyword names and defaults are ``adamp.AdamP``'s;
+    ``caution=True`` is Cautious AdamP as in timm 1.0.31 (:mod:`adamp_core.caution`).
 
     ``state_dtype`` (keyword only, default the param's dtype) keeps the moments in another floating
     dtype, e.g. ``"float32"`` for float16 params.
@@ -70,8 +71,8 @@ class AdamP(ArrayOptimizer):
     _spec = ADAMP
 
     def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: Any = 1e-8,
-                 weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False, *,
-                 state_dtype: Any = None, skip_nonfinite: bool = False, fused: bool | None = None,
+                 weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False,
+                 caution: bool = False, *, state_dtype: Any = None, skip_nonfinite: bool = False, fused: bool | None = None,
                  foreach: bool | None = None) -> None:
         super().__init__(params, locals())
 
@@ -85,7 +86,9 @@ class SGDP(ArrayOptimizer):
         w_{t+1} = w_t\Big(1 - \frac{\eta\lambda r}{1-\mu}\Big) - \eta\,\Pi_{w_t}(p_t).
 
     Keyword names and defaults are ``adamp.SGDP``'s; ``lr`` is required (as a keyword or in every
-    param group). Without nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``.
+    param group). Without nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``;
+    ``project_buffer=False`` keeps it unprojected (Algorithm 1 as printed, timm's SGDP). ``caution=True``:
+    Cautious SGDP as in timm 1.0.31 (:mod:`adamp_core.caution`).
     ``state_dtype`` (keyword only) keeps the momentum buffer in another floating dtype.
     """
 
@@ -93,6 +96,7 @@ class SGDP(ArrayOptimizer):
 
     def __init__(self, params: Any, lr: Any = REQUIRED, momentum: Any = 0.0, dampening: Any = 0.0,
                  weight_decay: Any = 0.0, nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1,
-                 wd_ratio: Any = 0.1, *, state_dtype: Any = None, skip_nonfinite: bool = False,
-                 fused: bool | None = None, foreach: bool | None = None) -> None:
+                 wd_ratio: Any = 0.1, caution: bool = False, project_buffer: bool = True, *,
+                 state_dtype: Any = None, skip_nonfinite: bool = False, fused: bool | None = None,
+                 foreach: bool | None = None) -> None:
         super().__init__(params, locals())

@@ -380,7 +380,7 @@ class ArrayOptimizer:
                     f"loaded param_groups[{gi}] has unexpected key(s) {extra}: not a {self._name} state dict (a state"
                     " dict of another optimizer?)"
                 )
-            missing = [n for n in ("params", *self._hp_names) if n not in saved]
+            missing = [n for n in ("params", *self._spec.official) if n not in saved]  # an absent option: default
             if missing:
                 raise ValueError(f"loaded param_groups[{gi}] is missing {missing}")
             ids = plain_hyperparam("params", saved["params"])
@@ -392,7 +392,7 @@ class ArrayOptimizer:
                 names = plain_hyperparam("param_names", saved["param_names"])
                 if names != keys:
                     raise ValueError(f"loaded param_groups[{gi}] names params {names}, the optimizer {keys}")
-            hp = {n: plain_hyperparam(n, saved[n]) for n in self._hp_names}
+            hp = {n: plain_hyperparam(n, saved[n]) if n in saved else self._spec.options[n] for n in self._hp_names}
             self._check_group(hp, gi)
             new_hps.append(hp)
             states = {}

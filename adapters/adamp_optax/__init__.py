@@ -199,8 +199,9 @@ def _transformation(
 
 
 def adamp(learning_rate: Any = 1e-3, b1: Any = 0.9, b2: Any = 0.999, eps: Any = 1e-8, weight_decay: Any = 0.0,
-          delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False, *, state_dtype: Any = None,
-          skip_nonfinite: bool = False, foreach: bool | None = None) -> optax.GradientTransformation:
+          delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False, caution: bool = False, *,
+          state_dtype: Any = None, skip_nonfinite: bool = False,
+          foreach: bool | None = None) -> optax.GradientTransformation:
     r"""AdamP (paper Algorithm 2) as an optax transformation.
 
     .. math::
@@ -218,7 +219,8 @@ def adamp(learning_rate: Any = 1e-3, b1: Any = 0.9, b2: Any = 0.999, eps: Any = 
     optax schedule :math:`\eta_t` = ``learning_rate(count)``. ``update`` requires ``params``.
     ``state_dtype`` (keyword only) keeps the moments in another dtype (e.g. ``jnp.float32`` for
     bfloat16 params). Arguments are those of ``adamp.AdamP`` with optax's names
-    (``learning_rate``, ``b1``, ``b2``); numbers are checked here, before anything runs.
+    (``learning_rate``, ``b1``, ``b2``); numbers are checked here, before anything runs. ``caution=True``:
+    Cautious AdamP as in timm 1.0.31 (:mod:`adamp_core.caution`).
 
     Non-finite gradients propagate into the params and the state as the arithmetic gives (as in
     ``adamp==0.3.0``). With ``skip_nonfinite=True`` a leaf whose gradient has a NaN/inf entry gets a
@@ -234,13 +236,14 @@ def adamp(learning_rate: Any = 1e-3, b1: Any = 0.9, b2: Any = 0.999, eps: Any = 
     concatenations), so it is opt-in.
     """
     hyper = dict(betas=(b1, b2), eps=eps, weight_decay=weight_decay, delta=delta, wd_ratio=wd_ratio,
-                 nesterov=nesterov)
+                 nesterov=nesterov, caution=caution)
     return _make(ADAMP, learning_rate, hyper, state_dtype, skip_nonfinite, foreach, ScaleByAdamPState)
 
 
 def sgdp(learning_rate: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay: Any = 0.0,
-         nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1, *, state_dtype: Any = None,
-         skip_nonfinite: bool = False, foreach: bool | None = None) -> optax.GradientTransformation:
+         nesterov: bool = False, eps: Any = 1e-8, delta: Any = 0.1, wd_ratio: Any = 0.1, caution: bool = False,
+         project_buffer: bool = True, *, state_dtype: Any = None, skip_nonfinite: bool = False,
+         foreach: bool | None = None) -> optax.GradientTransformation:
     r"""SGDP (paper Algorithm 1) as an optax transformation.
 
     .. math::
@@ -250,11 +253,12 @@ def sgdp(learning_rate: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_d
 
     and ``update`` :math:`= w_{t+1} - w_t`. Arguments are those of ``adamp.SGDP`` (``learning_rate``
     for ``lr``, required); it may be an optax schedule. ``update`` requires ``params``. Without
-    nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``. ``skip_nonfinite`` and
-    ``foreach``: as in :func:`adamp`.
+    nesterov the stored buffer is the projected one, as in ``adamp==0.3.0``; ``project_buffer=False`` keeps
+    it unprojected (Algorithm 1 as printed, timm's SGDP). ``caution``, ``skip_nonfinite`` and ``foreach``: as
+    in :func:`adamp`.
     """
     hyper = dict(momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov, eps=eps,
-                 delta=delta, wd_ratio=wd_ratio)
+                 delta=delta, wd_ratio=wd_ratio, caution=caution, project_buffer=project_buffer)
     return _make(SGDP, learning_rate, hyper, state_dtype, skip_nonfinite, foreach, ScaleBySGDPState)
 
 

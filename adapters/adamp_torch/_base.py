@@ -99,10 +99,11 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     @property
     def _group_keys(self) -> tuple[str, ...]:
-        """The hyperparameter names every saved group must have: those of adamp 0.3.0's groups (the spec's).
-        Not ``self.defaults``: torch's ``__setstate__`` adds keys of its own there (``differentiable``),
-        which no saved group needs to carry."""
-        return self._spec.names
+        """The hyperparameter names every saved group must have: those of adamp 0.3.0's groups (the spec's
+        official ones; an option such as ``caution`` that a group lacks means its default). Not
+        ``self.defaults``: torch's ``__setstate__`` adds keys of its own there (``differentiable``), which no
+        saved group needs to carry."""
+        return self._spec.official
 
     # -- hyperparameters ---------------------------------------------------------------------
     def _check_hyper(self, group: dict[str, Any]) -> Any:
@@ -132,13 +133,18 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Groups saved by adamp==0.3.0 (or an older version of this package) lack our extra keys.
+        # Groups saved by adamp==0.3.0 (or an older version of this package) lack our extra keys and the
+        # spec's options (caution...): those mean their defaults, which step as adamp 0.3.0 does.
         for group in self.param_groups:
+            for name, default in self._spec.options.items():
+                group.setdefault(name, default)
             group.setdefault("maximize", False)
             group.setdefault("state_dtype", None)
             group.setdefault("skip_nonfinite", False)
             group.setdefault("fused", None)
             group.setdefault("foreach", None)
+        for name, default in self._spec.options.items():
+            self.defaults.setdefault(name, default)
         self.defaults.setdefault("maximize", False)
         self.defaults.setdefault("state_dtype", None)
         self.defaults.setdefault("skip_nonfinite", False)

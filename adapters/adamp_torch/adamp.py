@@ -48,6 +48,10 @@ class AdamP(ProjectedOptimizer):
         delta: threshold :math:`\delta` of the scale-invariance test.
         wd_ratio: :math:`\rho`, weight-decay multiplier for projected params.
         nesterov: use the Nesterov-style momentum above.
+        caution: Cautious AdamP, as timm 1.0.31's ``caution=True`` (Liang et al., "Cautious Optimizers",
+            arXiv:2411.16085): the update keeps only the entries whose sign agrees with the gradient's (with
+            its radial part removed when projected), rescaled by the inverse of the kept fraction (at most
+            1000x), and is projected again; see :mod:`adamp_core.caution`. Default False: adamp 0.3.0.
         maximize: maximize the objective (the update uses :math:`-g`).
         state_dtype: dtype of ``exp_avg``/``exp_avg_sq`` (default: the param's); e.g. ``torch.float32``
             for bfloat16/float16 params. The maths of 16-bit params always runs in float32.
@@ -73,7 +77,8 @@ class AdamP(ProjectedOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = 1e-3,
                  betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 0,
-                 delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, *, maximize: bool = False,
+                 delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, caution: bool = False, *,
+                 maximize: bool = False,
                  state_dtype: torch.dtype | str | None = None, skip_nonfinite: bool = False, fused: bool | None = None,
                  foreach: bool | None = None) -> None:
         super().__init__(params, locals())

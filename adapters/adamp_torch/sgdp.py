@@ -35,7 +35,8 @@ class SGDP(ProjectedOptimizer):
 
     The test is tried on the channel view, then on the layer view; params with ``ndim <= 1`` are
     never projected. As in ``adamp.SGDP`` 0.3.0, without nesterov the stored buffer is the
-    *projected* one, :math:`b_t \leftarrow q_t` (the official code projects the buffer in place).
+    *projected* one, :math:`b_t \leftarrow q_t` (the official code projects the buffer in place);
+    ``project_buffer=False`` keeps :math:`b_t` (Algorithm 1 as printed, timm's SGDP).
 
     Args:
         params: iterable of params or of dicts defining param groups.
@@ -44,6 +45,11 @@ class SGDP(ProjectedOptimizer):
         momentum: :math:`\mu`. dampening: :math:`\tau`. weight_decay: :math:`\lambda`.
         nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
         eps, delta, wd_ratio: as in :class:`adamp_torch.AdamP`.
+        caution: Cautious SGDP, as timm 1.0.31's ``caution=True``; see :class:`adamp_torch.AdamP`. The
+            momentum buffer is never masked.
+        project_buffer: True (default, adamp 0.3.0): without nesterov the stored buffer is the projected
+            update. False: the buffer keeps its radial part, as Algorithm 1 is printed and as timm's SGDP
+            does (``SGDP(..., project_buffer=False)`` steps as ``timm.optim.SGDP``).
         maximize: maximize the objective (the update uses :math:`-g`).
         state_dtype: dtype of the ``momentum`` buffer (default: the param's).
         skip_nonfinite: if True, a param whose grad has a NaN/inf entry is left as it was, param and
@@ -62,7 +68,8 @@ class SGDP(ProjectedOptimizer):
 
     def __init__(self, params: Iterable[Any], lr: float | torch.Tensor = required, momentum: float = 0,
                  dampening: float = 0, weight_decay: float = 0, nesterov: bool = False, eps: float = 1e-8,
-                 delta: float = 0.1, wd_ratio: float = 0.1, *, maximize: bool = False,
+                 delta: float = 0.1, wd_ratio: float = 0.1, caution: bool = False, project_buffer: bool = True, *,
+                 maximize: bool = False,
                  state_dtype: torch.dtype | str | None = None, skip_nonfinite: bool = False, fused: bool | None = None,
                  foreach: bool | None = None) -> None:
         super().__init__(params, locals())
