@@ -77,13 +77,23 @@ _PARALLEL_MIN = 1 << 16  # elements: below this, thread start-up costs more than
 # tensors); above it, one parallel kernel per tensor (threads share out the rows).
 BATCH_MAX_SIZE = _PARALLEL_MIN
 _BIG, _SMALL = 2.0**968, 2.0**-968  # float64 row sums of squares outside: the pure step's scaling
+_CAUTION_MIN = 1e-3  # adamp_core.caution.CAUTION_MIN_FRACTION (a numba global: a plain float)
 
 
 def check_fused(value: Any) -> None:
     """The adapters' ``fused`` option: None (these kernels where they apply, else the array-API step),
-    True (the same, and numba must be installed) or False (always the array-API step)."""
+    True (the same, and numba must be installed), False (always the array-API step) or ``"triton"`` (the
+    Triton kernels of :mod:`adamp_core.triton_fused` for every torch tensor they take, opt-in; Triton must
+    be installed)."""
+    if value == "triton" and isinstance(value, str):
+        import importlib.util
+
+        if importlib.util.find_spec("triton") is None:
+            raise ValueError("Invalid fused value: 'triton' (the Triton kernels need triton: pip install "
+                             "'adamp-xp[triton]')")
+        return
     if value is not None and not isinstance(value, bool):
-        raise TypeError(f"Invalid fused value: {value!r} (expected None, True or False)")
+        raise TypeError(f"Invalid fused value: {value!r} (expected None, True, False or 'triton')")
     if value is True and not AVAILABLE:
         raise ValueError("Invalid fused value: True (the fused kernels need numba: pip install 'adamp-xp[fast]')")
 
@@ -115,38 +125,46 @@ if AVAILABLE:
     _pjit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, parallel=True, error_model="numpy")
     prange = numba.prange
 
-    def _decide(stats, project, n_cols, delta, eps, coef):  # pragma: no cover - compiled
-        """Fill ``coef`` (per row) from ``stats`` (rows x [w.g, |w|^2, |g|^2, w.p]); return projected."""
+    def _radial(stats, view, dots, eps, out):  # pragma: no cover - compiled
+        """``out[r]``: the coefficient of row ``r`` in the radial part ``w (w.x)/(|w|+eps)^2`` of a vector ``x``
+        whose per-row ``w_r . x_r`` are ``dots``, on ``view`` (1 channel, 2 layer; 0: none, all 0)."""
         n_rows = stats.shape[0]
+        if view == 1:
+            for r in range(n_rows):
+                n = math.sqrt(stats[r, 1]) + eps
+                out[r] = dots[r] / n / n
+            return
+        c = 0.0
+        if view == 2:
+            ww_l = dot_l = 0.0
+            for r in range(n_rows):
+                ww_l += stats[r, 1]
+                dot_l += dots[r]
+            n = math.sqrt(ww_l) + eps
+            c = dot_l / n / n
         for r in range(n_rows):
-            coef[r] = 0.0
+            out[r] = c
+
+    def _decide(stats, project, n_cols, delta, eps):  # pragma: no cover - compiled
+        """The view ``stats`` (rows x [w.g, |w|^2, |g|^2, w.p]) projects: 1 channel, 2 layer, 0 none."""
+        n_rows = stats.shape[0]
         if not project or n_rows * n_cols == 0:
-            return False
+            return 0
         thr_c = delta / math.sqrt(n_cols)
         channel = True
-        wg_l = ww_l = gg_l = wp_l = 0.0
+        wg_l = ww_l = gg_l = 0.0
         for r in range(n_rows):
-            wg, ww, gg, wp = stats[r, 0], stats[r, 1], stats[r, 2], stats[r, 3]
+            wg, ww, gg = stats[r, 0], stats[r, 1], stats[r, 2]
             cos = abs(wg) / (max(math.sqrt(ww), eps) * max(math.sqrt(gg), eps))
             if not (cos < thr_c):  # NaN never passes
                 channel = False
             wg_l += wg
             ww_l += ww
             gg_l += gg
-            wp_l += wp
         if channel:
-            for r in range(n_rows):
-                n = math.sqrt(stats[r, 1]) + eps
-                coef[r] = stats[r, 3] / n / n
-            return True
+            return 1
         cos_l = abs(wg_l) / (max(math.sqrt(ww_l), eps) * max(math.sqrt(gg_l), eps))
-        if cos_l < delta / math.sqrt(n_rows * n_cols):
-            n = math.sqrt(ww_l) + eps
-            c = wp_l / n / n
-            for r in range(n_rows):
-                coef[r] = c
-            return True
-        return False
+        return 2 if cos_l < delta / math.sqrt(n_rows * n_cols) else 0
 
     def _screen(stats, bad, skip, check_range):  # pragma: no cover - compiled
         """SKIPPED if ``skip`` and a grad entry is not finite; FALLBACK if ``check_range`` (float64) and a
@@ -181,7 +199,7 @@ if AVAILABLE:
         den = np.sqrt(vj) * inv_sbc2 + eps  # Alg. 2 line 4
         return mj, vj, (b1 * mj + c1 * gj) / den if nesterov else mj / den
 
-    def _adamp_store(m, v, r, j, mj, vj, qj, nesterov):  # pragma: no cover - compiled
+    def _adamp_store(m, v, r, j, mj, vj, qj, keep):  # pragma: no cover - compiled
         m[r, j] = mj
         v[r, j] = vj
 
@@ -193,11 +211,13 @@ if AVAILABLE:
         bj = mu * bj + c1 * gj  # Alg. 1 line 2
         return bj, unused, gj + mu * bj if nesterov else bj
 
-    def _sgdp_store(b, unused, r, j, bj, unused_j, qj, nesterov):  # pragma: no cover - compiled
-        b[r, j] = bj if nesterov else qj  # adamp 0.3.0 projects the buffer itself in place (not with nesterov)
+    def _sgdp_store(b, unused, r, j, bj, unused_j, qj, keep):  # pragma: no cover - compiled
+        # adamp 0.3.0 projects the buffer itself in place; ``keep`` (nesterov, or project_buffer=False: Alg. 1
+        # as printed) stores the unprojected one. Never the cautious mask (adamp_core.caution).
+        b[r, j] = bj if keep else qj
 
     def _kernel(
-        w, g, s1, s2, sc, step, project, nesterov, delta, eps64, decay, skip, check_range
+        w, g, s1, s2, sc, step, project, nesterov, keep, caution, delta, eps64, decay, skip, check_range
     ):  # pragma: no cover - compiled
         # One step of the optimizer whose ``_scalars``, ``_entry`` and ``_store`` this copy calls (see
         # _compile). The scalars ``sc`` (an array) and ``step`` come in the param's dtype (elementwise maths in
@@ -223,20 +243,62 @@ if AVAILABLE:
         status = _screen(stats, bad, skip, check_range)
         if status != OK:
             return status, False
+        view = _decide(stats, project, n_cols, delta, eps64)
         coef = np.empty(n_rows)
-        projected = _decide(stats, project, n_cols, delta, eps64, coef)
+        _radial(stats, view, stats[:, 3], eps64, coef)  # Pi(p) = p - w * coef_r
         coefs = coef.astype(w.dtype)
-        dec = decay[1] if projected else decay[0]
+        dec = decay[1] if view != 0 else decay[0]
+        if caution and n_rows * n_cols > 0:
+            _cautious_update(w, g, s1, s2, k, nesterov, keep, stats, view, coefs, eps64, dec, step)
+            return OK, view != 0
         for r in prange(n_rows):
             c = coefs[r]
             for j in range(n_cols):
                 wj, gj = w[r, j], g[r, j]
                 s1j, s2j, pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)
                 qj = pj - wj * c  # Alg. 2 line 8, Alg. 1 line 6: the radial part removed (c = 0: not projected)
-                _store(s1, s2, r, j, s1j, s2j, qj, nesterov)
+                _store(s1, s2, r, j, s1j, s2j, qj, keep)
                 w[r, j] = wj * dec - step * qj  # Alg. 2 lines 10-11: decoupled decay, then the step
-        return OK, projected
+        return OK, view != 0
 
+    def _cautious_update(w, g, s1, s2, k, nesterov, keep, stats, view, coefs, eps64, dec, step):  # pragma: no cover
+        # caution=True (adamp_core.caution): one more pass counts the entries where the projected update q
+        # agrees in sign with Pi(g) (g itself where nothing is projected) and sums w.q over them per row;
+        # then the update pass masks, rescales by 1 / max(kept fraction, 1e-3) and projects again.
+        n_rows, n_cols = w.shape
+        gcoef = np.empty(n_rows)
+        _radial(stats, view, stats[:, 0], eps64, gcoef)  # Pi(g) = g - w * gcoef_r
+        gcoefs = gcoef.astype(w.dtype)
+        kept = np.zeros(n_rows)
+        wq = np.zeros(n_rows)
+        for r in prange(n_rows):
+            c, cg = coefs[r], gcoefs[r]
+            n = s = 0.0
+            for j in range(n_cols):
+                wj, gj = w[r, j], g[r, j]
+                qj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)[2] - wj * c
+                if qj * (gj - wj * cg) > 0:
+                    n += 1.0
+                    s += np.float64(wj) * np.float64(qj)
+            kept[r], wq[r] = n, s
+        scale = 1.0 / max(kept.sum() / (n_rows * n_cols), _CAUTION_MIN)
+        for r in range(n_rows):
+            wq[r] *= scale
+        coef2 = np.empty(n_rows)
+        _radial(stats, view, wq, eps64, coef2)  # the masked update projected again
+        coefs2 = coef2.astype(w.dtype)
+        sc = np.full(1, scale).astype(w.dtype)[0]  # rounded once to the param's dtype
+        for r in prange(n_rows):
+            c, cg, c2 = coefs[r], gcoefs[r], coefs2[r]
+            for j in range(n_cols):
+                wj, gj = w[r, j], g[r, j]
+                s1j, s2j, pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)
+                qj = pj - wj * c
+                mj = qj * sc if qj * (gj - wj * cg) > 0 else qj * 0
+                _store(s1, s2, r, j, s1j, s2j, qj, keep)  # the state never sees the mask
+                w[r, j] = wj * dec - step * (mj - wj * c2)
+
+    _radial = _jit(_radial)
     _decide = _jit(_decide)
     _screen = _jit(_screen)
 
@@ -262,7 +324,7 @@ if AVAILABLE:
         return numba.carray(_pointer(address), (shape[0], shape[1]), like.dtype)
 
     def _batch(
-        like, addr, shapes, project, sc, steps, out, nesterov, delta, eps64, decay, skip, check_range
+        like, addr, shapes, project, sc, steps, out, nesterov, keep, caution, delta, eps64, decay, skip, check_range
     ):  # pragma: no cover - compiled
         # One tensor per iteration, each by the serial kernel: threads share out the tensors. ``addr``: the
         # addresses of param, grad and state (one state array: SGDP's buffer, passed as s1 and s2).
@@ -271,7 +333,8 @@ if AVAILABLE:
             w, g = _view(addr[i, 0], shapes[i], like), _view(addr[i, 1], shapes[i], like)
             s1, s2 = _view(addr[i, 2], shapes[i], like), _view(addr[i, last], shapes[i], like)
             status, _ = _serial(
-                w, g, s1, s2, sc[i], steps[i], project[i], nesterov, delta, eps64, decay, skip, check_range
+                w, g, s1, s2, sc[i], steps[i], project[i], nesterov, keep, caution, delta, eps64, decay, skip,
+                check_range
             )
             out[i] = status
 
@@ -281,8 +344,11 @@ if AVAILABLE:
         """The serial and parallel kernels of one optimizer (its ``scalars``, ``entry`` and ``store``), and
         its batch."""
         ops = {"_scalars": _jit(scalars), "_entry": _jit(entry), "_store": _jit(store)}
-        serial = _jit(_variant(_kernel, f"_{name}_serial", **ops))
-        parallel = _pjit(_variant(_kernel, f"_{name}_parallel", **ops))
+        cautious = {"serial": _jit, "parallel": _pjit}
+        serial, parallel = (
+            jit(_variant(_kernel, f"_{name}_{kind}", **ops,
+                         _cautious_update=cautious[kind](_variant(_cautious_update, f"_{name}_{kind}", **ops))))
+            for kind, jit in (("serial", _jit), ("parallel", _pjit)))
         return (serial, parallel), _pjit(_variant(_batch, f"_{name}", _serial=serial))
 
     _KERNELS, _BATCH = {}, {}
@@ -339,12 +405,15 @@ def _sgdp_host(hp: Any) -> tuple[list[float], float, float]:
 
 
 def _options(hp: Any, scale: float, dtype: Any, skip_nonfinite: bool) -> tuple[Any, ...]:
-    """The kernels' last arguments: nesterov, delta, eps (rounded to ``dtype``), the decoupled decay factors
+    """The kernels' last arguments: nesterov, keep the unprojected state (nesterov, or SGDP's
+    ``project_buffer=False``), caution, delta, eps (rounded to ``dtype``), the decoupled decay factors
     ``[not projected, projected]`` (``scale``, and ``scale`` times ``wd_ratio``), skip, check the range."""
     dtype = np.dtype(dtype)
     decay = np.array([1.0 - scale, 1.0 - scale * float(hp.wd_ratio)], dtype=dtype)
     eps = float(dtype.type(hp.eps))
-    return bool(hp.nesterov), float(hp.delta), eps, decay, bool(skip_nonfinite), dtype == np.float64
+    keep = bool(hp.nesterov) or not getattr(hp, "project_buffer", True)
+    return (bool(hp.nesterov), keep, bool(hp.caution), float(hp.delta), eps, decay, bool(skip_nonfinite),
+            dtype == np.float64)
 
 
 def _inplace(name: str, param: np.ndarray, grad: np.ndarray, s1: np.ndarray, s2: np.ndarray,

@@ -90,4 +90,5 @@ class OptimizerSpec:
 ADAMP = OptimizerSpec("AdamP", dict(hyperparams.ADAMP_DEFAULTS), hyperparams.check_adamp, AdamPState, adamp_init,
                       check_adamp_state, adamp_update, adamp_update_group, "adamp", dict(hyperparams.ADAMP_OPTIONS))
 SGDP = OptimizerSpec("SGDP", {"lr": REQUIRED, **hyperparams.SGDP_DEFAULTS}, hyperparams.check_sgdp, SGDPState,
-                     sgdp_init, check_sgdp_state, sgdp_update, sgdp_update_group, "sgdp", dict(hyperparams.SGDP_OPTIONS))
+                     sgdp_init, check_sgdp_state, sgdp_update, sgdp_update_group, "sgdp",
+                     dict(hyperparams.SGDP_OPTIONS))

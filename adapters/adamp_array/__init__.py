@@ -72,8 +72,8 @@ class AdamP(ArrayOptimizer):
 
     def __init__(self, params: Any, lr: Any = 1e-3, betas: tuple[Any, Any] = (0.9, 0.999), eps: Any = 1e-8,
                  weight_decay: Any = 0.0, delta: Any = 0.1, wd_ratio: Any = 0.1, nesterov: bool = False,
-                 caution: bool = False, *, state_dtype: Any = None, skip_nonfinite: bool = False, fused: bool | None = None,
-                 foreach: bool | None = None) -> None:
+                 caution: bool = False, *, state_dtype: Any = None, skip_nonfinite: bool = False,
+                 fused: bool | None = None, foreach: bool | None = None) -> None:
         super().__init__(params, locals())
 
 
