@@ -28,8 +28,8 @@ from ._common import (
     state_zeros,
 )
 from .arrays import check_array, compute_dtype, device, namespace_name
-from .hyperparams import AdamPHyperparams, check_adamp
 from .caution import cautious
+from .hyperparams import AdamPHyperparams, check_adamp
 from .projection import RowReduce, per_row, project_update, projects
 
 __all__ = ["AdamPState", "adamp_init", "adamp_step"]

@@ -21,8 +21,8 @@ from typing import Any, NamedTuple
 
 from ._common import check_state_arrays, checked_step, scalar, state_zeros
 from .arrays import check_array, compute_dtype, device
-from .hyperparams import SGDPHyperparams, check_sgdp
 from .caution import cautious
+from .hyperparams import SGDPHyperparams, check_sgdp
 from .projection import RowReduce, per_row, project_update_parts, projects
 
 __all__ = ["SGDPState", "sgdp_init", "sgdp_step"]
