@@ -28,6 +28,10 @@ __all__ = [
     "SGDP_CASES",
     "SHAPES",
     "REGIMES",
+    "TIMM_ADAMP_CASES",
+    "TIMM_SGDP_CASES",
+    "case_table",
+    "is_timm_case",
     "Reference",
     "RunResult",
     "official_view",
@@ -79,6 +83,32 @@ SGDP_CASES: dict[str, dict[str, Any]] = {
     "nesterov_wd": dict(lr=0.05, momentum=0.9, nesterov=True, weight_decay=1e-2),
     "dampening_ratio": dict(lr=0.1, momentum=0.5, dampening=0.3, weight_decay=0.05, wd_ratio=0.3),
 }
+
+# Cases whose reference is timm 1.0.31's own AdamP/SGDP (adamp_xp.testing.timm_reference) instead of
+# adamp==0.3.0: Cautious AdamP/SGDP (caution=True) and SGDP as Algorithm 1 prints it (project_buffer=False,
+# timm's buffer; timm has no such argument: it is dropped for the reference).
+TIMM_ADAMP_CASES: dict[str, dict[str, Any]] = {
+    "cautious_wd": dict(lr=1e-2, weight_decay=0.1, caution=True),
+    "cautious_nesterov": dict(lr=5e-3, betas=(0.8, 0.99), nesterov=True, wd_ratio=0.5, weight_decay=0.05, caution=True),
+}
+TIMM_SGDP_CASES: dict[str, dict[str, Any]] = {
+    "alg1_momentum_wd": dict(lr=0.05, momentum=0.9, weight_decay=1e-2, project_buffer=False),
+    "cautious_alg1": dict(lr=0.05, momentum=0.9, weight_decay=1e-2, caution=True, project_buffer=False),
+    "cautious_nesterov": dict(lr=0.05, momentum=0.9, nesterov=True, dampening=0.0, caution=True),
+}
+
+
+def case_table(optimizer: str, case: str) -> dict[str, Any]:
+    """The hyperparameters of ``case`` (an official or a timm case) of ``optimizer``."""
+    if optimizer == "adamp":
+        return ADAMP_CASES[case] if case in ADAMP_CASES else TIMM_ADAMP_CASES[case]
+    return SGDP_CASES[case] if case in SGDP_CASES else TIMM_SGDP_CASES[case]
+
+
+def is_timm_case(optimizer: str, case: str) -> bool:
+    """Whether ``case``'s reference is timm's optimizer (else adamp 0.3.0's)."""
+    return case in (TIMM_ADAMP_CASES if optimizer == "adamp" else TIMM_SGDP_CASES)
+
 
 REGIMES = ("channel", "layer", "none")
 
@@ -140,7 +170,7 @@ class Reference:
 
 def reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps: int = 30, seed: int = 0,
                   rounded: str | None = None) -> Reference:
-    """The official optimizer's trajectory (cached).
+    """The official optimizer's trajectory (cached): adamp 0.3.0's, or timm's for a timm case.
 
     ``seed`` draws another init and other gradients for the same shape (a second param of that shape).
     ``rounded`` (``"bfloat16"``/``"float16"``): a param stored in that dtype with its maths and state in
@@ -152,11 +182,19 @@ def reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps:
 @functools.lru_cache(maxsize=2048)
 def _reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps: int, seed: int,
                    rounded: str | None) -> Reference:
-    import adamp
     import torch
 
     shape, zero = SHAPES[shape_name] if shape_name in SHAPES else PARTNERS[shape_name]
-    hp = (ADAMP_CASES if optimizer == "adamp" else SGDP_CASES)[case]
+    hp = case_table(optimizer, case)
+    if is_timm_case(optimizer, case):
+        from .timm_reference import timm_optimizers
+
+        adamp_cls, sgdp_cls = timm_optimizers()
+        hp = {k: v for k, v in hp.items() if k != "project_buffer"}  # timm's SGDP is project_buffer=False
+    else:
+        import adamp
+
+        adamp_cls, sgdp_cls = adamp.AdamP, adamp.SGDP
     rng = np.random.default_rng(seed + 1000 * len(shape) + sum(shape) + (7919 if shape_name in PARTNERS else 0))
     init = np.zeros(shape) if zero else np.asarray(rng.standard_normal(shape))
     tdt = getattr(torch, dtype)
@@ -167,7 +205,7 @@ def _reference_run(optimizer: str, case: str, shape_name: str, dtype: str, steps
 
     p = torch.nn.Parameter(rounding(init.copy()))
     init = p.detach().double().numpy().copy()
-    opt = adamp.AdamP([p], **hp) if optimizer == "adamp" else adamp.SGDP([p], **hp)
+    opt = adamp_cls([p], **hp) if optimizer == "adamp" else sgdp_cls([p], **hp)
     delta, eps = hp.get("delta", 0.1), hp.get("eps", 1e-8)
     ref = Reference(init, [], [], [], [])
     for t in range(steps):
@@ -235,7 +273,7 @@ def run_core(
     import adamp_core as ac
 
     ref = reference_run(optimizer, case, shape_name, dtype, steps)
-    hp = (ADAMP_CASES if optimizer == "adamp" else SGDP_CASES)[case]
+    hp = case_table(optimizer, case)
     if step_fn is None:
         core = ac.adamp_step if optimizer == "adamp" else ac.sgdp_step
         step_fn = functools.partial(core, **hp)
