@@ -5,6 +5,11 @@ grad, core state, row layout, whether its arrays may be written in place), the c
 hyperparameters and its options. :func:`step` splits the tensors among the execution paths with one
 policy and returns an :class:`Outcome` per tensor, in order:
 
+0. **fused Triton kernels** (:mod:`adamp_core.triton_fused`; only with ``fused="triton"``, not traced):
+   torch tensors (CuPy arrays through DLPack) on a CUDA device (CPU tensors under ``TRITON_INTERPRET=1``)
+   that :func:`adamp_core.triton_fused.entry` accepts, with Python-number hyperparameters; each group of
+   one device and dtypes in a constant number of launches, written in place on the device (``DEVICE``).
+   Opt-in until a GPU has run them (README); the rest takes the paths below, as without the option.
 1. **fused CPU kernels** (:mod:`adamp_core.fused`, numba; ``fused`` not False, not traced): tensors
    whose param, grad and state are writeable, C-contiguous float32/float64 host buffers of one dtype
    (NumPy arrays, plain CPU torch tensors) and whose rows are all local. Those below
@@ -20,9 +25,9 @@ policy and returns an :class:`Outcome` per tensor, in order:
    by default, everything inside a tracer (``torch.compile``, ``jax.jit``: it fuses each step itself).
 
 Paths 2 and 3 return new arrays (``NEW``) that the adapter writes back its own way (``copy_``, item
-assignment, or a new pytree). Adding a path (the next: fused CUDA kernels) touches this module and the
-path's own module only. Nothing here syncs a device: the kernels' status is read on the host, where the
-arrays are.
+assignment, or a new pytree). Adding a path touches this module and the path's own module only. Nothing
+here syncs a device: the numba kernels' status is read on the host, where the arrays are; the Triton
+kernels' flags stay on the device.
 """
 
 from __future__ import annotations
@@ -37,9 +42,9 @@ from .grouped import HOST_TENSOR_MAX_ELEMENTS, group_indices
 from .optimizers import OptimizerSpec
 from .projection import RowReduce
 
-__all__ = ["NEW", "SKIPPED", "WRITTEN", "Outcome", "Tensor", "advanced", "step"]
+__all__ = ["DEVICE", "NEW", "SKIPPED", "WRITTEN", "Outcome", "Tensor", "advanced", "step"]
 
-WRITTEN, NEW, SKIPPED = "written", "new", "skipped"
+WRITTEN, NEW, SKIPPED, DEVICE = "written", "new", "skipped", "device"
 
 
 class Tensor(NamedTuple):
@@ -59,13 +64,19 @@ class Outcome(NamedTuple):
     ``how`` is ``WRITTEN`` (the fused kernels wrote the param and the state's arrays in place; the state's
     step count, if any, is the adapter's to advance by one: ``param``/``state`` are None), ``NEW``
     (``param`` and ``state`` are the results, new arrays to write back; with ``skip_nonfinite`` they equal
-    the old values where ``ok``, a 0-d bool array, is false) or ``SKIPPED`` (a kernel found a non-finite
-    grad entry: nothing changed)."""
+    the old values where ``ok``, a 0-d bool array, is false), ``SKIPPED`` (a kernel found a non-finite
+    grad entry: nothing changed) or ``DEVICE`` (the Triton kernels wrote the param and the state's arrays
+    in place and advanced an array step count themselves, where ``ok``; a Python-int step count is the
+    adapter's to advance by one, where ``ok``: see :func:`advanced`). For ``DEVICE``, ``ok`` is None (no
+    ``skip_nonfinite``: written) or a 0-d bool device array (the grad was finite: written; else nothing
+    changed), and ``skips`` None or a 0-d int64 device array, 1 where skipped (to add to a skip counter
+    without a host sync)."""
 
     how: str
     param: Any = None
     state: Any = None
     ok: Any = None
+    skips: Any = None
 
 
 def step(
@@ -83,7 +94,8 @@ def step(
     """Step every tensor of one param group (already checked) on its path; see the module docstring.
 
     ``fused`` / ``foreach``: the adapters' options (None: where they apply and pay; True: ``fused`` as None,
-    ``foreach`` also inside a tracer; False: never). ``traced``: inside a tracer that fuses each tensor's
+    ``foreach`` also inside a tracer; False: never; ``fused="triton"``: the Triton kernels first, for every
+    tensor they take, then the paths of None for the rest). ``traced``: inside a tracer that fuses each tensor's
     step itself (``torch.compile``, ``jax.jit``): no kernels, and the multi-tensor step only if asked for.
     ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group.
 
@@ -101,11 +113,16 @@ def step(
              host_tensor_max_elements=host_tensor_max_elements, sink=collect)
         return out
     rest = list(range(len(tensors)))
-    if fused is not False and not traced and any(t.writable for t in tensors):
+    if fused == "triton" and not traced and any(t.writable for t in tensors):
+        from . import triton_fused  # Triton is loaded only when its kernels run
+
+        if triton_fused.AVAILABLE:
+            rest = _triton(spec, tensors, rest, hp, skip_nonfinite, sink)
+    if fused is not False and not traced and any(tensors[i].writable for i in rest):
         from . import fused as _fused  # numba is loaded only where the kernels may run (never for JAX arrays)
 
         if _fused.AVAILABLE:
-            rest = _kernels(spec, tensors, hp, skip_nonfinite, sink)
+            rest = _kernels(spec, tensors, rest, hp, skip_nonfinite, sink)
     if foreach is True or (foreach is None and not traced):  # asked for, or where it pays
         together = [i for i in rest if tensors[i].rows is None and not tensors[i].alone]
         _groups(spec, tensors, together, hp, skip_nonfinite, host_tensor_max_elements, sink)
@@ -119,13 +136,41 @@ def _arrays(spec: OptimizerSpec, t: Tensor) -> list[Any]:
     return [t.param, t.grad, *(getattr(t.state, f) for f in spec.buffers)]
 
 
-def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool, sink: Any) -> list[int]:
-    """Path 1: the fused kernels, in place. Returns the indices they did not take."""
+def _triton(spec: OptimizerSpec, tensors: Sequence[Tensor], idx: list[int], hp: Any, skip: bool,
+            sink: Any) -> list[int]:
+    """Path 0: the Triton kernels, in place on the device, one launch set per group of one device and
+    dtypes (:func:`adamp_core.triton_fused.entry`). Returns the indices they did not take."""
+    from . import triton_fused
+
+    if not triton_fused.supports_hyperparams(hp):
+        return idx
+    groups: dict[Any, list[tuple[int, Any]]] = {}
+    rest = []
+    for i in idx:
+        t = tensors[i]
+        e = None if not t.writable or t.alone or t.rows is not None else triton_fused.entry(spec, t.param, t.grad,
+                                                                                           t.state)
+        if e is None:
+            rest.append(i)
+        else:
+            groups.setdefault(e.key, []).append((i, e))
+    for members in groups.values():
+        ok, skips = triton_fused.step_group(spec, [e for _, e in members], hp, skip)
+        sink([i for i, _ in members],
+             [Outcome(DEVICE, ok=None if ok is None else ok[j], skips=None if skips is None else skips[j])
+              for j in range(len(members))])
+    return rest
+
+
+def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], idx: list[int], hp: Any, skip: bool,
+             sink: Any) -> list[int]:
+    """Path 1: the fused kernels, in place. Returns the indices (of ``idx``) they did not take."""
     from . import fused as _fused
 
     eligible: list[tuple[int, list[int]]] = []  # (index, addresses) of the tensors the kernels can take
     rest = []
-    for i, t in enumerate(tensors):
+    for i in idx:
+        t = tensors[i]
         addresses = None if not t.writable or t.alone or t.rows is not None else _fused.host_addresses(_arrays(spec, t))
         if addresses is None:
             rest.append(i)
@@ -145,13 +190,13 @@ def _kernels(spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, skip: bool
         else:
             sink([i], [Outcome(SKIPPED if status == _fused.SKIPPED else WRITTEN)])
     for entries in batches.values():
-        idx = [i for i, _ in entries]
-        params = [tensors[i].param for i in idx]
+        chosen = [i for i, _ in entries]
+        params = [tensors[i].param for i in chosen]
         status = _fused.run_batch(spec.kernel, [a for _, a in entries], params,
-                                  [steps[i] for i in idx] if steps else None, hp, skip)
+                                  [steps[i] for i in chosen] if steps else None, hp, skip)
         done = [(i, Outcome(SKIPPED if s == _fused.SKIPPED else WRITTEN))
-                for i, s in zip(idx, status, strict=True) if s != _fused.FALLBACK]
-        rest += [i for i, s in zip(idx, status, strict=True) if s == _fused.FALLBACK]
+                for i, s in zip(chosen, status, strict=True) if s != _fused.FALLBACK]
+        rest += [i for i, s in zip(chosen, status, strict=True) if s == _fused.FALLBACK]
         if done:
             sink([i for i, _ in done], [o for _, o in done])
     return sorted(rest)
@@ -210,7 +255,10 @@ def _alone(spec: OptimizerSpec, t: Tensor, hp: Any, skip: bool) -> Outcome:
     return Outcome(NEW, new_p, new_s, ok)
 
 
-def advanced(spec: OptimizerSpec, state: Any) -> Any:
+def advanced(spec: OptimizerSpec, state: Any, how: str = WRITTEN) -> Any:
     """``state`` with its step count advanced by one (a ``WRITTEN`` outcome, for an adapter that holds
-    immutable states; the kernels wrote the arrays)."""
-    return state._replace(step=state.step + 1) if spec.has_step else state
+    immutable states; the kernels wrote the arrays). After a written ``DEVICE`` outcome only a Python-int
+    count is advanced here: the Triton kernels advanced an array one in place."""
+    if not spec.has_step or (how == DEVICE and not is_python_int(state.step)):
+        return state
+    return state._replace(step=state.step + 1)

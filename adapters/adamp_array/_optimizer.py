@@ -303,8 +303,8 @@ class ArrayOptimizer:
                         # one sync per array on a device).
                         if o.how == dispatch.SKIPPED or (o.ok is not None and not bool(o.ok)):
                             self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-                        elif o.how == dispatch.WRITTEN:
-                            states[k] = dispatch.advanced(self._spec, states[k])
+                        elif o.how in (dispatch.WRITTEN, dispatch.DEVICE):  # written in place
+                            states[k] = dispatch.advanced(self._spec, states[k], o.how)
                         else:
                             self._write_back(gi, k, p, o.param, o.state)
 

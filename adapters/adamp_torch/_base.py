@@ -285,7 +285,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         """Write the dispatcher's results into the params and their state, in place (params and state keep
         their identity, device and memory format), with as few torch calls as possible: one
         ``_foreach_copy_`` for every new array, one ``_foreach_add_`` for the step counts the kernels
-        advanced and one for the skip counters. No sync."""
+        advanced and one for the skip counters. No sync: the Triton kernels (``DEVICE``) advanced their
+        step counts themselves and hand their skips as device flags."""
         spec = self._spec
         fields = spec.state._fields
         dst: list[torch.Tensor] = []
@@ -300,6 +301,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     advanced.append(t.state.step)
             elif o.how == dispatch.SKIPPED:
                 skipped.append(self._skip_counter(p))
+            elif o.how == dispatch.DEVICE:  # written in place, step counts advanced on the device
+                if skip:
+                    counters.append(self._skip_counter(p))
+                    flags.append(o.skips)
             else:
                 dst += [t.param, *(getattr(t.state, f) for f in fields)]
                 src += [o.param, *(getattr(o.state, f) for f in fields)]

@@ -1,0 +1,392 @@
+r"""Fused multi-tensor AdamP/SGDP in Triton: a whole param group in a constant number of kernel launches.
+
+The array-API step (:func:`adamp_core.adamp.adamp_update`, :func:`adamp_core.sgdp.sgdp_update`) stays the
+reference; these kernels compute the same update (Heo et al., ICLR 2021, Algorithms 1 and 2), are tested
+against it step by step, and run only where the adapters' ``fused="triton"`` asks for them. They take a
+group's torch tensors of one param dtype and state dtypes on one device (CUDA; CPU tensors only under
+Triton's interpreter, ``TRITON_INTERPRET=1``, for CI), any count and any shapes, float32, float64, float16
+and bfloat16 params with float32 maths (float64 for float64 params) and state of any of those dtypes, in
+three launches per step whatever the number of tensors, on the structure of apex's ``multi_tensor_lamb``:
+
+1. **stats** (one program per tile of :data:`BLOCK` elements: several whole rows, or a piece of one long
+   row): per row of the channel view :math:`(C, L)`, with the update recomputed from the new moments,
+
+   .. math:: w_r\cdot g_r,\quad |w_r|^2,\quad |g_r|^2,\quad w_r\cdot u_r,\qquad
+             u = \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\ \text{(AdamP)},\ b_t\ \text{(SGDP)}
+
+   in float64 on the row scaled by a power of two (its largest finite entry in [1, 2), as
+   :func:`adamp_core.projection.row_stats`), so float32 weights near 1e19 or 1e-20 give exact finite
+   sums, and so do float64 ones wherever the true norms fit the dtype; and the count of non-finite
+   grad entries. A row longer than a tile leaves one such part per tile, with its exponents.
+2. **decide** (one program per tensor): each row's parts and then the rows combined with the exact
+   power-of-two rescaling of :mod:`adamp_core.projection` (``rho``, ``sigma``); the channel view if
+   :math:`\max_r |\cos(g_r, w_r)| < \delta/\sqrt{L}`, else the layer view if
+   :math:`|\cos(g, w)| < \delta/\sqrt{CL}`, else none (1-d, 0-d and empty params: none); per row the
+   coefficient :math:`c_r = (w_r\cdot u_r)/(|w_r|+\epsilon)^2` (or the layer's), so that
+   :math:`\Pi(u) = u - c_r w_r`; the decay factor :math:`1 - \eta\lambda r` (SGDP: over
+   :math:`1-\mu`, with :math:`r` = ``wd_ratio`` where projected) and the step size
+   :math:`\eta/(1-\beta_1^t)`; then the step count, advanced in place where the tensor is written.
+3. **update** (one program per tile): the state update again, :math:`q = u - c_r w`,
+   :math:`w \leftarrow w(1-\eta\lambda r) - \text{step}\cdot q`, and the state, written in place
+   (SGDP without nesterov stores :math:`q` as its buffer, as adamp 0.3.0's in-place projection does).
+
+Tensor addresses come from a device table (an int64 tensor of ``data_ptr()``\ s cast to pointers in the
+kernels), per-tensor metadata and the tile list from device tables built once per group layout; the
+step counts are read and advanced on the device; nothing is read back: no host sync in a step. With
+``skip_nonfinite`` a tensor whose grad has a NaN/inf entry is not written at all and its step count not
+advanced, decided on the device (the dispatcher's ``DEVICE`` outcome carries the flags as device arrays).
+Hyperparameters are kernel arguments (Python floats, passed as float64 bits); a group with array
+hyperparameters takes the array-API paths.
+
+Triton is optional (the ``triton`` extra): :data:`AVAILABLE` says whether it is installed; it is
+imported only when these kernels first run. They are opt-in (``fused="triton"``) until the GPU check
+script has passed on a real GPU (README).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import math
+import os
+import struct
+import sys
+from collections import OrderedDict
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+from ._common import is_python_int
+from .projection import channel_shape
+
+__all__ = ["AVAILABLE", "BLOCK", "Counts", "Entry", "check_available", "counting", "entry", "interpreting",
+           "step_group", "supports_hyperparams"]
+
+AVAILABLE = importlib.util.find_spec("triton") is not None
+
+BLOCK = 1024  # elements per tile (a power of two): whole rows when they fit, else pieces of one row
+ROW_BLOCK = 128  # rows per iteration of decide
+NUM_WARPS = 4
+_CACHE_SIZE = 16  # layouts and address tables kept per process (least recently used dropped)
+
+
+def check_available() -> None:
+    """Raise the adapters' error for ``fused="triton"`` when Triton is not installed."""
+    if not AVAILABLE:
+        raise ValueError("Invalid fused value: 'triton' (the Triton kernels need triton: "
+                         "pip install 'adamp-xp[triton]')")
+
+
+def interpreting() -> bool:
+    """Whether CPU tensors go to Triton's interpreter: ``TRITON_INTERPRET=1`` (how CI runs the kernels)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@dataclass
+class Counts:
+    """What the kernels did on the host (see :func:`counting`): kernel launches and uploads of tables
+    (host-to-device copies: a new layout, new addresses, or Python-int step counts)."""
+
+    launches: int = 0
+    uploads: int = 0
+
+
+_COUNTS: list[Counts] = []
+
+
+@contextlib.contextmanager
+def counting() -> Iterator[Counts]:
+    """Count the launches and uploads of the steps run inside the ``with`` block (bench, tests)."""
+    c = Counts()
+    _COUNTS.append(c)
+    try:
+        yield c
+    finally:
+        _COUNTS.remove(c)
+
+
+def _count(what: str) -> None:
+    for c in _COUNTS:
+        setattr(c, what, getattr(c, what) + 1)
+
+
+# -- which tensors the kernels take (metadata only) ------------------------------------------------------
+
+
+class Entry(NamedTuple):
+    """One tensor as the kernels take it: torch tensors (a CuPy array's through DLPack, zero copy), its
+    step count (an int64 0-d tensor, a Python int, or None for SGDP) and its group key."""
+
+    param: Any
+    grad: Any
+    buffers: tuple[Any, ...]
+    step: Any
+    key: tuple[Any, ...]  # (device, storage kinds of param and state): one launch set per key
+
+
+_KINDS: dict[Any, int] = {}  # torch dtype -> the kernels' storage kind (filled when torch is first seen)
+
+
+def _kinds(torch: Any) -> dict[Any, int]:
+    if not _KINDS:
+        _KINDS.update({torch.float32: 0, torch.float64: 1, torch.float16: 2, torch.bfloat16: 3})
+    return _KINDS
+
+
+def supports_hyperparams(hp: Any) -> bool:
+    """Whether the kernels take ``hp``: every numeric hyperparameter a Python number (array ones, which a
+    kernel argument cannot hold without a sync, take the array-API paths)."""
+    values = [v for k, v in hp._asdict().items() if k not in ("nesterov", "caution", "project_buffer")]
+    flat = [x for v in values for x in (v if isinstance(v, tuple) else (v,))]
+    return all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in flat)
+
+
+def _rows_dense(shape: tuple[int, ...], stride: tuple[int, ...]) -> bool:
+    """Whether memory holds the array densely with dim 0 outermost (contiguous, channels_last, ...): then
+    row r of the channel view is the block ``[r L, (r + 1) L)``, its entries in some fixed order that
+    arrays of equal strides share (sums do not depend on it)."""
+    dims = sorted((s, n, d) for d, (n, s) in enumerate(zip(shape, stride, strict=True)) if n > 1)
+    expected = 1
+    for s, n, _ in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return not dims or len(shape) < 2 or shape[0] <= 1 or dims[-1][2] == 0
+
+
+def _as_torch(arrays: list[Any]) -> list[Any] | None:
+    """CuPy arrays as torch tensors over the same memory (DLPack), when torch is installed; else None."""
+    if type(arrays[0]).__module__.split(".")[0] != "cupy" or importlib.util.find_spec("torch") is None:
+        return None
+    import torch
+
+    try:
+        return [torch.from_dlpack(x) for x in arrays]
+    except (RuntimeError, TypeError, ValueError, BufferError):  # pragma: no cover - needs CuPy
+        return None
+
+
+def entry(spec: Any, param: Any, grad: Any, state: Any) -> Entry | None:
+    """``param`` and its grad and state as the kernels take them, or None where they cannot: plain torch
+    tensors (or CuPy arrays, through DLPack) on a CUDA device (on the CPU only under the interpreter),
+    float32/float64/float16/bfloat16, the grad in the param's dtype, equal shapes and strides with rows
+    dense in memory, a step count that is a Python int or a 0-d int64 tensor on the device."""
+    torch = sys.modules.get("torch")
+    arrays = [param, grad, *(getattr(state, f) for f in spec.buffers)]
+    if torch is None or not isinstance(param, torch.Tensor):
+        arrays = _as_torch(arrays)
+        if arrays is None:
+            return None
+        torch = sys.modules["torch"]
+    p = arrays[0]
+    plain = (torch.Tensor, torch.nn.Parameter)
+    dev = p.device
+    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+        return None
+    kinds = _kinds(torch)
+    if type(p) not in plain or p.dtype not in kinds or arrays[1].dtype != p.dtype:
+        return None
+    shape, stride = p.shape, p.stride()
+    for x in arrays:
+        if type(x) not in plain or x.device != dev or x.shape != shape or x.stride() != stride or x.is_neg():
+            return None
+        if x.dtype not in kinds:
+            return None
+    if not _rows_dense(tuple(shape), tuple(stride)):
+        return None
+    step = None
+    if spec.has_step:
+        step = state.step
+        if is_python_int(step):
+            if step < 0:
+                return None
+        elif not (type(step) is torch.Tensor and step.dtype == torch.int64 and step.dim() == 0 and step.device == dev):
+            return None
+    bufs = tuple(arrays[2:])
+    key = (dev, kinds[p.dtype], *(kinds[b.dtype] for b in bufs))
+    return Entry(p, arrays[1], bufs, step, key)
+
+
+# -- the layout of a group: metadata and tiles, built once per list of shapes -----------------------------
+
+
+class _Plan(NamedTuple):
+    meta: Any  # int64 (n, NMETA) on the device
+    tiles: Any  # int64 (n_tiles, NTILE) on the device
+    n_tiles: int
+    n_parts: int
+    n_rows: int
+
+
+def _layout(shapes: Sequence[tuple[int, ...]], block: int) -> tuple[Any, Any, int, int]:
+    """The metadata rows and the tiles (NumPy int64) of tensors of ``shapes``: columns as in
+    :mod:`adamp_core._triton_kernels` (``M_*``, ``T_*``)."""
+    import numpy as np
+
+    meta = np.zeros((len(shapes), 7), dtype=np.int64)
+    tiles = []
+    n_parts = n_rows = 0
+    for i, shape in enumerate(shapes):
+        rows, length = channel_shape(shape)
+        if rows * length == 0:
+            rows = 0
+        lp = min(1 << max(0, length - 1).bit_length(), block)  # the row length padded to a power of two
+        nchunk = -(-length // block) if rows else 0
+        meta[i] = (rows, length, n_parts, nchunk, n_rows, lp.bit_length() - 1, int(len(shape) > 1 and rows > 0))
+        if rows and length <= block:  # whole rows: block // lp of them per tile
+            per = block // lp
+            r0 = np.arange(0, rows, per, dtype=np.int64)
+            tiles.append(np.stack([np.full_like(r0, i), r0, np.zeros_like(r0), np.minimum(per, rows - r0)], 1))
+        elif rows:  # pieces of one row per tile
+            r = np.repeat(np.arange(rows, dtype=np.int64), nchunk)
+            c = np.tile(np.arange(nchunk, dtype=np.int64) * block, rows)
+            tiles.append(np.stack([np.full_like(r, i), r, c, np.ones_like(r)], 1))
+        n_parts += rows * nchunk
+        n_rows += rows
+    table = np.concatenate(tiles) if tiles else np.zeros((0, 4), dtype=np.int64)
+    return meta, table, n_parts, n_rows
+
+
+_PLANS: OrderedDict[Any, _Plan] = OrderedDict()
+_TABLES: OrderedDict[Any, Any] = OrderedDict()
+
+
+def _remember(cache: OrderedDict[Any, Any], key: Any, make: Any) -> Any:
+    hit = cache.get(key)
+    if hit is not None:
+        cache.move_to_end(key)
+        return hit
+    value = cache[key] = make()
+    if len(cache) > _CACHE_SIZE:
+        cache.popitem(last=False)
+    return value
+
+
+def _upload(torch: Any, values: Any, dev: Any) -> Any:
+    """An int64 host array on ``dev``: pinned and copied without blocking the host (no sync), counted."""
+    import numpy as np
+
+    host = torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64))
+    _count("uploads")
+    if dev.type == "cpu":
+        return host
+    return host.pin_memory().to(dev, non_blocking=True)
+
+
+def _plan(torch: Any, shapes: tuple[tuple[int, ...], ...], dev: Any, block: int) -> _Plan:
+    def make() -> _Plan:
+        meta, tiles, n_parts, n_rows = _layout(shapes, block)
+        return _Plan(_upload(torch, meta, dev), _upload(torch, tiles, dev), len(tiles), n_parts, n_rows)
+
+    return _remember(_PLANS, (dev, block, shapes), make)
+
+
+# -- one step of one group ----------------------------------------------------------------------------------
+
+_BUILT: dict[bool, Any] = {}
+
+
+def _kernels(interpret: bool) -> Any:
+    if interpret not in _BUILT:
+        from . import _triton_kernels
+
+        _BUILT[interpret] = _triton_kernels.build(interpret)
+    return _BUILT[interpret]
+
+
+def _launch(kernel: Any, grid: tuple[int], *args: Any, **meta: Any) -> None:
+    _count("launches")
+    kernel[grid](*args, **meta)
+
+
+def _bits(x: float) -> int:
+    """A Python float as the int64 of its IEEE bits (the kernels' float64 arguments)."""
+    return struct.unpack("<q", struct.pack("<d", float(x)))[0]
+
+
+def _log(beta: float) -> float:
+    return math.log(beta) if beta > 0 else -math.inf  # 1 - 0^t = 1 (host_bias_correction)
+
+
+def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: bool = False,
+               block: int = BLOCK) -> tuple[list[Any] | None, list[Any] | None]:
+    """One AdamP (``spec.kernel == "adamp"``) or SGDP step of ``entries`` (one key: see :func:`entry`),
+    written in place; array step counts advanced in place where written. ``hp``: checked hyperparameters
+    of Python numbers (:func:`supports_hyperparams`). ``block``: elements per tile (a power of two; tests
+    use small ones to cut long rows into pieces).
+
+    Returns ``(ok, skips)``: None, None without ``skip_nonfinite``; else per tensor a 0-d bool device
+    tensor (the grad was finite: the tensor was written) and a 0-d int64 one (1 where it was skipped)."""
+    import torch
+
+    if block < 1 or block & (block - 1):
+        raise ValueError(f"Invalid block: {block!r} (expected a power of two)")
+    n = len(entries)
+    dev = entries[0].param.device
+    interpret = dev.type == "cpu"
+    k = _kernels(interpret)
+    import triton.language as tl
+
+    adamp = spec.kernel == "adamp"
+    plan = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, block)
+    steps = [e.step for e in entries]
+    scratch = None
+    if adamp and any(is_python_int(s) for s in steps):  # host counts: read from a scratch copy on the device
+        scratch = _upload(torch, [s if is_python_int(s) else 0 for s in steps], dev)
+    rows = []
+    for j, e in enumerate(entries):
+        b = e.buffers
+        if not adamp:
+            step_addr = 0
+        elif is_python_int(e.step):
+            step_addr = scratch.data_ptr() + 8 * j
+        else:
+            step_addr = e.step.data_ptr()
+        rows += [e.param.data_ptr(), e.grad.data_ptr(), b[0].data_ptr(), b[-1].data_ptr(), step_addr]
+    ptrs = _remember(_TABLES, (dev, tuple(rows)), lambda: _upload(torch, rows, dev))
+
+    kinds = entries[0].key[1:]
+    wk, s1k, s2k = kinds[0], kinds[1], kinds[-1]
+    cdt = tl.float64 if wk == 1 else tl.float32
+    from . import _triton_kernels as kt
+
+    f64 = torch.float64
+    parts = torch.empty(max(plan.n_parts, 1) * kt.NSTAT.value, dtype=f64, device=dev)
+    coef = torch.empty(max(plan.n_rows, 1) * kt.NCOEF.value, dtype=f64, device=dev)
+    scal = torch.empty(n * kt.NV.value, dtype=f64, device=dev)
+    okbuf = torch.empty(n, dtype=torch.bool, device=dev)
+    skipbuf = torch.empty(n, dtype=torch.int64, device=dev)
+    if adamp:
+        b1, b2 = (float(b) for b in hp.betas)
+        mom, c1, c2, lb1, lb2, mu = b1, 1.0 - b1, 1.0 - b2, _log(b1), _log(b2), 0.0
+        store_q = False
+    else:
+        mom = mu = float(hp.momentum)
+        c1, b2, c2, lb1, lb2 = 1.0 - float(hp.dampening), 0.0, 0.0, 0.0, 0.0
+        store_q = not hp.nesterov and getattr(hp, "project_buffer", True)
+    caution = bool(getattr(hp, "caution", False))
+    x = {name: _bits(v) for name, v in dict(lr=hp.lr, mom=mom, c1=c1, b2=b2, c2=c2, lb1=lb1, lb2=lb2, eps=hp.eps,
+                                             wd=hp.weight_decay, delta=hp.delta, ratio=hp.wd_ratio, mu=mu).items()}
+    options = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
+    common = dict(OPT=0 if adamp else 1, CDT=cdt, **options)
+    tile = dict(NESTEROV=bool(hp.nesterov), WK=wk, S1K=s1k, S2K=s2k, BLOCK=block, NLP=block.bit_length(), **common)
+    elementwise = (x["mom"], x["c1"], x["b2"], x["c2"], x["eps"])
+    grid_t, grid_n = (plan.n_tiles,), (n,)
+    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+        if plan.n_tiles:
+            _launch(k.stats, grid_t, plan.tiles, plan.meta, ptrs, parts, x["lr"], x["mom"], x["c1"], x["b2"], x["c2"],
+                    x["lb1"], x["lb2"], x["eps"], **tile)
+        _launch(k.decide, grid_n, plan.meta, ptrs, parts, coef, scal, okbuf, skipbuf, x["lr"], x["wd"], x["delta"],
+                x["ratio"], x["eps"], x["lb1"], x["lb2"], x["mu"], SKIP=bool(skip_nonfinite), RB=ROW_BLOCK, **common)
+        if caution:
+            cparts = torch.empty(max(plan.n_parts, 1) * kt.NCSTAT.value, dtype=f64, device=dev)
+            if plan.n_tiles:
+                _launch(k.cstats, grid_t, plan.tiles, plan.meta, ptrs, parts, cparts, coef, scal, *elementwise, **tile)
+            _launch(k.cdecide, grid_n, plan.meta, cparts, parts, coef, scal, RB=ROW_BLOCK, **options)
+        if plan.n_tiles:
+            _launch(k.update, grid_t, plan.tiles, plan.meta, ptrs, coef, scal, *elementwise, STORE_Q=store_q,
+                    CAUTION=caution, **tile)
+    del scratch  # the scratch step counts stay alive until here (the kernels are queued on its stream)
+    if not skip_nonfinite:
+        return None, None
+    return list(okbuf.unbind()), list(skipbuf.unbind())
