@@ -155,9 +155,10 @@ def test_array_paths_match_timm(optimizer, case, path):
 
 
 @pytest.mark.parametrize("foreach", [None, True], ids=["per-leaf", "foreach"])
-@pytest.mark.parametrize("optimizer,case", CASES, ids=IDS)
+@pytest.mark.parametrize("optimizer,case", [("adamp", "cautious_nesterov"), ("sgdp", "cautious_alg1")])
 def test_optax_under_jit_matches_timm(optimizer, case, foreach):
-    """``adamp_optax`` in one ``jax.jit`` program per step, per leaf and with ``foreach=True``, float64."""
+    """``adamp_optax`` in one ``jax.jit`` program per step, per leaf and with ``foreach=True``, float64 (one
+    case per optimizer: the compiles dominate; the core's per-backend test runs every case under JAX)."""
     jax = pytest.importorskip("jax")
     optax = pytest.importorskip("optax")
     import adamp_optax
