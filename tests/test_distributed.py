@@ -45,6 +45,18 @@ KW = {
 }
 STATE_KEYS = {"adamp": ("exp_avg", "exp_avg_sq"), "sgdp": ("momentum",)}
 OPTIMIZERS = {"adamp": adamp_torch.AdamP, "sgdp": adamp_torch.SGDP}
+# Cautious AdamP/SGDP (caution=True; SGDP as timm steps it, project_buffer=False): the mask's kept fraction is
+# a mean over the whole tensor, which the shards of a split tensor must combine (FSDP2 below).
+CAUTIOUS = {"cadamp": "adamp", "csgdp": "sgdp"}
+KW["cadamp"] = dict(KW["adamp"], caution=True)
+KW["csgdp"] = dict(KW["sgdp"], caution=True, project_buffer=False)
+for _c, _base in CAUTIOUS.items():
+    STATE_KEYS[_c] = STATE_KEYS[_base]
+
+
+def _optimizer(name: str, optimizers: dict | None = None):
+    """The class that runs ``name`` (a cautious name runs its base class with KW's options)."""
+    return (optimizers or OPTIMIZERS)[CAUTIOUS.get(name, name)]
 
 
 def _skip_reason() -> str | None:
@@ -147,7 +159,7 @@ def scenario_fsdp2(name: str, rank: int) -> dict:
     model = _fsdp(make_net())
     placements = {n: tuple(p.placements) for n, p in model.named_parameters()}
     local_rows = {n: int(p.to_local().shape[0]) for n, p in model.named_parameters()}
-    opt = OPTIMIZERS[name](model.parameters(), **KW[name])
+    opt = _optimizer(name)(model.parameters(), **KW[name])
     train(model, opt, batches(), rank, WORLD)
     out = _snapshot(model, opt, name)
     out["placements"] = {n: [repr(pl) for pl in v] for n, v in placements.items()}
@@ -340,6 +352,7 @@ def _scenarios() -> list[tuple[str, object, tuple]]:
         if HAS_ZERO:
             out.append((f"zero-{name}", scenario_zero, (name,)))
     if HAS_FSDP2:
+        out += [(f"fsdp2-{name}", scenario_fsdp2, (name,)) for name in CAUTIOUS]
         out.append(("hsdp-1x2-adamp", scenario_hsdp, ("adamp", (1, 2))))
         out.append(("hsdp-2x1-sgdp", scenario_hsdp, ("sgdp", (2, 1))))
         if HAS_DCP:
@@ -438,7 +451,8 @@ def single(name: str, optimizers: dict | None = None) -> dict:
     key = name if optimizers is None else ("other", name)
     if key not in _SINGLE:
         model = make_net()
-        opt = (optimizers or OPTIMIZERS)[name](model.parameters(), **KW[name])
+        kw = KW[name] if optimizers is None else {k: v for k, v in KW[name].items() if k != "project_buffer"}
+        opt = _optimizer(name, optimizers)(model.parameters(), **kw)
         views: dict[str, list[int]] = {n: [] for n, p in model.named_parameters()}
         for x, y in batches():
             opt.zero_grad(set_to_none=True)
@@ -510,6 +524,29 @@ def test_fsdp2_equals_single_process(results, name):
     assert [r["fc1.weight"] for r in rows] == [2, 1]
     assert [r["fc2.weight"] for r in rows] == [1, 0]
     assert_matches_single(res, name)
+
+
+@pytest.mark.parametrize("name", list(CAUTIOUS))
+def test_single_process_cautious_reference_equals_timm(name):
+    """The cautious runs' reference is timm 1.0.31's cautious AdamP/SGDP, and the mask changed the run."""
+    from adamp_xp.testing.timm_reference import timm_optimizers
+
+    try:
+        timm_adamp, timm_sgdp = timm_optimizers()
+    except ImportError as exc:  # pragma: no cover - CI installs timm
+        pytest.skip(str(exc))
+    theirs = single(name, {"adamp": timm_adamp, "sgdp": timm_sgdp})
+    ours, plain = single(name), single(CAUTIOUS[name])
+    errs = {n: rel(ours["params"][n], theirs["params"][n]) for n in ours["params"]}
+    assert max(errs.values()) < TOL, errs
+    assert max(rel(ours["params"][n], plain["params"][n]) for n in ours["params"]) > 1e-3
+
+
+@pytest.mark.parametrize("name", list(CAUTIOUS))
+def test_fsdp2_cautious_equals_single_process(results, name):
+    """Rows split over 2 processes (conv1 3 + 2, fc2 1 + 0): every rank masks with the whole tensor's kept
+    fraction, so the run equals one process's."""
+    assert_matches_single(_result(results, f"fsdp2-{name}"), name)
 
 
 @pytest.mark.parametrize("key", ["hsdp-1x2-adamp", "hsdp-2x1-sgdp"])
