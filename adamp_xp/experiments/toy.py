@@ -17,8 +17,8 @@ through :mod:`adamp_core`:
   the update is projected, :math:`w_{t+1} = w_t - \eta\,\Pi_{w_t}(p_t)`. This is ``adamp.SGDP`` 0.3.0,
   which also stores the *projected* buffer (:math:`p_t \leftarrow \Pi_{w_t}(p_t)`).
 * **SGDP (Alg. 1)**: the paper's Algorithm 1 as printed, where the momentum buffer keeps its radial part
-  and only the update is projected. Same :func:`adamp_core.sgdp_step` call for the update; we carry the
-  unprojected buffer :math:`\beta p_{t-1} + \nabla f(w_t)` ourselves instead of the returned one.
+  and only the update is projected: :func:`adamp_core.sgdp_step` with ``project_buffer=False`` (timm's
+  SGDP).
 * **Adam** / **AdamP**: :func:`adamp_core.adamp_step` on ``(2,)`` (never projected: Adam) and on
   ``(1, 2)`` (projected: AdamP). AdamP's moments are never projected (Algorithm 2 as printed).
 
@@ -208,8 +208,6 @@ def _make_step(xp: Any, method: str, hp: dict[str, Any], u: Any, delta: float, e
         else:
             p = beta * state.momentum + g  # Alg. 1 line 2, unprojected (what Lemma 2.2 is about)
             w1, state1 = ac.sgdp_step(w, g, state, **hp)
-            if method == "sgdp_alg1":
-                state1 = ac.SGDPState(p)  # keep the radial part in the buffer, as Algorithm 1 is printed
             p_sq = xp.sum(p * p)
         d = diagnostics.step_diagnostics(w, w1, g, delta=delta, eps=eps)
         return w1, state1, (xp.sum(g * g), p_sq, d.effective_step, d.cos_channel, d.view)
@@ -223,7 +221,8 @@ def _methods(cfg: ToyConfig) -> list[tuple[str, float, dict[str, Any], bool]]:
     out: list[tuple[str, float, dict[str, Any], bool]] = [("gd", 0.0, dict(lr=cfg.lr, momentum=0.0, **common), False)]
     for m in cfg.momenta:
         hp = dict(lr=cfg.lr, momentum=float(m), **common)
-        out += [("momentum", float(m), hp, False), ("sgdp", float(m), hp, True), ("sgdp_alg1", float(m), hp, True)]
+        out += [("momentum", float(m), hp, False), ("sgdp", float(m), hp, True),
+                ("sgdp_alg1", float(m), dict(hp, project_buffer=False), True)]  # the buffer keeps its radial part
     ahp = dict(lr=cfg.adam_lr, **common)
     out += [("adam", 0.9, ahp, False), ("adamp", 0.9, ahp, True)]
     return out
