@@ -155,3 +155,28 @@ def test_sgdpxp_follows_adamp_0_3_0_where_timm_differs(timm_optim, run_recipe):
     conv = [m[0].weight for m in models]  # the projected (scale-invariant) weight
     torch.testing.assert_close(conv[0], conv[2], rtol=1e-5, atol=1e-6)
     assert (conv[0] - conv[1]).abs().max() > 1e-4  # timm's copy-then-project takes another path
+
+
+@pytest.mark.parametrize(
+    "name,kwargs",
+    [("adamp", dict(lr=1e-2, weight_decay=0.05, wd_ratio=0.01, nesterov=True)),
+     ("adamp", dict(lr=1e-2, weight_decay=0.05, wd_ratio=0.1, nesterov=False)),  # over timm's registry defaults
+     ("sgdp", dict(lr=0.1, weight_decay=1e-4, nesterov=True)),
+     ("sgdp", dict(lr=0.1, weight_decay=1e-4, nesterov=False))],
+    ids=["adamp_timm_defaults", "adamp_official_defaults", "sgdp_nesterov", "sgdp_alg1"],
+)
+def test_cautious_entries_match_timm_cautious(timm_optim, run_recipe, name, kwargs):
+    """``cadampxp``/``csgdpxp`` (the recipe) against timm's own ``cadamp``/``csgdp`` (caution=True), same
+    hyperparameters, through ``create_optimizer_v2``; without nesterov SGDP's buffer is timm's (Alg. 1)."""
+    ns = run_recipe("timm")
+    ours_model, timm_model, plain_model = ns["make_model"](), ns["make_model"](), ns["make_model"]()
+    ours = timm_optim.create_optimizer_v2(ours_model, f"c{name}xp", **kwargs)
+    theirs = timm_optim.create_optimizer_v2(timm_model, f"c{name}", **kwargs)
+    plain = timm_optim.create_optimizer_v2(plain_model, f"{name}xp", **kwargs)
+    assert all(g["caution"] is True for g in ours.param_groups) and type(theirs).__module__.startswith("timm.optim")
+    _train(ours_model, ours)
+    _train(timm_model, theirs)
+    _train(plain_model, plain)
+    for (n, p), q in zip(ours_model.named_parameters(), timm_model.parameters(), strict=True):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=n)
+    assert max((p - q).abs().max() for p, q in zip(ours_model.parameters(), plain_model.parameters(), strict=True)) > 1e-4
