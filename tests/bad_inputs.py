@@ -71,6 +71,7 @@ HYPER: list[BadHyper] = [
     _a(ValueError, r"Invalid wd_ratio value: -1\.0", wd_ratio=-1.0),
     _a(ValueError, r"Invalid wd_ratio value: nan", wd_ratio=math.nan),
     _a(TypeError, r"Invalid nesterov value: 1", nesterov=1),
+    _a(TypeError, r"Invalid caution value: 1", caution=1),
     _a(TypeError, r"Invalid skip_nonfinite value: 'yes'", skip_nonfinite="yes"),
     # SGDP: the same, plus momentum/dampening and nesterov's requirements
     _s(ValueError, r"Invalid learning rate: -0\.1", lr=-0.1),
@@ -87,6 +88,8 @@ HYPER: list[BadHyper] = [
     _s(ValueError, r"Invalid delta value: nan", delta=math.nan),
     _s(ValueError, r"Invalid wd_ratio value: -0\.5", wd_ratio=-0.5),
     _s(TypeError, r"Invalid nesterov value: 'no'", nesterov="no"),
+    _s(TypeError, r"Invalid caution value: 'yes'", caution="yes"),
+    _s(TypeError, r"Invalid project_buffer value: None", project_buffer=None),
     _s(TypeError, r"Invalid skip_nonfinite value: 0", skip_nonfinite=0),
 ]
 
