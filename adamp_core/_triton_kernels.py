@@ -3,15 +3,18 @@
 Three kernels step one group of tensors (one param dtype and state dtypes, one device) in place, in a
 constant number of launches (the maths and the data layout are in :mod:`adamp_core.triton_fused`):
 
-1. ``stats`` (one program per tile of rows): per row part of the channel view, on the rows scaled by a
-   power of two, in float64: w.g, |w|^2, |g|^2, w.u (u from the new moments), the count of non-finite
-   grad entries, and the two exponents.
+1. ``stats`` (one program per tile: up to TILE_R rows of one tensor and a range of their columns, looped
+   over in blocks): per row part, in float64, w.g, |w|^2, |g|^2 and w.u (u from the new moments);
+   float64 params on rows scaled by powers of two, with the two exponents.
 2. ``decide`` (one program per tensor): combines a row's parts and the rows' sums, takes the view
    decision, writes the per-row coefficients, the per-tensor scalars and flags, advances the step count.
 3. ``update`` (one program per tile): the state update, the projection, the decay and the step, written.
 
 Caution (timm's cautious AdamP/SGDP) adds ``cstats`` (per row: how many entries keep their sign, w.q on
 them) and ``cdecide`` (per tensor: the mean, the scale, the coefficient of the second projection).
+
+A tile's block is (TILE_R, TILE_C) (narrow: many rows of one tensor at once) or (1, WIDE_C) (wide: one
+long row), chosen per tensor; so a kernel holds two copies of its block code, whatever the shapes.
 
 Written once as plain functions and decorated by :func:`build`, for the GPU (compiled) or for Triton's
 interpreter (CPU tensors, ``TRITON_INTERPRET=1``), both in one process. This module deliberately has no
@@ -31,14 +34,19 @@ F64 = tl.constexpr(1)
 F16 = tl.constexpr(2)
 BF16 = tl.constexpr(3)
 
+# The two block shapes of a tile: narrow (TILE_R rows x TILE_C columns) and wide (one row x WIDE_C).
+TILE_R = tl.constexpr(16)
+TILE_C = tl.constexpr(32)
+WIDE_C = tl.constexpr(512)
+
 # Columns of the int64 tables (kept in step with adamp_core.triton_fused, which builds them).
 # meta: one row per tensor
 M_ROWS = tl.constexpr(0)  # rows of the channel view (0 for an empty tensor)
 M_LEN = tl.constexpr(1)  # row length
 M_PART0 = tl.constexpr(2)  # index of the tensor's first row part
-M_NCHUNK = tl.constexpr(3)  # parts per row: ceil(row length / BLOCK)
+M_NCHUNK = tl.constexpr(3)  # parts per row (tiles along a row)
 M_ROW0 = tl.constexpr(4)  # index of the tensor's first row in the per-row buffers
-M_LPLOG = tl.constexpr(5)  # log2 of the tile's padded row length LP (tiles are RPT x LP, RPT * LP = BLOCK)
+M_WIDE = tl.constexpr(5)  # 1: its tiles are wide (one row each)
 M_PROJECT = tl.constexpr(6)  # 1: ndim > 1 and not empty (the test and the projection apply)
 NMETA = tl.constexpr(7)
 # pointers: one row per tensor
@@ -51,18 +59,19 @@ NPTR = tl.constexpr(5)
 # tiles: one row per program of stats/update
 T_TENSOR = tl.constexpr(0)
 T_ROW = tl.constexpr(1)  # first row
-T_COL = tl.constexpr(2)  # first column (a multiple of BLOCK; 0 unless the row is longer than BLOCK)
-T_NROWS = tl.constexpr(3)  # rows in the tile
-NTILE = tl.constexpr(4)
+T_NROWS = tl.constexpr(2)  # rows in the tile
+T_COL = tl.constexpr(3)  # first column
+T_COLEND = tl.constexpr(4)  # one past the last column
+T_CHUNK = tl.constexpr(5)  # which part of its rows the tile makes
+NTILE = tl.constexpr(6)
 # float64 statistics of one row part
 S_WG = tl.constexpr(0)
 S_WW = tl.constexpr(1)
-S_GG = tl.constexpr(2)
+S_GG = tl.constexpr(2)  # not finite exactly where a grad entry is not (scaled or float64 sums cannot overflow)
 S_WU = tl.constexpr(3)
-S_BAD = tl.constexpr(4)  # non-finite grad entries
-S_KW = tl.constexpr(5)  # the part's w was scaled by 2^-S_KW
-S_KG = tl.constexpr(6)
-NSTAT = tl.constexpr(7)
+S_KW = tl.constexpr(4)  # the part's w was scaled by 2^-S_KW (0: float32 and 16-bit params, never scaled)
+S_KG = tl.constexpr(5)
+NSTAT = tl.constexpr(6)
 # float64 scalars of one tensor (decide -> update)
 V_DECAY = tl.constexpr(0)  # the decoupled weight decay factor
 V_STEP = tl.constexpr(1)  # the step size
@@ -94,6 +103,21 @@ TINY = tl.constexpr(2.2250738585072014e-308)  # 2^-1022, float64's smallest norm
 # -- scalar and element helpers ---------------------------------------------------------------------------
 
 
+def _sum(x, axis):
+    """Reductions through ``tl.reduce`` and the standard library's combine functions, never ``tl.sum`` and
+    the like: those are themselves jitted functions, which Triton's interpreter can only call if
+    TRITON_INTERPRET was set when triton was first imported (and it runs these combines with NumPy)."""
+    return tl.reduce(x, axis, tl.standard._sum_combine)
+
+
+def _max(x, axis):
+    return tl.reduce(x, axis, tl.standard._elementwise_max)
+
+
+def _min(x, axis):
+    return tl.reduce(x, axis, tl.standard._elementwise_min)
+
+
 def _f64(bits):
     """A float64 the host passed as its IEEE bits (an int64): every Triton version then gets it exactly (a
     Python float argument would be a float32)."""
@@ -112,13 +136,6 @@ def _exponent(m):
     [-1022, 1022] as the array-API step keeps it (``projection._pow2_scale``); 0 for 0 and subnormals."""
     e = ((m.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023
     return tl.where(m >= TINY, tl.where(e > 1022, 1022, e), 0).to(tl.float64)
-
-
-def _row_exponent(x, mask):
-    """Per row of the tile ``x`` (float64), the exponent of its largest finite |entry|."""
-    a = tl.abs(x)
-    a = tl.where(mask & (a <= F64_MAX), a, 0.0)
-    return _exponent(tl.max(a, axis=1))
 
 
 def _expm1(x):
@@ -228,7 +245,6 @@ def _row(parts, first, nchunk, rm):
     wg = tl.load(parts + p + S_WG, mask=rm, other=0.0)
     gg = tl.load(parts + p + S_GG, mask=rm, other=0.0)
     wu = tl.load(parts + p + S_WU, mask=rm, other=0.0)
-    bad = tl.load(parts + p + S_BAD, mask=rm, other=0.0)
     wgx = wg * _pow2(kg)
     for j in range(1, nchunk):
         q = p + j * NSTAT
@@ -239,8 +255,7 @@ def _row(parts, first, nchunk, rm):
             tl.load(parts + q + S_KW, mask=rm, other=0.0), kgj, tl.load(parts + q + S_WW, mask=rm, other=0.0),
             wgj, tl.load(parts + q + S_GG, mask=rm, other=0.0), tl.load(parts + q + S_WU, mask=rm, other=0.0),
             wgj * _pow2(kgj))
-        bad += tl.load(parts + q + S_BAD, mask=rm, other=0.0)
-    return kw, kg, ww, wg, gg, wu, wgx, bad
+    return kw, kg, ww, wg, gg, wu, wgx
 
 
 def _cosine(wg, ww, gg, eps_w, eps_g):
@@ -251,73 +266,109 @@ def _cosine(wg, ww, gg, eps_w, eps_g):
 # -- the tiles -------------------------------------------------------------------------------------------
 
 
-def _tile(tiles, meta, tid, BLOCK: tl.constexpr, LP: tl.constexpr):
-    """The elements of tile ``tid`` as an (RPT, LP) block: rows, their offsets in the tensor, the mask."""
-    i = tl.load(tiles + tid * NTILE + T_TENSOR)
-    row0 = tl.load(tiles + tid * NTILE + T_ROW)
-    col0 = tl.load(tiles + tid * NTILE + T_COL)
-    nrows = tl.load(tiles + tid * NTILE + T_NROWS)
-    length = tl.load(meta + i * NMETA + M_LEN)
-    RPT: tl.constexpr = BLOCK // LP
-    j = tl.arange(0, RPT)
-    rows = row0 + j
-    col = col0 + tl.arange(0, LP)
-    rmask = j < nrows
-    mask = rmask[:, None] & (col < length)[None, :]
-    offs = rows[:, None] * length + col[None, :]
-    return i, rows, col0, rmask, mask, offs
-
-
-def _stats_tile(tiles, meta, ptrs, parts, tid, lr, mom, c1, b2, c2, lb1, lb2, eps, OPT: tl.constexpr,
-                NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr,
-                CDT: tl.constexpr, BLOCK: tl.constexpr, LP: tl.constexpr):
-    i, rows, col0, rmask, mask, offs = _tile(tiles, meta, tid, BLOCK, LP)
+def _tile_info(tiles, meta, ptrs, tid):
+    """Tile ``tid``: its tensor, rows, columns and part, the tensor's layout and addresses (scalars)."""
+    t = tiles + tid * NTILE
+    i = tl.load(t + T_TENSOR)
+    m = meta + i * NMETA
     pt = ptrs + i * NPTR
-    g = _load(tl.load(pt + P_G), offs, mask, WK, CDT)
-    w = _load(tl.load(pt + P_W), offs, mask, WK, CDT)
-    s1 = _load(tl.load(pt + P_S1), offs, mask, S1K, CDT)
-    sbc2 = 1.0
+    return (i, tl.load(t + T_ROW), tl.load(t + T_NROWS), tl.load(t + T_COL), tl.load(t + T_COLEND),
+            tl.load(t + T_CHUNK), tl.load(m + M_LEN), tl.load(m + M_NCHUNK), tl.load(m + M_PART0),
+            tl.load(m + M_ROW0), tl.load(m + M_PROJECT) != 0, tl.load(m + M_WIDE) != 0, tl.load(pt + P_W),
+            tl.load(pt + P_G), tl.load(pt + P_S1), tl.load(pt + P_S2), tl.load(pt + P_STEP))
+
+
+def _block(row0, nrows, c, col_end, length, R: tl.constexpr, C: tl.constexpr):
+    """The (R, C) block of a tile at column ``c``: row indices, the row mask, the element mask, the offsets."""
+    j = tl.arange(0, R)
+    rows = row0 + j
+    rmask = j < nrows
+    col = c + tl.arange(0, C)
+    mask = rmask[:, None] & (col < col_end)[None, :]
+    return rows, rmask, mask, rows[:, None] * length + col[None, :]
+
+
+def _inputs(pw, pg, ps1, ps2, offs, mask, mom, c1, b2, c2, sbc2, eps, OPT: tl.constexpr, NESTEROV: tl.constexpr,
+            WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr):
+    """w, g, the new state and u on one block (masked entries 0)."""
+    g = _load(pg, offs, mask, WK, CDT)
+    w = _load(pw, offs, mask, WK, CDT)
+    s1 = _load(ps1, offs, mask, S1K, CDT)
     if OPT == 0:
-        s2 = _load(tl.load(pt + P_S2), offs, mask, S2K, CDT)
-        t = tl.load(tl.load(pt + P_STEP).to(tl.pointer_type(tl.int64))) + 1
-        sbc2 = _adamp_scalars(t, lr, lb1, lb2)[1].to(CDT)
+        s2 = _load(ps2, offs, mask, S2K, CDT)
     else:
         s2 = s1
-    u = _direction(g, s1, s2, mom.to(CDT), c1.to(CDT), b2.to(CDT), c2.to(CDT), sbc2, eps.to(CDT), OPT,
-                   NESTEROV, CDT)[2]
-    # Float64 sums on rows scaled by powers of two (exact): finite for any float32 data, and for float64
-    # data whose norms fit (projection.row_stats). Masked entries are 0 and add nothing.
-    wd = tl.where(mask, w.to(tl.float64), 0.0)
-    gd = tl.where(mask, g.to(tl.float64), 0.0)
-    ud = tl.where(mask, u.to(tl.float64), 0.0)
-    kw = _row_exponent(wd, mask)
-    kg = _row_exponent(gd, mask)
-    ws = wd * _pow2(-kw)[:, None]
-    gs = gd * _pow2(-kg)[:, None]
-    bad = tl.where(mask & ~(tl.abs(gd) <= F64_MAX), 1.0, 0.0)  # NaN and +-inf entries of the grad
-    part = tl.load(meta + i * NMETA + M_PART0) + rows * tl.load(meta + i * NMETA + M_NCHUNK) + col0 // BLOCK
-    p = parts + part * NSTAT
-    tl.store(p + S_WG, tl.sum(ws * gs, axis=1), mask=rmask)
-    tl.store(p + S_WW, tl.sum(ws * ws, axis=1), mask=rmask)
-    tl.store(p + S_GG, tl.sum(gs * gs, axis=1), mask=rmask)
-    tl.store(p + S_WU, tl.sum(ws * ud, axis=1), mask=rmask)
-    tl.store(p + S_BAD, tl.sum(bad, axis=1), mask=rmask)
+    n1, n2, u = _direction(g, s1, s2, mom, c1, b2, c2, sbc2, eps, OPT, NESTEROV, CDT)
+    return w, g, n1, n2, u
+
+
+def _stats_tile(parts, row0, nrows, col0, col_end, chunk, length, nchunk, part0, pw, pg, ps1, ps2, mom, c1, b2,
+                c2, sbc2, eps, OPT: tl.constexpr, NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr,
+                S2K: tl.constexpr, CDT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    j = tl.arange(0, R)
+    rmask = j < nrows
+    kw = tl.full((R,), 0.0, tl.float64)
+    kg = tl.full((R,), 0.0, tl.float64)
+    if WK == F64:
+        # Float64 params: sums on the rows scaled by powers of two (exact; projection.row_stats), so that
+        # they are finite wherever the true norms are: the largest finite |entry| of each row part first.
+        mw = tl.full((R, C), 0.0, tl.float64)
+        mg = tl.full((R, C), 0.0, tl.float64)
+        for c in range(col0, col_end, C):
+            rows, rmask, mask, offs = _block(row0, nrows, c, col_end, length, R, C)
+            aw = tl.abs(_load(pw, offs, mask, WK, CDT))
+            ag = tl.abs(_load(pg, offs, mask, WK, CDT))
+            mw = tl.where((aw > mw) & (aw <= F64_MAX), aw, mw)
+            mg = tl.where((ag > mg) & (ag <= F64_MAX), ag, mg)
+        kw = _exponent(_max(mw, axis=1))
+        kg = _exponent(_max(mg, axis=1))
+    sw = _pow2(-kw)[:, None]
+    sg = _pow2(-kg)[:, None]
+    # Float32 and 16-bit params: float64 sums of their products are exact enough and cannot overflow or
+    # underflow (|x|^2 <= 2^256), so no scaling (kw = kg = 0, s = 1).
+    acc_wg = tl.full((R, C), 0.0, tl.float64)
+    acc_ww = tl.full((R, C), 0.0, tl.float64)
+    acc_gg = tl.full((R, C), 0.0, tl.float64)
+    acc_wu = tl.full((R, C), 0.0, tl.float64)
+    for c in range(col0, col_end, C):
+        rows, rmask, mask, offs = _block(row0, nrows, c, col_end, length, R, C)
+        w, g, n1, n2, u = _inputs(pw, pg, ps1, ps2, offs, mask, mom, c1, b2, c2, sbc2, eps, OPT, NESTEROV, WK,
+                                  S1K, S2K, CDT)
+        ws = tl.where(mask, w.to(tl.float64) * sw, 0.0)
+        gs = tl.where(mask, g.to(tl.float64) * sg, 0.0)
+        acc_wg += ws * gs
+        acc_ww += ws * ws
+        acc_gg += gs * gs
+        acc_wu += ws * tl.where(mask, u.to(tl.float64), 0.0)
+    p = parts + (part0 + (row0 + j) * nchunk + chunk) * NSTAT
+    tl.store(p + S_WG, _sum(acc_wg, axis=1), mask=rmask)
+    tl.store(p + S_WW, _sum(acc_ww, axis=1), mask=rmask)
+    tl.store(p + S_GG, _sum(acc_gg, axis=1), mask=rmask)
+    tl.store(p + S_WU, _sum(acc_wu, axis=1), mask=rmask)
     tl.store(p + S_KW, kw, mask=rmask)
     tl.store(p + S_KG, kg, mask=rmask)
 
 
 def stats(tiles, meta, ptrs, parts, lr_b, mom_b, c1_b, b2_b, c2_b, lb1_b, lb2_b, eps_b, OPT: tl.constexpr,
-          NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr,
-          BLOCK: tl.constexpr, NLP: tl.constexpr):
-    """Pass 1: the statistics of every row part of one tile (one program per tile)."""
-    tid = tl.program_id(0)
-    i = tl.load(tiles + tid * NTILE + T_TENSOR)
-    lplog = tl.load(meta + i * NMETA + M_LPLOG)
-    for lg in tl.static_range(NLP):  # one branch per tile shape; the tensor's row length picks one
-        if lplog == lg:
-            _stats_tile(tiles, meta, ptrs, parts, tid, _f64(lr_b), _f64(mom_b), _f64(c1_b), _f64(b2_b),
-                        _f64(c2_b), _f64(lb1_b), _f64(lb2_b), _f64(eps_b), OPT, NESTEROV, WK, S1K, S2K, CDT,
-                        BLOCK, 1 << lg)
+          NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr):
+    """Pass 1 (one program per tile): the statistics of its row parts."""
+    i, row0, nrows, col0, col_end, chunk, length, nchunk, part0, crow0, project, wide, pw, pg, ps1, ps2, pstep = \
+        _tile_info(tiles, meta, ptrs, tl.program_id(0))
+    sbc2 = tl.full((), 1.0, CDT)
+    if OPT == 0:  # the new step count's bias correction (decide computes the same value)
+        t = tl.load(pstep.to(tl.pointer_type(tl.int64))) + 1
+        sbc2 = _adamp_scalars(t, _f64(lr_b), _f64(lb1_b), _f64(lb2_b))[1].to(CDT)
+    mom = _f64(mom_b).to(CDT)
+    c1 = _f64(c1_b).to(CDT)
+    b2 = _f64(b2_b).to(CDT)
+    c2 = _f64(c2_b).to(CDT)
+    eps = _f64(eps_b).to(CDT)
+    if wide:
+        _stats_tile(parts, row0, nrows, col0, col_end, chunk, length, nchunk, part0, pw, pg, ps1, ps2, mom, c1, b2,
+                    c2, sbc2, eps, OPT, NESTEROV, WK, S1K, S2K, CDT, 1, WIDE_C)
+    else:
+        _stats_tile(parts, row0, nrows, col0, col_end, chunk, length, nchunk, part0, pw, pg, ps1, ps2, mom, c1, b2,
+                    c2, sbc2, eps, OPT, NESTEROV, WK, S1K, S2K, CDT, TILE_R, TILE_C)
 
 
 def decide(meta, ptrs, parts, coef, scal, okout, skipout, lr_b, wd_b, delta_b, ratio_b, eps_b, lb1_b, lb2_b,
@@ -340,28 +391,28 @@ def decide(meta, ptrs, parts, coef, scal, okout, skipout, lr_b, wd_b, delta_b, r
     channel = n_rows > 0
     kw_l = tl.full((), NEG, tl.float64)  # loop-carried float64 scalars (the layer view's running sums)
     kg_l = tl.full((), NEG, tl.float64)
-    ww_l = tl.zeros((), tl.float64)
-    wg_l = tl.zeros((), tl.float64)
-    gg_l = tl.zeros((), tl.float64)
-    wu_l = tl.zeros((), tl.float64)
-    wgx_l = tl.zeros((), tl.float64)
-    n_bad = tl.zeros((), tl.float64)
+    ww_l = tl.full((), 0.0, tl.float64)
+    wg_l = tl.full((), 0.0, tl.float64)
+    gg_l = tl.full((), 0.0, tl.float64)
+    wu_l = tl.full((), 0.0, tl.float64)
+    wgx_l = tl.full((), 0.0, tl.float64)
+    n_bad = tl.full((), 0.0, tl.float64)
     for r0 in range(0, n_rows, RB):
         r = r0 + tl.arange(0, RB)
         rm = r < n_rows
-        kw, kg, ww, wg, gg, wu, wgx, bad = _row(parts, first + r * nchunk, nchunk, rm)
+        kw, kg, ww, wg, gg, wu, wgx = _row(parts, first + r * nchunk, nchunk, rm)
         cos = _cosine(wg, ww, gg, eps * _pow2(-kw), eps * _pow2(-kg))
-        channel = channel & (tl.min(tl.where(rm & ~(cos < thr_c), 0, 1), axis=0) == 1)  # NaN never passes
-        kwb = tl.max(tl.where(rm, kw, NEG), axis=0)
-        kgb = tl.max(tl.where(rm, kg, NEG), axis=0)
+        channel = channel & (_min(tl.where(rm & ~(cos < thr_c), 0, 1), axis=0) == 1)  # NaN never passes
+        kwb = _max(tl.where(rm, kw, NEG), axis=0)
+        kgb = _max(tl.where(rm, kg, NEG), axis=0)
         rho = tl.where(rm, _pow2(kw - kwb), 0.0)
         sig = tl.where(rm, _pow2(kg - kgb), 0.0)
         kw_l, kg_l, ww_l, wg_l, gg_l, wu_l, wgx_l = _combine(
             kw_l, kg_l, ww_l, wg_l, gg_l, wu_l, wgx_l, kwb, kgb,
-            tl.sum(tl.where(rm, ww * (rho * rho), 0.0), axis=0), tl.sum(tl.where(rm, wg * (rho * sig), 0.0), axis=0),
-            tl.sum(tl.where(rm, gg * (sig * sig), 0.0), axis=0), tl.sum(tl.where(rm, wu * rho, 0.0), axis=0),
-            tl.sum(tl.where(rm, wgx * rho, 0.0), axis=0))
-        n_bad += tl.sum(bad, axis=0)
+            _sum(tl.where(rm, ww * (rho * rho), 0.0), axis=0), _sum(tl.where(rm, wg * (rho * sig), 0.0), axis=0),
+            _sum(tl.where(rm, gg * (sig * sig), 0.0), axis=0), _sum(tl.where(rm, wu * rho, 0.0), axis=0),
+            _sum(tl.where(rm, wgx * rho, 0.0), axis=0))
+        n_bad += _sum(tl.where(rm & ~(gg <= F64_MAX), 1.0, 0.0), axis=0)  # rows with a NaN/inf grad entry
     s_l = _pow2(-kw_l)
     cos_l = _cosine(wg_l, ww_l, gg_l, eps * s_l, eps * _pow2(-kg_l))
     channel = channel & project
@@ -403,7 +454,7 @@ def decide(meta, ptrs, parts, coef, scal, okout, skipout, lr_b, wd_b, delta_b, r
     for r0 in range(0, n_rows, RB):
         r = r0 + tl.arange(0, RB)
         rm = r < n_rows
-        kw, kg, ww, wg, gg, wu, wgx, bad = _row(parts, first + r * nchunk, nchunk, rm)
+        kw, kg, ww, wg, gg, wu, wgx = _row(parts, first + r * nchunk, nchunk, rm)
         s = _pow2(-kw)
         n_c = tl.sqrt(ww) + eps * s
         cr = coef + (row0 + r) * NCOEF
@@ -413,53 +464,56 @@ def decide(meta, ptrs, parts, coef, scal, okout, skipout, lr_b, wd_b, delta_b, r
         tl.store(cr + C_NC, n_c, mask=rm)
 
 
-def _caution_tile(tiles, meta, ptrs, parts, cparts, coef, scal, tid, mom, c1, b2, c2, eps, OPT: tl.constexpr,
-                  NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr,
-                  CDT: tl.constexpr, BLOCK: tl.constexpr, LP: tl.constexpr):
-    i, rows, col0, rmask, mask, offs = _tile(tiles, meta, tid, BLOCK, LP)
-    sv = scal + i * NV
-    pt = ptrs + i * NPTR
-    g = _load(tl.load(pt + P_G), offs, mask, WK, CDT)
-    w = _load(tl.load(pt + P_W), offs, mask, WK, CDT)
-    s1 = _load(tl.load(pt + P_S1), offs, mask, S1K, CDT)
-    if OPT == 0:
-        s2 = _load(tl.load(pt + P_S2), offs, mask, S2K, CDT)
-    else:
-        s2 = s1
-    u = _direction(g, s1, s2, mom, c1, b2, c2, tl.load(sv + V_SBC2).to(CDT), eps, OPT, NESTEROV, CDT)[2]
-    crow = (tl.load(meta + i * NMETA + M_ROW0) + rows) * NCOEF
-    project = tl.load(meta + i * NMETA + M_PROJECT) != 0
-    c = tl.load(coef + crow + C_PROJ, mask=rmask, other=0.0).to(CDT)[:, None]
-    cg = tl.load(coef + crow + C_GRAD, mask=rmask, other=0.0).to(CDT)[:, None]
-    q = tl.where(project, u - w * c, u)
-    keep = mask & ((q * tl.where(project, g - w * cg, g)) > 0)
-    part = tl.load(meta + i * NMETA + M_PART0) + rows * tl.load(meta + i * NMETA + M_NCHUNK) + col0 // BLOCK
-    kw = tl.load(parts + part * NSTAT + S_KW, mask=rmask, other=0.0)  # the part's scale (stats pass)
-    wq = tl.where(keep, (w.to(tl.float64) * _pow2(-kw)[:, None]) * q.to(tl.float64), 0.0)
-    tl.store(cparts + part * NCSTAT + K_COUNT, tl.sum(keep.to(tl.float64), axis=1), mask=rmask)
-    tl.store(cparts + part * NCSTAT + K_WQ, tl.sum(wq, axis=1), mask=rmask)
+def _caution_tile(parts, cparts, coef, row0, nrows, col0, col_end, chunk, length, nchunk, part0, crow0, project,
+                  pw, pg, ps1, ps2, mom, c1, b2, c2, sbc2, eps, OPT: tl.constexpr, NESTEROV: tl.constexpr,
+                  WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr, R: tl.constexpr,
+                  C: tl.constexpr):
+    j = tl.arange(0, R)
+    rmask = j < nrows
+    crow = (crow0 + row0 + j) * NCOEF
+    c_u = tl.load(coef + crow + C_PROJ, mask=rmask, other=0.0).to(CDT)[:, None]
+    c_g = tl.load(coef + crow + C_GRAD, mask=rmask, other=0.0).to(CDT)[:, None]
+    part = part0 + (row0 + j) * nchunk + chunk
+    sw = _pow2(-tl.load(parts + part * NSTAT + S_KW, mask=rmask, other=0.0))[:, None]  # the part's scale
+    acc_n = tl.full((R, C), 0.0, tl.float64)
+    acc_wq = tl.full((R, C), 0.0, tl.float64)
+    for c in range(col0, col_end, C):
+        rows, rmask, mask, offs = _block(row0, nrows, c, col_end, length, R, C)
+        w, g, n1, n2, u = _inputs(pw, pg, ps1, ps2, offs, mask, mom, c1, b2, c2, sbc2, eps, OPT, NESTEROV, WK,
+                                  S1K, S2K, CDT)
+        q = tl.where(project, u - w * c_u, u)
+        keep = mask & ((q * tl.where(project, g - w * c_g, g)) > 0)
+        acc_n += keep.to(tl.float64)
+        acc_wq += tl.where(keep, (w.to(tl.float64) * sw) * q.to(tl.float64), 0.0)
+    tl.store(cparts + part * NCSTAT + K_COUNT, _sum(acc_n, axis=1), mask=rmask)
+    tl.store(cparts + part * NCSTAT + K_WQ, _sum(acc_wq, axis=1), mask=rmask)
 
 
 def cstats(tiles, meta, ptrs, parts, cparts, coef, scal, mom_b, c1_b, b2_b, c2_b, eps_b, OPT: tl.constexpr,
-           NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr,
-           BLOCK: tl.constexpr, NLP: tl.constexpr):
+           NESTEROV: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr):
     """Caution, pass 3 (one program per tile): per row part, the entries of q = Pi(u) that agree in sign
     with g's tangential part Pi(g) (g itself where nothing is projected), and ~w.q over them."""
-    tid = tl.program_id(0)
-    i = tl.load(tiles + tid * NTILE + T_TENSOR)
-    lplog = tl.load(meta + i * NMETA + M_LPLOG)
-    for lg in tl.static_range(NLP):
-        if lplog == lg:
-            _caution_tile(tiles, meta, ptrs, parts, cparts, coef, scal, tid, _f64(mom_b).to(CDT),
-                          _f64(c1_b).to(CDT), _f64(b2_b).to(CDT), _f64(c2_b).to(CDT), _f64(eps_b).to(CDT), OPT,
-                          NESTEROV, WK, S1K, S2K, CDT, BLOCK, 1 << lg)
+    i, row0, nrows, col0, col_end, chunk, length, nchunk, part0, crow0, project, wide, pw, pg, ps1, ps2, pstep = \
+        _tile_info(tiles, meta, ptrs, tl.program_id(0))
+    sbc2 = tl.load(scal + i * NV + V_SBC2).to(CDT)
+    mom = _f64(mom_b).to(CDT)
+    c1 = _f64(c1_b).to(CDT)
+    b2 = _f64(b2_b).to(CDT)
+    c2 = _f64(c2_b).to(CDT)
+    eps = _f64(eps_b).to(CDT)
+    if wide:
+        _caution_tile(parts, cparts, coef, row0, nrows, col0, col_end, chunk, length, nchunk, part0, crow0, project,
+                      pw, pg, ps1, ps2, mom, c1, b2, c2, sbc2, eps, OPT, NESTEROV, WK, S1K, S2K, CDT, 1, WIDE_C)
+    else:
+        _caution_tile(parts, cparts, coef, row0, nrows, col0, col_end, chunk, length, nchunk, part0, crow0, project,
+                      pw, pg, ps1, ps2, mom, c1, b2, c2, sbc2, eps, OPT, NESTEROV, WK, S1K, S2K, CDT, TILE_R, TILE_C)
 
 
-def _crow(parts, cparts, coef, first, nchunk, crow, rm):
+def _crow(parts, cparts, coef, first, nchunk, crow, rm, RB: tl.constexpr):
     """A row's kept count and ~w.q (the parts' sums rescaled to the row's power of two)."""
     kw = tl.load(coef + crow + C_KW, mask=rm, other=0.0)
-    count = tl.zeros(rm.shape, tl.float64)
-    wq = tl.zeros(rm.shape, tl.float64)
+    count = tl.full((RB,), 0.0, tl.float64)
+    wq = tl.full((RB,), 0.0, tl.float64)
     for j in range(0, nchunk):
         q = first + j
         count += tl.load(cparts + q * NCSTAT + K_COUNT, mask=rm, other=0.0)
@@ -483,14 +537,14 @@ def cdecide(meta, cparts, parts, coef, scal, RB: tl.constexpr):
     channel = tl.load(sv + V_CHANNEL) != 0.0
     layer = tl.load(sv + V_LAYER) != 0.0
     kw_l = tl.load(sv + V_KWL)
-    total = tl.zeros((), tl.float64)
-    wq_l = tl.zeros((), tl.float64)
+    total = tl.full((), 0.0, tl.float64)
+    wq_l = tl.full((), 0.0, tl.float64)
     for r0 in range(0, n_rows, RB):
         r = r0 + tl.arange(0, RB)
         rm = r < n_rows
-        kw, count, wq = _crow(parts, cparts, coef, first + r * nchunk, nchunk, (row0 + r) * NCOEF, rm)
-        total += tl.sum(count, axis=0)
-        wq_l += tl.sum(tl.where(rm, wq * _pow2(kw - kw_l), 0.0), axis=0)
+        kw, count, wq = _crow(parts, cparts, coef, first + r * nchunk, nchunk, (row0 + r) * NCOEF, rm, RB)
+        total += _sum(count, axis=0)
+        wq_l += _sum(tl.where(rm, wq * _pow2(kw - kw_l), 0.0), axis=0)
     mean = total / tl.maximum(n_rows * length, 1).to(tl.float64)
     scale = 1.0 / tl.maximum(mean, 1e-3)
     tl.store(sv + V_CSCALE, scale)
@@ -499,77 +553,84 @@ def cdecide(meta, cparts, parts, coef, scal, RB: tl.constexpr):
     for r0 in range(0, n_rows, RB):
         r = r0 + tl.arange(0, RB)
         rm = r < n_rows
-        kw, count, wq = _crow(parts, cparts, coef, first + r * nchunk, nchunk, (row0 + r) * NCOEF, rm)
+        kw, count, wq = _crow(parts, cparts, coef, first + r * nchunk, nchunk, (row0 + r) * NCOEF, rm, RB)
         cr = coef + (row0 + r) * NCOEF
         n_c = tl.load(cr + C_NC, mask=rm, other=1.0)
         c = tl.where(channel, scale * (_pow2(-kw) * (wq / n_c / n_c)), tl.where(layer, coef_l, 0.0))
         tl.store(cr + C_CAUTION, c, mask=rm)
 
 
-def _update_tile(tiles, meta, ptrs, coef, scal, tid, mom, c1, b2, c2, eps, OPT: tl.constexpr,
-                 NESTEROV: tl.constexpr, STORE_Q: tl.constexpr, CAUTION: tl.constexpr, WK: tl.constexpr,
-                 S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, LP: tl.constexpr):
-    i, rows, col0, rmask, mask, offs = _tile(tiles, meta, tid, BLOCK, LP)
-    sv = scal + i * NV
-    mask = tl.where(tl.load(sv + V_OK) != 0.0, mask, False)  # a skipped tensor: nothing read or written
-    pt = ptrs + i * NPTR
-    pw = tl.load(pt + P_W)
-    ps1 = tl.load(pt + P_S1)
-    g = _load(tl.load(pt + P_G), offs, mask, WK, CDT)
-    w = _load(pw, offs, mask, WK, CDT)
-    s1 = _load(ps1, offs, mask, S1K, CDT)
-    if OPT == 0:
-        s2 = _load(tl.load(pt + P_S2), offs, mask, S2K, CDT)
-    else:
-        s2 = s1
-    n1, n2, u = _direction(g, s1, s2, mom, c1, b2, c2, tl.load(sv + V_SBC2).to(CDT), eps, OPT, NESTEROV, CDT)
-    crow = (tl.load(meta + i * NMETA + M_ROW0) + rows) * NCOEF
-    project = tl.load(meta + i * NMETA + M_PROJECT) != 0
-    c = tl.load(coef + crow + C_PROJ, mask=rmask, other=0.0).to(CDT)[:, None]
-    # Alg. 2 line 8, Alg. 1 line 6: the radial part removed (c = 0 where neither view is projected; a 1-d
-    # or 0-d param keeps u itself, as the array-API step, which never forms u - w * 0 for it)
-    q = tl.where(project, u - w * c, u)
-    upd = q
+def _update_tile(coef, row0, nrows, col0, col_end, length, crow0, project, pw, pg, ps1, ps2, mom, c1, b2, c2,
+                 sbc2, eps, ok, decay, step, cscale, OPT: tl.constexpr, NESTEROV: tl.constexpr,
+                 STORE_Q: tl.constexpr, CAUTION: tl.constexpr, WK: tl.constexpr, S1K: tl.constexpr,
+                 S2K: tl.constexpr, CDT: tl.constexpr, R: tl.constexpr, C: tl.constexpr):
+    j = tl.arange(0, R)
+    rmask = j < nrows
+    crow = (crow0 + row0 + j) * NCOEF
+    c_u = tl.load(coef + crow + C_PROJ, mask=rmask, other=0.0).to(CDT)[:, None]
     if CAUTION:
-        # timm's cautious step: keep the entries where q agrees in sign with g's tangential part (g itself
-        # where not projected), rescale by the kept fraction, then project again (projected tensors only).
-        cg = tl.load(coef + crow + C_GRAD, mask=rmask, other=0.0).to(CDT)[:, None]
-        keep = (q * tl.where(project, g - w * cg, g)) > 0
-        qc = q * tl.where(keep, tl.load(sv + V_CSCALE).to(CDT), 0.0)  # q * phi (caution.caution_factor)
-        c2c = tl.load(coef + crow + C_CAUTION, mask=rmask, other=0.0).to(CDT)[:, None]
-        upd = tl.where(project, qc - w * c2c, qc)  # c2c = 0 where not projected: qc itself
-    if OPT == 0:
-        _store(ps1, offs, n1, mask, S1K)
-        _store(tl.load(pt + P_S2), offs, n2, mask, S2K)
-    elif STORE_Q:
-        # adamp 0.3.0 projects the momentum buffer itself in place: the stored buffer is q (sgdp.py)
-        _store(ps1, offs, tl.where(project, q, n1), mask, S1K)
-    else:
-        _store(ps1, offs, n1, mask, S1K)
-    decay = tl.load(sv + V_DECAY).to(CDT)
-    step = tl.load(sv + V_STEP).to(CDT)
-    _store(pw, offs, w * decay + (-step) * upd, mask, WK)  # Alg. 2 lines 10-11: decay, then the step
+        c_g = tl.load(coef + crow + C_GRAD, mask=rmask, other=0.0).to(CDT)[:, None]
+        c_q = tl.load(coef + crow + C_CAUTION, mask=rmask, other=0.0).to(CDT)[:, None]
+    for c in range(col0, col_end, C):
+        rows, rmask, mask, offs = _block(row0, nrows, c, col_end, length, R, C)
+        mask = tl.where(ok, mask, False)  # a skipped tensor: nothing read or written
+        w, g, n1, n2, u = _inputs(pw, pg, ps1, ps2, offs, mask, mom, c1, b2, c2, sbc2, eps, OPT, NESTEROV, WK,
+                                  S1K, S2K, CDT)
+        # Alg. 2 line 8, Alg. 1 line 6: the radial part removed (c_u = 0 where neither view is projected; a
+        # 1-d or 0-d param keeps u itself, as the array-API step, which never forms u - w * 0 for it)
+        q = tl.where(project, u - w * c_u, u)
+        upd = q
+        if CAUTION:
+            # timm's cautious step (adamp_core.caution): keep the entries where q agrees in sign with g's
+            # tangential part (g itself where not projected), rescale by the kept fraction, project again.
+            keep = (q * tl.where(project, g - w * c_g, g)) > 0
+            qc = q * tl.where(keep, cscale, 0.0)  # q * phi (caution.caution_factor)
+            upd = tl.where(project, qc - w * c_q, qc)  # c_q = 0 where not projected: qc itself
+        if OPT == 0:
+            _store(ps1, offs, n1, mask, S1K)
+            _store(ps2, offs, n2, mask, S2K)
+        elif STORE_Q:
+            # adamp 0.3.0 projects the momentum buffer itself in place: the stored buffer is q (sgdp.py)
+            _store(ps1, offs, tl.where(project, q, n1), mask, S1K)
+        else:
+            _store(ps1, offs, n1, mask, S1K)
+        _store(pw, offs, w * decay + (-step) * upd, mask, WK)  # Alg. 2 lines 10-11: decay, then the step
 
 
 def update(tiles, meta, ptrs, coef, scal, mom_b, c1_b, b2_b, c2_b, eps_b, OPT: tl.constexpr,
            NESTEROV: tl.constexpr, STORE_Q: tl.constexpr, CAUTION: tl.constexpr, WK: tl.constexpr,
-           S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr, BLOCK: tl.constexpr, NLP: tl.constexpr):
+           S1K: tl.constexpr, S2K: tl.constexpr, CDT: tl.constexpr):
     """Pass 3 (one program per tile): the state update, the projection, the decay and the step, in place."""
-    tid = tl.program_id(0)
-    i = tl.load(tiles + tid * NTILE + T_TENSOR)
-    lplog = tl.load(meta + i * NMETA + M_LPLOG)
-    for lg in tl.static_range(NLP):
-        if lplog == lg:
-            _update_tile(tiles, meta, ptrs, coef, scal, tid, _f64(mom_b).to(CDT), _f64(c1_b).to(CDT),
-                         _f64(b2_b).to(CDT), _f64(c2_b).to(CDT), _f64(eps_b).to(CDT), OPT, NESTEROV,
-                         STORE_Q, CAUTION, WK, S1K, S2K, CDT, BLOCK, 1 << lg)
+    i, row0, nrows, col0, col_end, chunk, length, nchunk, part0, crow0, project, wide, pw, pg, ps1, ps2, pstep = \
+        _tile_info(tiles, meta, ptrs, tl.program_id(0))
+    sv = scal + i * NV
+    ok = tl.load(sv + V_OK) != 0.0
+    sbc2 = tl.load(sv + V_SBC2).to(CDT)
+    decay = tl.load(sv + V_DECAY).to(CDT)
+    step = tl.load(sv + V_STEP).to(CDT)
+    cscale = tl.full((), 1.0, CDT)
+    if CAUTION:
+        cscale = tl.load(sv + V_CSCALE).to(CDT)
+    mom = _f64(mom_b).to(CDT)
+    c1 = _f64(c1_b).to(CDT)
+    b2 = _f64(b2_b).to(CDT)
+    c2 = _f64(c2_b).to(CDT)
+    eps = _f64(eps_b).to(CDT)
+    if wide:
+        _update_tile(coef, row0, nrows, col0, col_end, length, crow0, project, pw, pg, ps1, ps2, mom, c1, b2, c2,
+                     sbc2, eps, ok, decay, step, cscale, OPT, NESTEROV, STORE_Q, CAUTION, WK, S1K, S2K, CDT, 1,
+                     WIDE_C)
+    else:
+        _update_tile(coef, row0, nrows, col0, col_end, length, crow0, project, pw, pg, ps1, ps2, mom, c1, b2, c2,
+                     sbc2, eps, ok, decay, step, cscale, OPT, NESTEROV, STORE_Q, CAUTION, WK, S1K, S2K, CDT,
+                     TILE_R, TILE_C)
 
 
 # -- build -----------------------------------------------------------------------------------------------
 
-_HELPERS = ("_f64", "_pow2", "_exponent", "_row_exponent", "_expm1", "_sqrt", "_div", "_load", "_store",
-            "_adamp_scalars", "_direction", "_combine", "_row", "_cosine", "_tile", "_stats_tile", "_update_tile",
-            "_caution_tile", "_crow")
+_HELPERS = ("_sum", "_max", "_min", "_f64", "_pow2", "_exponent", "_expm1", "_sqrt", "_div", "_load", "_store",
+            "_adamp_scalars", "_direction", "_combine", "_row", "_cosine", "_tile_info", "_block", "_inputs",
+            "_stats_tile", "_caution_tile", "_update_tile", "_crow")
 KERNELS = ("stats", "decide", "cstats", "cdecide", "update")
 
 

@@ -59,12 +59,14 @@ from typing import Any, NamedTuple
 from ._common import is_python_int
 from .projection import channel_shape
 
-__all__ = ["AVAILABLE", "BLOCK", "Counts", "Entry", "check_available", "counting", "entry", "interpreting",
+__all__ = ["AVAILABLE", "ITERS", "Counts", "Entry", "check_available", "counting", "entry", "interpreting",
            "step_group", "supports_hyperparams"]
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 
-BLOCK = 1024  # elements per tile (a power of two): whole rows when they fit, else pieces of one row
+# A tile's block: TILE_R rows x TILE_C columns, or one row x WIDE_C columns (the kernels' constants)
+TILE_R, TILE_C, WIDE_C = 16, 32, 512
+ITERS = 32  # blocks per tile along its rows (16k entries at most): longer rows are cut into parts
 ROW_BLOCK = 128  # rows per iteration of decide
 NUM_WARPS = 4
 _CACHE_SIZE = 16  # layouts and address tables kept per process (least recently used dropped)
@@ -218,9 +220,15 @@ class _Plan(NamedTuple):
     n_rows: int
 
 
-def _layout(shapes: Sequence[tuple[int, ...]], block: int) -> tuple[Any, Any, int, int]:
+def _efficiency(rows: int, length: int, block_rows: int, block_cols: int) -> float:
+    """The fraction of a tile's block that holds entries, for rows of ``length`` in blocks of that shape."""
+    return min(rows, block_rows) / block_rows * length / (block_cols * -(-length // block_cols))
+
+
+def _layout(shapes: Sequence[tuple[int, ...]], iters: int) -> tuple[Any, Any, int, int]:
     """The metadata rows and the tiles (NumPy int64) of tensors of ``shapes``: columns as in
-    :mod:`adamp_core._triton_kernels` (``M_*``, ``T_*``)."""
+    :mod:`adamp_core._triton_kernels` (``M_*``, ``T_*``). A tile is up to ``TILE_R`` rows (narrow) or one
+    row (wide, where that fills the blocks better: few long rows) and up to ``iters`` blocks of columns."""
     import numpy as np
 
     meta = np.zeros((len(shapes), 7), dtype=np.int64)
@@ -230,20 +238,19 @@ def _layout(shapes: Sequence[tuple[int, ...]], block: int) -> tuple[Any, Any, in
         rows, length = channel_shape(shape)
         if rows * length == 0:
             rows = 0
-        lp = min(1 << max(0, length - 1).bit_length(), block)  # the row length padded to a power of two
-        nchunk = -(-length // block) if rows else 0
-        meta[i] = (rows, length, n_parts, nchunk, n_rows, lp.bit_length() - 1, int(len(shape) > 1 and rows > 0))
-        if rows and length <= block:  # whole rows: block // lp of them per tile
-            per = block // lp
-            r0 = np.arange(0, rows, per, dtype=np.int64)
-            tiles.append(np.stack([np.full_like(r0, i), r0, np.zeros_like(r0), np.minimum(per, rows - r0)], 1))
-        elif rows:  # pieces of one row per tile
-            r = np.repeat(np.arange(rows, dtype=np.int64), nchunk)
-            c = np.tile(np.arange(nchunk, dtype=np.int64) * block, rows)
-            tiles.append(np.stack([np.full_like(r, i), r, c, np.ones_like(r)], 1))
+        wide = rows > 0 and _efficiency(rows, length, 1, WIDE_C) > _efficiency(rows, length, TILE_R, TILE_C)
+        block_rows, span = (1, iters * WIDE_C) if wide else (TILE_R, iters * TILE_C)
+        nchunk = -(-length // span) if rows else 0
+        meta[i] = (rows, length, n_parts, nchunk, n_rows, int(wide), int(len(shape) > 1 and rows > 0))
+        if rows:
+            r0 = np.arange(0, rows, block_rows, dtype=np.int64)
+            c0 = np.arange(nchunk, dtype=np.int64)
+            r, c = np.repeat(r0, nchunk), np.tile(c0, len(r0))
+            tiles.append(np.stack([np.full_like(r, i), r, np.minimum(block_rows, rows - r), c * span,
+                                   np.minimum((c + 1) * span, length), c], 1))
         n_parts += rows * nchunk
         n_rows += rows
-    table = np.concatenate(tiles) if tiles else np.zeros((0, 4), dtype=np.int64)
+    table = np.concatenate(tiles) if tiles else np.zeros((0, 6), dtype=np.int64)
     return meta, table, n_parts, n_rows
 
 
@@ -273,12 +280,12 @@ def _upload(torch: Any, values: Any, dev: Any) -> Any:
     return host.pin_memory().to(dev, non_blocking=True)
 
 
-def _plan(torch: Any, shapes: tuple[tuple[int, ...], ...], dev: Any, block: int) -> _Plan:
+def _plan(torch: Any, shapes: tuple[tuple[int, ...], ...], dev: Any, iters: int) -> _Plan:
     def make() -> _Plan:
-        meta, tiles, n_parts, n_rows = _layout(shapes, block)
+        meta, tiles, n_parts, n_rows = _layout(shapes, iters)
         return _Plan(_upload(torch, meta, dev), _upload(torch, tiles, dev), len(tiles), n_parts, n_rows)
 
-    return _remember(_PLANS, (dev, block, shapes), make)
+    return _remember(_PLANS, (dev, iters, shapes), make)
 
 
 # -- one step of one group ----------------------------------------------------------------------------------
@@ -288,9 +295,10 @@ _BUILT: dict[bool, Any] = {}
 
 def _kernels(interpret: bool) -> Any:
     if interpret not in _BUILT:
-        from . import _triton_kernels
+        from . import _triton_kernels as kt
 
-        _BUILT[interpret] = _triton_kernels.build(interpret)
+        assert (kt.TILE_R.value, kt.TILE_C.value, kt.WIDE_C.value) == (TILE_R, TILE_C, WIDE_C)
+        _BUILT[interpret] = kt.build(interpret)
     return _BUILT[interpret]
 
 
@@ -309,18 +317,18 @@ def _log(beta: float) -> float:
 
 
 def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: bool = False,
-               block: int = BLOCK) -> tuple[list[Any] | None, list[Any] | None]:
+               iters: int = ITERS) -> tuple[list[Any] | None, list[Any] | None]:
     """One AdamP (``spec.kernel == "adamp"``) or SGDP step of ``entries`` (one key: see :func:`entry`),
     written in place; array step counts advanced in place where written. ``hp``: checked hyperparameters
-    of Python numbers (:func:`supports_hyperparams`). ``block``: elements per tile (a power of two; tests
-    use small ones to cut long rows into pieces).
+    of Python numbers (:func:`supports_hyperparams`). ``iters``: blocks per tile along its rows (tests use 1
+    to cut short rows into parts).
 
     Returns ``(ok, skips)``: None, None without ``skip_nonfinite``; else per tensor a 0-d bool device
     tensor (the grad was finite: the tensor was written) and a 0-d int64 one (1 where it was skipped)."""
     import torch
 
-    if block < 1 or block & (block - 1):
-        raise ValueError(f"Invalid block: {block!r} (expected a power of two)")
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"Invalid iters: {iters!r} (expected a positive int)")
     n = len(entries)
     dev = entries[0].param.device
     interpret = dev.type == "cpu"
@@ -328,7 +336,7 @@ def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: boo
     import triton.language as tl
 
     adamp = spec.kernel == "adamp"
-    plan = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, block)
+    plan = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, iters)
     steps = [e.step for e in entries]
     scratch = None
     if adamp and any(is_python_int(s) for s in steps):  # host counts: read from a scratch copy on the device
@@ -369,7 +377,7 @@ def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: boo
                                              wd=hp.weight_decay, delta=hp.delta, ratio=hp.wd_ratio, mu=mu).items()}
     options = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
     common = dict(OPT=0 if adamp else 1, CDT=cdt, **options)
-    tile = dict(NESTEROV=bool(hp.nesterov), WK=wk, S1K=s1k, S2K=s2k, BLOCK=block, NLP=block.bit_length(), **common)
+    tile = dict(NESTEROV=bool(hp.nesterov), WK=wk, S1K=s1k, S2K=s2k, **common)
     elementwise = (x["mom"], x["c1"], x["b2"], x["c2"], x["eps"])
     grid_t, grid_n = (plan.n_tiles,), (n,)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
