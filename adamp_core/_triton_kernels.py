@@ -648,7 +648,10 @@ def build(interpret: bool) -> types.SimpleNamespace:
         # Under the interpreter the helpers stay plain Python functions, which it runs as they are: a call to
         # a decorated one costs milliseconds there (it patches triton.language anew for every call).
         for name in KERNELS if interpret else names:
-            env[name] = triton.jit(env[name])
+            # Hyperparameters (float64 bits, "*_b") are not specialized on their value: a bit pattern equal to
+            # 1 would become a constant (and every new value a recompilation).
+            bits = [a for a in env[name].__code__.co_varnames[:env[name].__code__.co_argcount] if a.endswith("_b")]
+            env[name] = triton.jit(env[name], do_not_specialize=bits) if name in KERNELS else triton.jit(env[name])
     finally:
         if before is None:
             del os.environ["TRITON_INTERPRET"]

@@ -91,6 +91,7 @@ class Counts:
 
     launches: int = 0
     uploads: int = 0
+    in_launch: bool = False  # a kernel is running (under the interpreter: its host copies are not the step's)
 
 
 _COUNTS: list[Counts] = []
@@ -304,7 +305,13 @@ def _kernels(interpret: bool) -> Any:
 
 def _launch(kernel: Any, grid: tuple[int], *args: Any, **meta: Any) -> None:
     _count("launches")
-    kernel[grid](*args, **meta)
+    for c in _COUNTS:
+        c.in_launch = True
+    try:
+        kernel[grid](*args, **meta)
+    finally:
+        for c in _COUNTS:
+            c.in_launch = False
 
 
 def _bits(x: float) -> int:

@@ -388,7 +388,7 @@ def test_missing_triton_is_a_clear_error(monkeypatch):
         triton_fused.step_group(ADAMP, [], _hp("adamp"), iters=0)
 
 
-def test_kernels_compile_for_a_gpu():
+def test_kernels_compile_ahead_of_time_for_sm90():
     """The kernels as the GPU gets them (not the interpreter's Python) compile for an H100/H200 (sm_90)
     here, without a GPU: Triton's own compiler and ptxas. One variant: AdamP, float32, caution."""
     try:
@@ -504,3 +504,18 @@ def test_cuda_graph_capture_replays_to_the_same_result(monkeypatch):  # pragma: 
         assert torch.equal(p, q)
     assert int(a.state[graphed[0]]["step"]) == int(b.state[eager[0]]["step"]) == 8
 
+
+
+def test_bench_counts_the_launches(tmp_path, monkeypatch, capsys):
+    """``adamp-xp bench --launches`` (README Speed) on a small workload: 3 Triton launches, nothing else."""
+    import json
+
+    from adamp_xp.bench import runners
+    from adamp_xp.cli import main
+
+    monkeypatch.setitem(runners.INTERPRETER_ROWS, "allowed", False)  # restored after the command sets it
+    out = tmp_path / "launches.json"
+    assert main(["bench", "--launches", "--workload", "transformer", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text())["results"]
+    assert (row["n_tensors"], row["triton_launches"], row["uploads"], row["torch_ops"]) == (12, 3, 0, 0)
+    assert "| transformer | adamp | 12 | 3 | 0 | 0 | 3 |" in capsys.readouterr().out

@@ -30,7 +30,7 @@ from .runners import (
 )
 from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 
-__all__ = ["add_arguments", "format_table", "run"]
+__all__ = ["add_arguments", "format_table", "run", "run_launches"]
 
 QUICK_SCALE = 0.05
 # --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
@@ -43,6 +43,9 @@ QUICK_SKIP_BACKENDS = ("array_api_strict",)
 # Also left out by --quick unless named with --impl: the fused=False rows (the per-tensor "before" of the
 # fast paths and the multi-tensor array-API step forced on the CPU, for the full-size tables).
 QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach")
+# --launches on a CPU runs the Triton kernels in Triton's interpreter (Python): every dimension of the
+# workload's shapes is capped at this, which keeps the tensor count and kinds (and so the launches).
+LAUNCH_DIM_CAP = 4
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +75,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'none': off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the params and grads (default 0)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--launches", action="store_true",
+                   help="no timing: count the kernel launches of one step of adamp_torch's fused='triton' path "
+                   "(on a CPU under Triton's interpreter, every dimension capped at "
+                   f"{LAUNCH_DIM_CAP}: the count does not depend on sizes; default workloads: resnet50, small)")
 
 
 def _positive(value: Any, name: str, kind: type) -> Any:
@@ -149,6 +156,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
     ops = any("torch_ops" in r for r in ran)
     if ops:
         head.append("torch ops")
+    kernels = any("cuda_launches" in r or "launches" in r for r in ran)
+    if kernels:  # GPU kernels and copies per step (profiler), or the Triton row's launches + torch ops
+        head.append("launches")
     body = []
     for r in ran:
         cells = [
@@ -167,6 +177,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
             cells.append("-" if extra is None else f"{extra / 2**20:.1f} ({r['extra_peak_x_params']:.2f})")
         if ops:
             cells.append(f"{r['torch_ops']:,}" if "torch_ops" in r else "-")
+        if kernels:
+            n = r.get("cuda_launches", r.get("launches"))
+            cells.append("-" if n is None else f"{n:,}")
         body.append(cells)
     widths = [max(len(str(c)) for c in col) for col in zip(head, *body, strict=False)]
     right = set(range(2, len(head)))
@@ -225,8 +238,61 @@ def _scales_text(scales: dict[str, float]) -> str:
     return f"{common:g} ({rest})"
 
 
+def run_launches(args: argparse.Namespace) -> int:
+    """``adamp-xp bench --launches``: per workload and optimizer, the launches of one step (after a warm-up
+    step) of ``adamp_torch``'s ``fused="triton"`` path: its Triton kernels, its table uploads and the other
+    torch operators with a kernel. On ``--device cpu`` the kernels run in Triton's interpreter."""
+    from .measure import launches
+    from .runners import INTERPRETER_ROWS, Unavailable, build_runner
+    from .workloads import Workload
+
+    if args.device == "cpu":
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels run (adamp_core.triton_fused.interpreting)
+        INTERPRETER_ROWS["allowed"] = True
+    names = args.workload or ["resnet50", "small"]
+    names = list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))
+    optimizers = list(OPTIMIZERS) if args.optimizer == "all" else [args.optimizer]
+    backend = "torch:cpu" if args.device == "cpu" else "torch:cuda"
+    rows, failed = [], False
+    print(f"adamp-xp bench --launches: adamp_torch fused='triton' on {backend}"
+          + (f" (Triton's interpreter; every dimension capped at {LAUNCH_DIM_CAP})" if args.device == "cpu" else ""))
+    head = ("workload", "optimizer", "tensors", "Triton launches", "table uploads", "other torch ops", "total")
+    print("| " + " | ".join(head) + " |\n|" + "|".join("---:" if i > 1 else "---" for i in range(len(head))) + "|")
+    for name in names:
+        w = get_workload(name, args.scale if args.scale is not None else 1.0)
+        if args.device == "cpu":
+            w = Workload(w.name, w.scale, w.description, tuple(tuple(min(d, LAUNCH_DIM_CAP) for d in s)
+                                                                for s in w.shapes), w.invariant)
+        cache = GradCache(w, seed=args.seed)
+        for optimizer in optimizers:
+            try:
+                runner = build_runner("adamp_torch-triton", optimizer, backend, cache)
+                runner.step()  # warm-up: compilation, lazy state, the tables
+                runner.sync()
+                n = launches(runner.step)
+                runner.sync()
+            except Unavailable as exc:
+                print(f"  skip: {name} / {optimizer}: {exc}")
+                continue
+            except Exception as exc:  # reported, and the exit status says so
+                print(f"  error: {name} / {optimizer}: {type(exc).__name__}: {exc}")
+                failed = True
+                continue
+            others = n["torch_ops"] - n["uploads"]
+            rows.append(dict(workload=name, optimizer=optimizer, n_tensors=w.n_tensors, backend=backend, **n))
+            print(f"| {name} | {optimizer} | {w.n_tensors:,} | {n['triton_launches']} | {n['uploads']} | {others} "
+                  f"| {n['triton_launches'] + n['torch_ops']} |", flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"device": args.device, "versions": _versions(), "dim_cap": LAUNCH_DIM_CAP
+                                if args.device == "cpu" else None}, "results": rows}, f, indent=2)
+    return 0 if rows and not failed else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: print one table per workload and optimizer; 0 when rows ran."""
+    if getattr(args, "launches", False):
+        return run_launches(args)
     s = _settings(args)
     configure_threads(s["device"], s["threads"])
     rows = impl_rows(s["device"], s["impls"], s["backends"])

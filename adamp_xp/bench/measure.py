@@ -12,7 +12,8 @@ for every run instead.
 * :func:`prepare_resident` / :func:`prepare_one_at_a_time`: :func:`build_row`, :func:`warm_up` and
   :func:`calibrate_row` (steps per timed run) for every row;
 * :func:`time_rounds`: the interleaved timed runs;
-* :func:`measure_memory_and_ops`: :func:`extra_peak_bytes` and :func:`torch_ops` of one more step;
+* :func:`measure_memory_and_ops`: :func:`extra_peak_bytes`, :func:`torch_ops` and, on CUDA,
+  :func:`cuda_launches` of one more step (the Triton row: also its kernel launches, :func:`launches`);
 * :func:`timing_summary` and :func:`add_ratios`: the figures of each row's result dict.
 """
 
@@ -37,8 +38,10 @@ __all__ = [
     "build_row",
     "calibrate_row",
     "configure_threads",
+    "cuda_launches",
     "extra_peak_bytes",
     "keep_threads",
+    "launches",
     "measure",
     "measure_memory_and_ops",
     "prepare_one_at_a_time",
@@ -239,23 +242,54 @@ _VIEW_OPS = frozenset(
 )
 
 
-def torch_ops(step: Any) -> int:
+# torch ops that run no kernel on the device either: allocations and the profiler's records.
+_NO_KERNEL_OPS = frozenset("empty empty_strided new_empty _record_function_enter_new _record_function_exit".split())
+
+
+def torch_ops(step: Any, skip: Callable[[], bool] = lambda: False, ignore: frozenset[str] = frozenset()) -> int:
     """How many torch operators that run a kernel (views left out) one call of ``step`` dispatches: on a
     GPU, about the kernel launches of a step, which bound a launch-bound step's time from below. A
-    ``torch._foreach_*`` call counts once."""
+    ``torch._foreach_*`` call counts once. ``skip()`` true: not counted (Triton's interpreter at work);
+    ``ignore``: more operator names left out."""
     from torch.utils._python_dispatch import TorchDispatchMode
 
     class _Count(TorchDispatchMode):
         n = 0
 
         def __torch_dispatch__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-            if func.overloadpacket.__name__ not in _VIEW_OPS:
+            name = func.overloadpacket.__name__
+            if name not in _VIEW_OPS and name not in ignore and not skip():
                 _Count.n += 1
             return func(*args, **(kwargs or {}))
 
     with _Count():
         step()
     return _Count.n
+
+
+def launches(step: Any) -> dict[str, int]:
+    """What one call of ``step`` launches: the Triton kernels of :mod:`adamp_core.triton_fused` and its table
+    uploads (counted where they are launched), and the other torch operators with a kernel (:func:`torch_ops`,
+    the uploads among them; allocations and profiler records left out: they run no kernel)."""
+    from adamp_core import triton_fused
+
+    with triton_fused.counting() as counts:  # not the interpreter's own copies of the arguments
+        ops = torch_ops(step, lambda: counts.in_launch, _NO_KERNEL_OPS)
+    return {"triton_launches": counts.launches, "uploads": counts.uploads, "torch_ops": ops,
+            "launches": counts.launches + ops}
+
+
+def cuda_launches(step: Any, sync: Any) -> int | None:
+    """GPU kernels and memory copies one call of ``step`` puts on the device, as the torch profiler records
+    them (Triton's and torch's alike); None where the profiler sees no CUDA activity."""
+    from torch.profiler import ProfilerActivity, profile
+
+    sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        step()
+        sync()
+    events = [e for e in prof.events() if getattr(e.device_type, "name", str(e.device_type)).upper().endswith("CUDA")]
+    return len(events) or None
 
 
 # -- one row: build, warm up, calibrate ----------------------------------------------------------------------
@@ -415,9 +449,17 @@ def measure_memory_and_ops(
             extra = None
         if extra is not None:
             results[row].update(extra_peak_bytes=extra, extra_peak_x_params=extra / param_bytes)
-        if row[1].startswith("torch"):  # kernels per step: what bounds a launch-bound GPU step
+        if row[0].endswith("-triton"):  # its own kernels, and the torch ops around them
+            results[row].update(launches(runner.step))
+            runner.sync()
+        elif row[1].startswith("torch"):  # kernels per step: what bounds a launch-bound GPU step
             results[row]["torch_ops"] = torch_ops(runner.step)
             runner.sync()
+        if row[1] == "torch:cuda":
+            try:
+                results[row]["cuda_launches"] = cuda_launches(runner.step, runner.sync)
+            except Exception:  # pragma: no cover - the profiler must not take the table down
+                pass
 
 
 def timing_summary(times: list[float], steps_per_run: int, interleaved: bool) -> dict[str, Any]:

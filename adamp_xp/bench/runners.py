@@ -20,6 +20,7 @@ core+jit            the same, ``jax.jit``-compiled (buffers donated) jax
 adamp_torch         ``adamp_torch.AdamP`` / ``SGDP``                 torch
 adamp_torch-unfused ``fused=False, foreach=False`` (per-tensor step) torch
 adamp_torch-foreach ``fused=False`` (multi-tensor array-API step)    torch
+adamp_torch-triton  ``fused="triton"`` (adamp_core.triton_fused)     torch:cuda (torch:cpu: interpreter only)
 adamp_array         ``adamp_array.AdamP`` / ``SGDP``                 numpy, cupy
 adamp_array-unfused ``fused=False, foreach=False`` (per-array step)  numpy, cupy
 adamp_array-foreach ``fused=False`` (multi-tensor array-API step)    numpy, cupy
@@ -142,6 +143,12 @@ IMPLS: dict[str, Impl] = {
         Impl(
             "adamp_torch-foreach",
             ("adamp_torch.AdamP(fused=False)", "adamp_torch.SGDP(fused=False)"),
+            False,
+            ("torch",),
+        ),
+        Impl(
+            "adamp_torch-triton",
+            ("adamp_torch.AdamP(fused='triton')", "adamp_torch.SGDP(fused='triton')"),
             False,
             ("torch",),
         ),
@@ -340,13 +347,31 @@ def _committed(jax: Any, backend: str, tree: Any) -> Any:
     return jax.device_put(tree, jax.devices(backend.split(":")[1])[0])
 
 
-def _path_options(impl: str) -> dict[str, bool]:
+def _path_options(impl: str) -> dict[str, Any]:
     """The adapters' path options of a row: ``*-unfused``, the plain per-tensor array-API step (the
     before of the fast paths); ``*-foreach``, the multi-tensor array-API step (:mod:`adamp_core.grouped`,
-    what a GPU runs) forced on the CPU; else the default (the fused kernels where they apply)."""
+    what a GPU runs) forced on the CPU; ``*-triton``, the fused Triton kernels (:mod:`adamp_core.triton_fused`);
+    else the default (the fused kernels where they apply)."""
     if impl.endswith("-unfused"):
         return {"fused": False, "foreach": False}
+    if impl.endswith("-triton"):
+        return {"fused": "triton"}
     return {"fused": False} if impl.endswith("-foreach") else {}
+
+
+INTERPRETER_ROWS = {"allowed": False}  # set by ``adamp-xp bench --launches`` (counts, never timings)
+
+
+def _require_triton(backend: str) -> None:
+    """The Triton row runs on CUDA tensors; on a CPU only under Triton's interpreter (TRITON_INTERPRET=1),
+    for the launch counts of ``adamp-xp bench --launches``, never for timing."""
+    from adamp_core import triton_fused
+
+    if not triton_fused.AVAILABLE:
+        raise Unavailable("triton is not installed (pip install 'adamp-xp[triton]')")
+    if backend == "torch:cpu" and not (INTERPRETER_ROWS["allowed"] and triton_fused.interpreting()):
+        raise Unavailable("the Triton kernels run on CUDA tensors (on a CPU only under TRITON_INTERPRET=1, "
+                          "Triton's interpreter: adamp-xp bench --launches)")
 
 
 def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> tuple[Callable, Callable, dict]:
@@ -380,6 +405,8 @@ def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
         mod = _require("adamp")
         opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp)
     else:  # adamp_torch: the fused CPU kernels where they apply (fused=None), or the array-API step
+        if impl.endswith("-triton"):
+            _require_triton(backend)
         mod = _require("adamp_torch")
         opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, **_path_options(impl))
     if dev == "cuda":
@@ -472,6 +499,7 @@ _BUILDERS = {
     "adamp_torch": _torch_runner,
     "adamp_torch-unfused": _torch_runner,
     "adamp_torch-foreach": _torch_runner,
+    "adamp_torch-triton": _torch_runner,
     "core": _core_runner,
     "core+jit": _core_runner,
     "adamp_array": _array_runner,
