@@ -146,10 +146,11 @@ def _triton(spec: OptimizerSpec, tensors: Sequence[Tensor], idx: list[int], hp: 
         return idx
     groups: dict[Any, list[tuple[int, Any]]] = {}
     rest = []
+    interpret = triton_fused.interpreting()
     for i in idx:
         t = tensors[i]
         e = None if not t.writable or t.alone or t.rows is not None else triton_fused.entry(spec, t.param, t.grad,
-                                                                                           t.state)
+                                                                                           t.state, interpret)
         if e is None:
             rest.append(i)
         else:

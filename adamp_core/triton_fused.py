@@ -56,7 +56,6 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from ._common import is_python_int
 from .projection import channel_shape
 
 __all__ = ["AVAILABLE", "ITERS", "Counts", "Entry", "check_available", "counting", "entry", "interpreting",
@@ -169,45 +168,53 @@ def _as_torch(arrays: list[Any]) -> list[Any] | None:
         return None
 
 
-def entry(spec: Any, param: Any, grad: Any, state: Any) -> Entry | None:
+def entry(spec: Any, param: Any, grad: Any, state: Any, interpret: bool | None = None) -> Entry | None:
     """``param`` and its grad and state as the kernels take them, or None where they cannot: plain torch
-    tensors (or CuPy arrays, through DLPack) on a CUDA device (on the CPU only under the interpreter),
-    float32/float64/float16/bfloat16, the grad in the param's dtype, equal shapes and strides with rows
-    dense in memory, a step count that is a Python int or a 0-d int64 tensor on the device."""
+    tensors (or CuPy arrays, through DLPack) on a CUDA device (on the CPU only under the interpreter:
+    ``interpret``, default :func:`interpreting`), float32/float64/float16/bfloat16, the grad in the param's
+    dtype, equal shapes and strides with rows dense in memory, a step count that is a Python int or a 0-d
+    int64 tensor on the device. Metadata only, and cheap: it runs for every tensor of every step."""
     torch = sys.modules.get("torch")
-    arrays = [param, grad, *(getattr(state, f) for f in spec.buffers)]
+    layout = _STATE_LAYOUT.get(spec.name)
+    if layout is None:  # once per optimizer (spec.buffers and spec.has_step are computed on every access)
+        layout = _STATE_LAYOUT[spec.name] = (spec.has_step, tuple(spec.state._fields.index(f) for f in spec.buffers))
+    has_step, where = layout
+    bufs = tuple(state[k] for k in where)
     if torch is None or not isinstance(param, torch.Tensor):
-        arrays = _as_torch(arrays)
+        arrays = _as_torch([param, grad, *bufs])
         if arrays is None:
             return None
         torch = sys.modules["torch"]
-    p = arrays[0]
+        param, grad, bufs = arrays[0], arrays[1], tuple(arrays[2:])
+    p = param
     plain = (torch.Tensor, torch.nn.Parameter)
-    dev = p.device
-    if dev.type != "cuda" and not (dev.type == "cpu" and interpreting()):
+    if not p.is_cuda and not (p.is_cpu and (interpreting() if interpret is None else interpret)):
         return None
-    kinds = _kinds(torch)
-    if type(p) not in plain or p.dtype not in kinds or arrays[1].dtype != p.dtype:
+    kinds = _KINDS or _kinds(torch)
+    kind = kinds.get(p.dtype)
+    if kind is None or type(p) not in plain or p.is_neg() or grad.dtype != p.dtype:
         return None
-    shape, stride = p.shape, p.stride()
-    for x in arrays:
-        if type(x) not in plain or x.device != dev or x.shape != shape or x.stride() != stride or x.is_neg():
+    dev, shape, stride = p.device, p.shape, p.stride()
+    if not p.is_contiguous() and not _rows_dense(tuple(shape), tuple(stride)):
+        return None
+    for x in (grad, *bufs):
+        if type(x) not in plain or x.device != dev or x.stride() != stride or x.shape != shape or x.is_neg():
             return None
-        if x.dtype not in kinds:
-            return None
-    if not _rows_dense(tuple(shape), tuple(stride)):
+    key = (dev, kind, *(kinds.get(b.dtype) for b in bufs))
+    if None in key:
         return None
     step = None
-    if spec.has_step:
+    if has_step:
         step = state.step
-        if is_python_int(step):
+        if type(step) is int:
             if step < 0:
                 return None
         elif not (type(step) is torch.Tensor and step.dtype == torch.int64 and step.dim() == 0 and step.device == dev):
             return None
-    bufs = tuple(arrays[2:])
-    key = (dev, kinds[p.dtype], *(kinds[b.dtype] for b in bufs))
-    return Entry(p, arrays[1], bufs, step, key)
+    return Entry(p, grad, bufs, step, key)
+
+
+_STATE_LAYOUT: dict[str, tuple[bool, tuple[int, ...]]] = {}  # spec name -> (has a step count, its arrays)
 
 
 # -- the layout of a group: metadata and tiles, built once per list of shapes -----------------------------
@@ -344,20 +351,20 @@ def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: boo
 
     adamp = spec.kernel == "adamp"
     plan = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, iters)
-    steps = [e.step for e in entries]
+    rows = []  # the address table: param, grad, the two state arrays (SGDP: its one, twice), the step count
     scratch = None
-    if adamp and any(is_python_int(s) for s in steps):  # host counts: read from a scratch copy on the device
-        scratch = _upload(torch, [s if is_python_int(s) else 0 for s in steps], dev)
-    rows = []
-    for j, e in enumerate(entries):
-        b = e.buffers
-        if not adamp:
-            step_addr = 0
-        elif is_python_int(e.step):
-            step_addr = scratch.data_ptr() + 8 * j
-        else:
-            step_addr = e.step.data_ptr()
-        rows += [e.param.data_ptr(), e.grad.data_ptr(), b[0].data_ptr(), b[-1].data_ptr(), step_addr]
+    if not adamp:
+        for e in entries:
+            b = e.buffers[0].data_ptr()
+            rows += (e.param.data_ptr(), e.grad.data_ptr(), b, b, 0)
+    else:
+        host = [e.step for e in entries if type(e.step) is int]  # entry() admits ints and int64 tensors only
+        # host counts (adamp_array's) are read from a copy on the device, which decide advances in vain
+        scratch = _upload(torch, [e.step if type(e.step) is int else 0 for e in entries], dev) if host else None
+        for j, e in enumerate(entries):
+            b = e.buffers
+            step = scratch.data_ptr() + 8 * j if type(e.step) is int else e.step.data_ptr()
+            rows += (e.param.data_ptr(), e.grad.data_ptr(), b[0].data_ptr(), b[1].data_ptr(), step)
     ptrs = _remember(_TABLES, (dev, tuple(rows)), lambda: _upload(torch, rows, dev))
 
     kinds = entries[0].key[1:]
@@ -401,7 +408,7 @@ def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: boo
         if plan.n_tiles:
             _launch(k.update, grid_t, plan.tiles, plan.meta, ptrs, coef, scal, *elementwise, STORE_Q=store_q,
                     CAUTION=caution, **tile)
-    del scratch  # the scratch step counts stay alive until here (the kernels are queued on its stream)
+    del scratch  # a copy of host step counts lives until here (the kernels are queued on its stream)
     if not skip_nonfinite:
         return None, None
     return list(okbuf.unbind()), list(skipbuf.unbind())
