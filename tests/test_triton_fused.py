@@ -64,7 +64,7 @@ def _state(spec, p, state_dtype=None, host_step=False):
 def _grad(gen, w, t):
     """Grads that fire the channel view (each row orthogonal to w's), the layer view (orthogonal to w as a
     whole) and neither, in turn (as tests/test_fused.py)."""
-    g = torch.randn(w.shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(w.shape, generator=gen, dtype=torch.float64).to(w.device)  # (a CPU generator)
     if w.ndim >= 2 and w.numel():
         wr, gr = w.reshape(w.shape[0], -1).double(), g.reshape(w.shape[0], -1)
         wr = wr / wr.abs().max()  # the direction only: w near 1e-200 or 1e150 squares out of range
