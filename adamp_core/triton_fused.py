@@ -6,18 +6,21 @@ against it step by step, and run only where the adapters' ``fused="triton"`` ask
 group's torch tensors of one param dtype and state dtypes on one device (CUDA; CPU tensors only under
 Triton's interpreter, ``TRITON_INTERPRET=1``, for CI), any count and any shapes, float32, float64, float16
 and bfloat16 params with float32 maths (float64 for float64 params) and state of any of those dtypes, in
-three launches per step whatever the number of tensors, on the structure of apex's ``multi_tensor_lamb``:
+three launches per step whatever the number of tensors (five with caution), on the structure of apex's
+``multi_tensor_lamb``:
 
-1. **stats** (one program per tile of :data:`BLOCK` elements: several whole rows, or a piece of one long
-   row): per row of the channel view :math:`(C, L)`, with the update recomputed from the new moments,
+1. **stats** (one program per tile: up to 16 rows of one tensor and up to 16k of their entries, walked in
+   blocks of 16 x 32, or one long row in blocks of 512, whichever fills the blocks better): per row of the
+   channel view :math:`(C, L)`, with the update recomputed from the new moments,
 
    .. math:: w_r\cdot g_r,\quad |w_r|^2,\quad |g_r|^2,\quad w_r\cdot u_r,\qquad
              u = \frac{m_t}{\sqrt{v_t}/\sqrt{1-\beta_2^t}+\epsilon}\ \text{(AdamP)},\ b_t\ \text{(SGDP)}
 
-   in float64 on the row scaled by a power of two (its largest finite entry in [1, 2), as
-   :func:`adamp_core.projection.row_stats`), so float32 weights near 1e19 or 1e-20 give exact finite
-   sums, and so do float64 ones wherever the true norms fit the dtype; and the count of non-finite
-   grad entries. A row longer than a tile leaves one such part per tile, with its exponents.
+   summed in float64: exact enough for float32 and 16-bit data, whose squares cannot overflow or underflow
+   there (float32 weights near 1e19 or 1e-20 stay exact), and for float64 data on rows scaled by a power
+   of two (the largest finite entry in [1, 2), as :func:`adamp_core.projection.row_stats`), finite
+   wherever the true norms fit. A row longer than a tile leaves one such part per tile, with its
+   exponents. :math:`|g_r|^2` is not finite exactly where a grad entry is not (the non-finite test).
 2. **decide** (one program per tensor): each row's parts and then the rows combined with the exact
    power-of-two rescaling of :mod:`adamp_core.projection` (``rho``, ``sigma``); the channel view if
    :math:`\max_r |\cos(g_r, w_r)| < \delta/\sqrt{L}`, else the layer view if
@@ -26,6 +29,9 @@ three launches per step whatever the number of tensors, on the structure of apex
    :math:`\Pi(u) = u - c_r w_r`; the decay factor :math:`1 - \eta\lambda r` (SGDP: over
    :math:`1-\mu`, with :math:`r` = ``wd_ratio`` where projected) and the step size
    :math:`\eta/(1-\beta_1^t)`; then the step count, advanced in place where the tensor is written.
+   With ``caution`` two more: per row the entries of :math:`q` kept (signs agreeing with
+   :math:`\Pi(g)`) and :math:`w\cdot q` over them, then per tensor the kept fraction and the coefficient
+   of the second projection (:mod:`adamp_core.caution`).
 3. **update** (one program per tile): the state update again, :math:`q = u - c_r w`,
    :math:`w \leftarrow w(1-\eta\lambda r) - \text{step}\cdot q`, and the state, written in place
    (SGDP without nesterov stores :math:`q` as its buffer, as adamp 0.3.0's in-place projection does).
