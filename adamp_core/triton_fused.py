@@ -183,9 +183,10 @@ def entry(spec: Any, param: Any, grad: Any, state: Any, interpret: bool | None =
     torch = sys.modules.get("torch")
     layout = _STATE_LAYOUT.get(spec.name)
     if layout is None:  # once per optimizer (spec.buffers and spec.has_step are computed on every access)
-        layout = _STATE_LAYOUT[spec.name] = (spec.has_step, tuple(spec.state._fields.index(f) for f in spec.buffers))
+        fields = spec.state._fields
+        layout = _STATE_LAYOUT[spec.name] = (spec.has_step, [fields.index(f) for f in spec.buffers])
     has_step, where = layout
-    bufs = tuple(state[k] for k in where)
+    bufs = tuple([state[k] for k in where])
     if torch is None or not isinstance(param, torch.Tensor):
         arrays = _as_torch([param, grad, *bufs])
         if arrays is None:
@@ -193,20 +194,21 @@ def entry(spec: Any, param: Any, grad: Any, state: Any, interpret: bool | None =
         torch = sys.modules["torch"]
         param, grad, bufs = arrays[0], arrays[1], tuple(arrays[2:])
     p = param
-    plain = (torch.Tensor, torch.nn.Parameter)
     if not p.is_cuda and not (p.is_cpu and (interpreting() if interpret is None else interpret)):
         return None
     kinds = _KINDS or _kinds(torch)
-    kind = kinds.get(p.dtype)
-    if kind is None or type(p) not in plain or p.is_neg() or grad.dtype != p.dtype:
+    dtype = p.dtype
+    kind = kinds.get(dtype)
+    plain = (torch.Tensor, torch.nn.Parameter)
+    if kind is None or type(p) not in plain or p.is_neg() or grad.dtype is not dtype:
         return None
     dev, shape, stride = p.device, p.shape, p.stride()
     if not p.is_contiguous() and not _rows_dense(tuple(shape), tuple(stride)):
         return None
-    for x in (grad, *bufs):
+    for x in (grad, *bufs):  # every array the kernels address: same device, shape and strides as the param
         if type(x) not in plain or x.device != dev or x.stride() != stride or x.shape != shape or x.is_neg():
             return None
-    key = (dev, kind, *(kinds.get(b.dtype) for b in bufs))
+    key = (dev, kind, *[kinds.get(b.dtype) for b in bufs])
     if None in key:
         return None
     step = None
@@ -215,9 +217,9 @@ def entry(spec: Any, param: Any, grad: Any, state: Any, interpret: bool | None =
         if type(step) is int:
             if step < 0:
                 return None
-        elif not (type(step) is torch.Tensor and step.dtype == torch.int64 and step.dim() == 0 and step.device == dev):
+        elif type(step) is not torch.Tensor or step.dtype is not torch.int64 or step.dim() or step.device != dev:
             return None
-    return Entry(p, grad, bufs, step, key)
+    return tuple.__new__(Entry, (p, grad, bufs, step, key))
 
 
 _STATE_LAYOUT: dict[str, tuple[bool, tuple[int, ...]]] = {}  # spec name -> (has a step count, its arrays)
