@@ -156,7 +156,8 @@ def test_quick_leaves_out_the_conformance_backend_unless_asked(monkeypatch):
     assert quick["backends"] == ["numpy", "torch:cpu", "jax:cpu"] and quick["skipped_backends"] == ["array_api_strict"]
     assert quick["threads"] == 1 and quick["repeats"] == 5
     assert QUICK_SKIP_IMPLS == (
-        "adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach"
+        "adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach",
+        "adamp_torch-unfused+caution", "adamp_torch-foreach+caution",
     )
     assert quick["impls"] == [k for k in IMPLS if k not in QUICK_SKIP_IMPLS]
     assert parse("--quick", "--impl", "adamp_torch-unfused")["impls"] == ["adamp_torch-unfused"]

@@ -42,7 +42,8 @@ QUICK_SCALES = {"small": 0.02}
 QUICK_SKIP_BACKENDS = ("array_api_strict",)
 # Also left out by --quick unless named with --impl: the fused=False rows (the per-tensor "before" of the
 # fast paths and the multi-tensor array-API step forced on the CPU, for the full-size tables).
-QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach")
+QUICK_SKIP_IMPLS = ("adamp_torch-unfused", "adamp_array-unfused", "adamp_torch-foreach", "adamp_array-foreach",
+                    "adamp_torch-unfused+caution", "adamp_torch-foreach+caution")
 # --launches on a CPU runs the Triton kernels in Triton's interpreter (Python): every dimension of the
 # workload's shapes is capped at this, which keeps the tensor count and kinds (and so the launches).
 LAUNCH_DIM_CAP = 4
@@ -150,6 +151,9 @@ def format_table(results: list[dict[str, Any]]) -> str:
         )
     if off:
         head.append("x adamp 0.3.0")
+    cautious = any("ratio_plain" in r for r in ran)
+    if cautious:  # a +caution row over its plain row (same path, backend and run)
+        head.append("x plain")
     mem = any("extra_peak_bytes" in r for r in ran)
     if mem:
         head.append("extra MiB (x params)")
@@ -172,6 +176,8 @@ def format_table(results: list[dict[str, Any]]) -> str:
             cells.append(f"{r['ratio_baseline']:.2f}")
         if off:
             cells.append(f"{r['ratio_official']:.2f}")
+        if cautious:
+            cells.append(f"{r['ratio_plain']:.2f}" if "ratio_plain" in r else "-")
         if mem:
             extra = r.get("extra_peak_bytes")
             cells.append("-" if extra is None else f"{extra / 2**20:.1f} ({r['extra_peak_x_params']:.2f})")

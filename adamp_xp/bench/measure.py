@@ -31,7 +31,7 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from .runners import BASELINES, IMPLS, OFFICIAL, GradCache, Unavailable, build_runner
+from .runners import BASELINES, IMPLS, OFFICIAL, GradCache, Unavailable, build_runner, plain_impl
 
 __all__ = [
     "add_ratios",
@@ -479,8 +479,14 @@ def timing_summary(times: list[float], steps_per_run: int, interleaved: bool) ->
 
 def add_ratios(results: list[dict[str, Any]], optimizer: str) -> None:
     """Each timed row's ratio to the baseline (the first of ``BASELINES[optimizer]`` that ran) and to
-    the official ``adamp`` row, where they ran."""
+    the official ``adamp`` row, where they ran; a ``+caution`` row's also to its plain row on the same
+    backend (``ratio_plain``: what ``caution=True`` costs on that path)."""
     ok = {r["impl"]: r for r in results if r["status"] == "ok" and "ms_per_step" in r}
+    by_backend = {(r["impl"], r["backend"]): r for r in results if r["status"] == "ok" and "ms_per_step" in r}
+    for r in results:
+        plain = by_backend.get((plain_impl(r["impl"]), r["backend"]))
+        if "ms_per_step" in r and plain is not None and plain is not r:
+            r["ratio_plain"] = r["ms_per_step"] / plain["ms_per_step"]
     base = next((ok[k] for k in BASELINES[optimizer] if k in ok), None)
     official = ok.get(OFFICIAL)
     for r in results:

@@ -25,7 +25,12 @@ adamp_array         ``adamp_array.AdamP`` / ``SGDP``                 numpy, cupy
 adamp_array-unfused ``fused=False, foreach=False`` (per-array step)  numpy, cupy
 adamp_array-foreach ``fused=False`` (multi-tensor array-API step)    numpy, cupy
 adamp_optax+jit     ``adamp_optax.adamp`` / ``sgdp`` under ``jax.jit`` jax
+KEY+caution         KEY with ``caution=True`` (Cautious AdamP/SGDP)   as KEY: adamp_torch (every path),
+                                                                    adamp_optax+jit
 ==================  ==============================================  ====================================
+
+A ``+caution`` row's ``x plain`` column is its time over the same path's plain row on the same backend, in
+the same run: what the option costs on that path.
 
 JAX rows run under ``jax.jit`` only: eager JAX compiles every primitive for every new shape (thousands
 of compilations for the ``small`` workload), which is not how an optimizer step is run in JAX.
@@ -63,6 +68,7 @@ __all__ = [
     "device_backends",
     "enable_jax_compilation_cache",
     "impl_rows",
+    "plain_impl",
     "synchronize",
 ]
 
@@ -168,6 +174,32 @@ IMPLS: dict[str, Impl] = {
         Impl("adamp_optax+jit", ("adamp_optax.adamp + jax.jit", "adamp_optax.sgdp + jax.jit"), False, ("jax",)),
     )
 }
+CAUTION = "+caution"  # the suffix of a cautious row (caution=True), one per path of the plain rows below
+
+
+def _cautious_label(label: str) -> str:
+    """``adamp_torch.AdamP(fused=False)`` -> ``adamp_torch.AdamP(fused=False, caution=True)``."""
+    if " + " in label:
+        head, tail = label.split(" + ", 1)
+        return f"{_cautious_label(head)} + {tail}"
+    return label[:-1] + ", caution=True)" if label.endswith(")") else label + "(caution=True)"
+
+
+for _key in ("adamp_torch", "adamp_torch-unfused", "adamp_torch-foreach", "adamp_torch-triton", "adamp_optax+jit"):
+    _plain = IMPLS[_key]
+    IMPLS[_key + CAUTION] = Impl(_key + CAUTION, tuple(map(_cautious_label, _plain.labels)), False, _plain.libraries)
+# Each cautious row right after its plain row (the table's order).
+IMPLS = {k: IMPLS[k] for plain in IMPLS if not plain.endswith(CAUTION) for k in (plain, plain + CAUTION) if k in IMPLS}
+
+
+def plain_impl(impl: str) -> str:
+    """The plain row of a ``+caution`` row (``impl`` itself otherwise)."""
+    return impl.removesuffix(CAUTION)
+
+
+def _hyper(impl: str, optimizer: str) -> dict[str, Any]:
+    """The row's hyperparameters: :data:`HYPERPARAMS`, with ``caution=True`` for a ``+caution`` row."""
+    return {**HYPERPARAMS[optimizer], **({"caution": True} if impl.endswith(CAUTION) else {})}
 
 # The ratio column of each optimizer's table (the first one that ran), and the official implementation's row.
 BASELINES: dict[str, tuple[str, ...]] = {"adamp": ("torch-fused", "torch-foreach"), "sgdp": ("torch-foreach",)}
@@ -351,7 +383,8 @@ def _path_options(impl: str) -> dict[str, Any]:
     """The adapters' path options of a row: ``*-unfused``, the plain per-tensor array-API step (the
     before of the fast paths); ``*-foreach``, the multi-tensor array-API step (:mod:`adamp_core.grouped`,
     what a GPU runs) forced on the CPU; ``*-triton``, the fused Triton kernels (:mod:`adamp_core.triton_fused`);
-    else the default (the fused kernels where they apply)."""
+    else the default (the fused kernels where they apply). A ``+caution`` row: its plain row's."""
+    impl = plain_impl(impl)
     if impl.endswith("-unfused"):
         return {"fused": False, "foreach": False}
     if impl.endswith("-triton"):
@@ -377,7 +410,7 @@ def _require_triton(backend: str) -> None:
 def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> tuple[Callable, Callable, dict]:
     torch = _require("torch")
     _backend(backend)
-    hp = HYPERPARAMS[optimizer]
+    hp = _hyper(impl, optimizer)
     dev = backend.split(":")[1]
     params = cache.params_on(backend)
     for p, g in zip(params, cache.grads_on(backend), strict=True):
@@ -405,7 +438,7 @@ def _torch_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
         mod = _require("adamp")
         opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp)
     else:  # adamp_torch: the fused CPU kernels where they apply (fused=None), or the array-API step
-        if impl.endswith("-triton"):
+        if plain_impl(impl).endswith("-triton"):
             _require_triton(backend)
         mod = _require("adamp_torch")
         opt = (mod.AdamP if optimizer == "adamp" else mod.SGDP)(params, **hp, **_path_options(impl))
@@ -450,18 +483,19 @@ def _array_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> 
 def _optax_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> tuple[Callable, Callable, dict]:
     jax = _require("jax")
     optax = _require("optax")
-    hp = HYPERPARAMS[optimizer]
+    hp = _hyper(impl, optimizer)
 
     def make_tx() -> Any:
-        if impl == "adamp_optax+jit":
+        if plain_impl(impl) == "adamp_optax+jit":
             mod = _require("adamp_optax")
+            caution = hp.get("caution", False)
             if optimizer == "adamp":
                 return mod.adamp(learning_rate=hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"],
                                  weight_decay=hp["weight_decay"], delta=hp["delta"], wd_ratio=hp["wd_ratio"],
-                                 nesterov=hp["nesterov"])
+                                 nesterov=hp["nesterov"], caution=caution)
             return mod.sgdp(learning_rate=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
                             weight_decay=hp["weight_decay"], nesterov=hp["nesterov"], eps=hp["eps"], delta=hp["delta"],
-                            wd_ratio=hp["wd_ratio"])
+                            wd_ratio=hp["wd_ratio"], caution=caution)
         if optimizer == "adamp":
             return optax.adamw(learning_rate=hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"],
                                weight_decay=hp["weight_decay"])
@@ -508,6 +542,7 @@ _BUILDERS = {
     "optax+jit": _optax_runner,
     "adamp_optax+jit": _optax_runner,
 }
+_BUILDERS.update({k: _BUILDERS[plain_impl(k)] for k in IMPLS if k.endswith(CAUTION)})
 
 
 def build_runner(impl: str, optimizer: str, backend: str, cache: GradCache) -> Runner:
