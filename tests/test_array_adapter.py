@@ -478,7 +478,8 @@ def test_flatten_layout_is_plain():
     flat = adamp_array.flatten_state_dict(opt.state_dict())
     assert set(flat) == {f"state/{i}/{f}" for i in (0, 1) for f in ("step", "exp_avg", "exp_avg_sq")} | {
         f"param_groups/0/{k}"
-        for k in ("lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov", "params", "param_names")
+        for k in ("lr", "betas", "eps", "weight_decay", "delta", "wd_ratio", "nesterov", "caution", "params",
+                  "param_names")
     }
     assert all(isinstance(v, np.ndarray) and v.dtype != object for v in flat.values())
     sd = adamp_array.unflatten_state_dict(flat)
