@@ -123,6 +123,37 @@ def test_torch_paths_match_timm(optimizer, case, dtype, path):
     assert counts.most_common(1)[0][0] == expected, counts
 
 
+@pytest.mark.parametrize("optimizer,case", [("adamp", "cautious_nesterov"), ("sgdp", "cautious_alg1")])
+def test_triton_path_matches_timm(optimizer, case, monkeypatch):
+    """``adamp_torch`` with ``fused="triton"`` (Triton's interpreter on CPU tensors), float64, one case per
+    optimizer (the interpreter is slow; ``tests/test_triton_fused.py`` holds the kernels to the array-API step
+    on every option)."""
+    torch = pytest.importorskip("torch")
+    from adamp_core import triton_fused
+
+    if not triton_fused.AVAILABLE:
+        pytest.skip("triton is not installed")
+    import adamp_torch
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # CPU tensors go to Triton's interpreter
+    refs = _refs(optimizer, case, "float64")
+    params = {n: torch.nn.Parameter(torch.tensor(r.init)) for n, r in refs.items()}
+    cls = adamp_torch.AdamP if optimizer == "adamp" else adamp_torch.SGDP
+    opt = cls(list(params.values()), **case_table(optimizer, case), fused="triton")
+    ours = {n: {} for n in refs}
+    with triton_fused.counting() as launches:
+        for t in range(STEPS):
+            for n, p in params.items():
+                p.grad = torch.tensor(refs[n].grads[t])
+            opt.step()
+            for n, p in params.items():
+                ours[n].setdefault("param", []).append(p.detach().numpy().copy())
+                for f in refs[n].states[t]:
+                    ours[n].setdefault(f, []).append(opt.state[p][f].double().numpy().copy())
+    _compare(refs, ours, "float64")
+    assert launches.launches > 0, "the Triton kernels did not run"
+
+
 ARRAY_PATHS = {"numpy-fused": ("numpy", {}, FUSED), "numpy-multi-tensor": ("numpy", {"fused": False}, MULTI),
                "numpy-per-tensor": ("numpy", {"fused": False, "foreach": False}, PER_TENSOR),
                "jax-multi-tensor": ("jax", {}, MULTI), "array_api_strict": ("array_api_strict", {}, MULTI)}
