@@ -99,8 +99,9 @@ def conformance(args: argparse.Namespace) -> int:
         return 2
     workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
     jax_cache = conf.jax_cache_dir(args.jax_cache)
-    print(f"adamp-xp {__version__} against adamp==0.3.0: {len(rows)} rows, {steps} steps per trajectory"
-          f"{', every case' if args.full else ''}, {workers} worker(s), JAX cache: {jax_cache or 'off'}.\n"
+    print(f"adamp-xp {__version__} against adamp==0.3.0: {len(rows)} rows, {steps} steps per trajectory, "
+          f"{'every case and shape in every row' if args.full else 'each row on its cases and shapes (--full: all)'}, "
+          f"{workers} worker(s), JAX cache: {jax_cache or 'off'}.\n"
           f"error: max over steps, param and state of max|ours - ref| / max|ref|; path: what "
           f"adamp_core.dispatch.step ran (observed); views: steps on the channel/layer/no view (core rows).",
           flush=True)
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", action="append", choices=["float64", "float32", "bfloat16", "float16"],
                    help="repeatable; default: all (bfloat16/float16: adamp_torch with state_dtype=float32)")
     p.add_argument("--steps", type=int, default=None, help="steps per trajectory (default 12; --full: 30)")
-    p.add_argument("--full", action="store_true", help="every case in every row, 30 steps")
+    p.add_argument("--full", action="store_true", help="every case and every shape in every row, 30 steps")
     p.add_argument("--workers", type=int, default=None,
                    help="worker processes (default: 2, or 1 on one CPU; 0: run in this process)")
     p.add_argument("--jax-cache", metavar="DIR", default=None,

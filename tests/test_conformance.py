@@ -3,6 +3,7 @@ reports the path the dispatcher really took (checked against its documented poli
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 
 import pytest
@@ -101,20 +102,106 @@ def test_adamp_array_and_tree_rows_on_numpy():
 
 def test_jax_rows(monkeypatch):
     """Every JAX row (float32): the core eager and under jax.jit, the tree (pytrees), adamp_array (multi-tensor
-    and per tensor) and adamp_optax (per tensor, and foreach=True: the multi-tensor step traced), on two shapes
-    and one case per optimizer to keep the compilations short."""
+    and per tensor) and adamp_optax (per tensor, and foreach=True: the multi-tensor step traced), each on its
+    default tables, but on one or two shapes and one case per optimizer to keep the compilations short."""
     pytest.importorskip("optax")
-    monkeypatch.setattr(C, "ADAPTER_CASES", {"adamp": ("nesterov_wd",), "sgdp": ("nesterov_wd",)})
-    monkeypatch.setattr(C, "SHAPES", {k: v for k, v in C.SHAPES.items() if k in ("conv4d", "vector1d")})
+    one = {"adamp": ("nesterov_wd",), "sgdp": ("nesterov_wd",)}
+    for table in ("EAGER_JAX_CASES", "LIGHT_ADAPTER_CASES"):
+        monkeypatch.setattr(C, table, one)
+    monkeypatch.setattr(C, "SHAPES", {k: v for k, v in C.SHAPES.items() if k in ("conv4d", "scalar0d")})
+    monkeypatch.setattr(C, "JAX_SHAPES", ("conv4d",))
+    monkeypatch.setattr(C, "JAX_JIT_SHAPES", ("conv4d", "scalar0d"))
     rows = C.plan(backends=["jax:cpu"], dtypes=["float32"])
     assert [(r.name, r.label) for r in rows] == [
         ("adamp_core", "defaults"), ("adamp_core", "jax.jit"), ("adamp_core.tree", "defaults"),
         ("adamp_array", "defaults"), ("adamp_array", "foreach=False"),
         ("adamp_optax", "jax.jit"), ("adamp_optax", "jax.jit, foreach=True")]
+    assert [r.shapes for r in rows] == [("conv4d",), ("conv4d", "scalar0d"), *[("conv4d",)] * 5]
     for row in rows:
-        result = _run(C.Row(row.target, row.backend, row.dtype, row.options, row.expected))  # not every case
+        result = _run(dataclasses.replace(row, all_cases=False))  # not every case
         assert result["path"] == row.expected
         assert result["cases"] == {"adamp": ["nesterov_wd"], "sgdp": ["nesterov_wd"]}
+        assert result["shapes"] == list(row.shapes)
+
+
+def test_each_row_runs_its_cases_and_shapes():
+    """The default tables: every case and shape for the core on numpy and torch; every case compiled for the
+    core under jax.jit (float32: JAX_JIT_SHAPES); fewer cases where each operation is a Python round trip or a
+    compilation, fewer shapes on JAX; --full: everything everywhere."""
+    rows = {(r.name, r.backend, r.dtype, r.label): r for r in C.plan(device="cpu")}
+    every = {"adamp": None, "sgdp": None}
+    for backend in ("numpy", "torch:cpu"):
+        assert rows[("adamp_core", backend, "float32", "defaults")].cases == every
+        assert rows[("adamp_array", backend, "float32", "fused=False")].cases == C.ADAPTER_CASES
+    for backend in ("numpy", "torch:cpu", "array_api_strict"):
+        assert all(r.shapes == tuple(C.SHAPES) for r in rows.values() if r.backend == backend)
+    assert rows[("adamp_core", "array_api_strict", "float64", "defaults")].cases == C.EAGER_JAX_CASES
+    assert rows[("adamp_array", "array_api_strict", "float64", "defaults")].cases == C.LIGHT_ADAPTER_CASES
+    jit32 = rows[("adamp_core", "jax:cpu", "float32", "jax.jit")]
+    jit64 = rows[("adamp_core", "jax:cpu", "float64", "jax.jit")]
+    assert jit32.cases == jit64.cases == every
+    assert jit32.shapes == C.JAX_JIT_SHAPES and jit64.shapes == C.JAX_SHAPES
+    assert rows[("adamp_core", "jax:cpu", "float32", "defaults")].cases == C.EAGER_JAX_CASES
+    assert rows[("adamp_optax", "jax:cpu", "float32", "jax.jit")].cases == C.LIGHT_ADAPTER_CASES
+    assert all(r.shapes == C.JAX_SHAPES for r in rows.values() if r.backend == "jax:cpu" and r is not jit32)
+    assert set(C.JAX_SHAPES) <= set(C.JAX_JIT_SHAPES) <= set(C.SHAPES)
+    for cases in (C.ADAPTER_CASES, C.EAGER_JAX_CASES, C.LIGHT_ADAPTER_CASES):
+        assert set(cases["adamp"]) <= set(C.ADAMP_CASES) and set(cases["sgdp"]) <= set(C.SGDP_CASES)
+    for r in C.plan(device="cpu", full=True):
+        assert r.cases == every and r.shapes == tuple(C.SHAPES)
+
+
+def test_hyperparameters_traced_or_static():
+    """The jit programs take every hyperparameter as a traced 0-d array but the flags (Python bools: a
+    program each; a new flag, such as caution, needs no change) and, below float64, AdamP's betas."""
+    traced, static = C._traced_hp("adamp", {"lr": 1e-2, "nesterov": True, "caution": True}, "float32")
+    assert static == (("betas", (0.9, 0.999)), ("caution", True), ("nesterov", True))
+    assert traced == {"lr": 1e-2, "eps": 1e-8, "weight_decay": 0.0, "delta": 0.1, "wd_ratio": 0.1}
+    traced, static = C._traced_hp("adamp", {"betas": (0.8, 0.99)}, "float64")
+    assert static == (("nesterov", False),) and traced["betas"] == (0.8, 0.99)
+    traced, static = C._traced_hp("sgdp", {"lr": 0.1, "momentum": 0.9, "project_buffer": False}, "float32")
+    assert static == (("nesterov", False), ("project_buffer", False))
+    assert set(traced) == {"lr", "momentum", "dampening", "weight_decay", "eps", "delta", "wd_ratio"}
+    keys = {C._traced_hp(o, hp, "float32")[1] for o, t in (("adamp", C.ADAMP_CASES), ("sgdp", C.SGDP_CASES))
+            for hp in t.values()}
+    assert len(keys) == 5  # the float32 jax.jit row's programs: AdamP's 3, SGDP's 2
+
+
+def test_bundles_share_compilations_and_start_with_the_longest():
+    rows = C.plan()
+    bundles = C._bundles(rows)
+    assert sorted(map(id, (r for b in bundles for r in b))) == sorted(map(id, rows))
+    for dtype in ("float64", "float32"):  # numba compiles the kernels once per dtype
+        (fused,) = [b for b in bundles if any(r.expected.startswith(C.FUSED) and r.dtype == dtype for r in b)]
+        assert {(r.name, r.backend, r.label) for r in fused} == {
+            ("adamp_torch", "torch:cpu", "defaults"), ("adamp_torch", "torch:cpu", "channels_last"),
+            ("adamp_array", "numpy", "defaults"), ("adamp_array", "torch:cpu", "defaults")}
+    for backend in ("jax:cpu", "jax:gpu"):  # one import of JAX; the eager rows share their compiled operations
+        (jax_rows,) = [b for b in bundles if b[0].backend == backend]
+        assert jax_rows == [r for r in rows if r.backend == backend]
+    assert all(len(b) == 1 for b in bundles if b[0].backend not in ("jax:cpu", "jax:gpu")
+               and not b[0].expected.startswith(C.FUSED))
+    costs = [sum(C._cost(r) for r in b) + (C._KERNELS_COST if b[0].expected.startswith(C.FUSED) else 0)
+             for b in bundles]
+    assert costs == sorted(costs, reverse=True)
+
+
+def test_workers_share_the_references_through_the_run_folder(tmp_path, monkeypatch):
+    monkeypatch.setitem(C._SETTINGS, "refs", str(tmp_path))
+    monkeypatch.setattr(C, "_REFERENCES", {})
+    ref = C._reference("sgdp", "momentum", "vector1d", "float64", 3, None)
+    assert [p.name for p in tmp_path.iterdir()] == ["sgdp_momentum_vector1d_float64_3_None.pickle"]
+    monkeypatch.setattr(C, "_REFERENCES", {})  # another worker: reads the file, runs nothing
+    monkeypatch.setattr(C, "reference_run", lambda *a, **k: pytest.fail("computed again"))
+    again = C._reference("sgdp", "momentum", "vector1d", "float64", 3, None)
+    assert all((a == b).all() for a, b in zip(again.params, ref.params, strict=True)) and again.views == ref.views
+
+
+def test_a_missing_library_skips_without_importing_anything():
+    from adamp_xp.testing.backends import Backend
+
+    assert C._cheap_skip(Backend("numpy", "cpu")) is None
+    assert C._cheap_skip(Backend("no_such_library", "cpu")) == "no_such_library is not installed (ModuleNotFoundError)"
 
 
 def test_row_tolerances():

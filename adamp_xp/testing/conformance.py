@@ -18,7 +18,9 @@ package) is imported lazily, in the worker that needs it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
+import pickle
 import platform
 import sys
 import time
@@ -39,6 +41,9 @@ __all__ = [
     "EAGER_JAX_CASES",
     "FULL_STEPS",
     "FUSED",
+    "JAX_JIT_SHAPES",
+    "JAX_SHAPES",
+    "LIGHT_ADAPTER_CASES",
     "MULTI",
     "PER_TENSOR",
     "TARGETS",
@@ -70,20 +75,35 @@ JIT = "jax.jit"
 # state recurrences over a dozen updates; --full runs the oracle's 30.
 DEFAULT_STEPS, FULL_STEPS = 12, 30
 
-# The adapters and the tree functions hold no maths (every update is adamp_core's, checked by the core
-# rows over all 10 cases on numpy, torch and under jax.jit); their rows, and the core rows on the two
-# backends where each operation costs a Python round trip (array_api_strict, eager JAX: the same Python
-# code as on numpy, whose namespace glue is what they check), take one nesterov and one non-default case
-# per optimizer (betas/eps/wd_ratio renamed to optax's names, dampening, weight decay). --full runs every
-# case everywhere.
+# What each row runs (the cases and shapes of adamp_xp/testing/oracle.py). --full: every case on every shape
+# in every row. The default run checks the maths on every case and shape where nothing compiles (the core on
+# numpy and torch) and on every case compiled (the core under jax.jit in float32). The other rows check wiring
+# (the adapters and the tree hold no maths: every update is adamp_core's) or the same Python code on another
+# namespace; where each operation costs a Python round trip (array_api_strict, eager JAX) or a compilation
+# (JAX) they take fewer cases, and on JAX fewer shapes.
+#
+# Adapters on numpy and torch: one nesterov and one non-default case per optimizer (betas/eps/wd_ratio
+# renamed to optax's names, dampening, weight decay).
 ADAPTER_CASES: dict[str, tuple[str, ...]] = {
     "adamp": ("betas_eps_ratio", "nesterov_wd"),
     "sgdp": ("dampening_ratio", "nesterov_wd"),
 }
-# Eager JAX costs a Python round trip and a dispatch per operation (~0.3 ms on a small CPU: a step of one
-# tensor is ~100 of them): its rows take one case per optimizer, the one that exercises most branches
-# (nesterov, weight decay, SGDP's momentum). The same maths runs compiled in the jax.jit rows, over every case.
+# The core and the tree on array_api_strict and eager JAX (~0.3 ms of dispatch per operation, ~100 operations
+# in a step of one tensor): one case per optimizer, the one that exercises most branches (nesterov, weight
+# decay, SGDP's momentum).
 EAGER_JAX_CASES: dict[str, tuple[str, ...]] = {"adamp": ("nesterov_wd",), "sgdp": ("nesterov_wd",)}
+# The adapters there (adamp_array on array_api_strict and JAX, adamp_optax): one case per optimizer, AdamP's
+# with every name optax renames (betas -> b1/b2, eps, wd_ratio, weight decay) and SGDP's nesterov one.
+LIGHT_ADAPTER_CASES: dict[str, tuple[str, ...]] = {"adamp": ("betas_eps_ratio",), "sgdp": ("nesterov_wd",)}
+# JAX compiles every operation of an eager row once per shape and dtype (~50 ms each on a small CPU, ~40 of
+# them per shape that projects) and each jax.jit program once per shape (~0.8 s of CPU per shape that
+# projects, with an empty persistent cache). Its rows step a 4-d tensor (the projection: channel and layer
+# views, the reshapes) and a 0-d one (no projection): every branch of the code. The other shapes run the
+# same code on other numbers, which the numpy and torch rows check; the core under jax.jit in float32 runs
+# every case on JAX_JIT_SHAPES, which adds rows of length 1 (reductions over a dimension of size 1, which
+# XLA simplifies away).
+JAX_SHAPES: tuple[str, ...] = ("conv4d", "scalar0d")
+JAX_JIT_SHAPES: tuple[str, ...] = ("conv4d", "row_len1", "scalar0d")
 
 # Spacing of the 16-bit dtypes' numbers relative to their magnitude (an ulp: 2**(1 - p), p significant bits).
 _ULP = {"bfloat16": 2.0**-7, "float16": 2.0**-10}
@@ -123,7 +143,8 @@ class Row:
     dtype: str
     options: tuple[str, ...] = ()
     expected: str = PER_TENSOR
-    all_cases: bool = False  # every case of the oracle table (else ADAPTER_CASES, or EAGER_JAX_CASES)
+    all_cases: bool = False  # every case of the oracle table (else the row's few: see cases)
+    shapes_of: str = "all"  # the shapes it steps: "all" (the oracle's SHAPES), "jax" (JAX_SHAPES), "jax.jit"
 
     @property
     def name(self) -> str:
@@ -142,6 +163,23 @@ class Row:
                 key, value = opt.split("=", 1)
                 out[key] = {"True": True, "False": False, "None": None}.get(value, value)
         return out
+
+    @property
+    def cases(self) -> dict[str, tuple[str, ...] | None]:
+        """The oracle cases the row runs, per optimizer (None: every case of its table)."""
+        if self.all_cases:
+            return {"adamp": None, "sgdp": None}
+        library = get_backend(self.backend).library
+        light = library in ("array_api_strict", "jax")
+        if self.target in ("core", "tree"):
+            return dict(EAGER_JAX_CASES if light else ADAPTER_CASES)
+        return dict(LIGHT_ADAPTER_CASES if light else ADAPTER_CASES)
+
+    @property
+    def shapes(self) -> tuple[str, ...]:
+        """The shapes (names of the oracle's ``SHAPES``) the row steps."""
+        chosen = {"jax": JAX_SHAPES, "jax.jit": JAX_JIT_SHAPES}.get(self.shapes_of)
+        return tuple(SHAPES) if chosen is None else tuple(s for s in chosen if s in SHAPES)
 
     @property
     def label(self) -> str:
@@ -202,7 +240,10 @@ def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: b
         for d in half:
             rows.append(Row("adamp_torch", b.id, d, ("state_dtype=float32",), MULTI))
     if full:
-        rows = [r if r.all_cases else Row(r.target, r.backend, r.dtype, r.options, r.expected, True) for r in rows]
+        return [dataclasses.replace(r, all_cases=True) for r in rows]
+    if b.library == "jax":  # fewer shapes: the compilations (see JAX_SHAPES)
+        rows = [dataclasses.replace(r, shapes_of="jax.jit" if r.target == "core" and r.jit and r.dtype == "float32"
+                                    else "jax") for r in rows]
     return rows
 
 
@@ -324,16 +365,58 @@ def _perturbed(hp: dict[str, Any], perturb: bool) -> dict[str, Any]:
     return {**hp, "lr": lr * 1.001}
 
 
-def _names(copies: int) -> list[str]:
-    """The trajectories of a run holding every shape, and with ``copies=2`` each shape's partner too
-    (:data:`~adamp_xp.testing.oracle.PARTNERS`: rows in the same bucket, so that the multi-tensor step has
-    groups of two different tensors to form)."""
-    return [*SHAPES, *(f"{s}+" for s in SHAPES)] if copies > 1 else list(SHAPES)
+@dataclass(frozen=True)
+class _Job:
+    """What a row's run takes: ``steps`` per trajectory, the ``cases`` per optimizer (None: all), the
+    ``shapes`` (names of the oracle's SHAPES) and whether its steps are ``perturb``-ed."""
+
+    steps: int
+    cases: dict[str, tuple[str, ...] | None]
+    shapes: tuple[str, ...]
+    perturb: bool = False
+
+    def each_case(self, optimizer: str) -> dict[str, dict[str, Any]]:
+        """``{case name: the hyperparameters the implementation under test gets}``."""
+        return {n: _perturbed(hp, self.perturb) for n, hp in _cases(optimizer, self.cases.get(optimizer)).items()}
+
+    def names(self, copies: int = 1) -> list[str]:
+        """The trajectories of a run holding every shape, and with ``copies=2`` each shape's partner too
+        (:data:`~adamp_xp.testing.oracle.PARTNERS`: rows in the same bucket, so that the multi-tensor step
+        has groups of two different tensors to form)."""
+        return [*self.shapes, *(f"{s}+" for s in self.shapes)] if copies > 1 else list(self.shapes)
+
+    def refs(self, optimizer: str, case: str, dtype: str, copies: int = 1) -> dict[str, Any]:
+        """The official trajectories of :meth:`names` (16-bit dtypes: float32 maths, rounded params)."""
+        ref_dtype, rounded = ("float32", dtype) if dtype in HALF_DTYPES else (dtype, None)
+        return {n: _reference(optimizer, case, n, ref_dtype, self.steps, rounded) for n in self.names(copies)}
 
 
-def _refs(optimizer: str, case: str, dtype: str, steps: int, copies: int) -> dict[str, Any]:
-    ref_dtype, rounded = ("float32", dtype) if dtype in HALF_DTYPES else (dtype, None)
-    return {name: reference_run(optimizer, case, name, ref_dtype, steps, 0, rounded=rounded) for name in _names(copies)}
+def _reference(optimizer: str, case: str, name: str, dtype: str, steps: int, rounded: str | None) -> Any:
+    """:func:`~adamp_xp.testing.oracle.reference_run` (cached in this process), shared with the other workers
+    of this run through the run's folder of references (``_SETTINGS["refs"]``, when there is one): a
+    trajectory one worker computed, the others read instead of running the official optimizer again."""
+    folder = _SETTINGS.get("refs")
+    if not folder:
+        return reference_run(optimizer, case, name, dtype, steps, 0, rounded=rounded)
+    key = (optimizer, case, name, dtype, steps, rounded)
+    got = _REFERENCES.get(key)
+    if got is not None:
+        return got
+    path = os.path.join(folder, "_".join(map(str, key)) + ".pickle")
+    try:
+        with open(path, "rb") as f:
+            got = pickle.load(f)  # written by a worker of this run, in a folder of this run
+    except (OSError, EOFError, pickle.UnpicklingError):
+        got = reference_run(optimizer, case, name, dtype, steps, 0, rounded=rounded)
+        partial = f"{path}.{os.getpid()}"
+        with open(partial, "wb") as f:
+            pickle.dump(got, f, protocol=pickle.HIGHEST_PROTOCOL)
+        os.replace(partial, path)  # whole or absent: another worker never reads half a file
+    _REFERENCES[key] = got
+    return got
+
+
+_REFERENCES: dict[Any, Any] = {}
 
 
 class _Result:
@@ -356,10 +439,24 @@ class _Result:
         self.views_agree &= [int(v) for v in ours] == [int(v) for v in ref]
 
 
+def _trajectories(b: Backend, refs: dict[str, Any], step: Callable[[int], tuple[dict[str, Any], Any]]) -> Any:
+    """Our trajectories of an entry point that steps every param at once: ``step(t)`` runs step ``t`` and
+    returns ``(params, get)``, ``get(name, field)`` a state array of param ``name``; the params and the
+    state fields the official state has, on the host, after every step."""
+    ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
+    for t in range(len(next(iter(refs.values())).grads)):
+        params, get = step(t)
+        for n, ref in refs.items():
+            ours[n].setdefault("param", []).append(_host(b, params[n]))
+            for f in ref.states[t]:
+                ours[n].setdefault(f, []).append(_host(b, get(n, f)))
+    return ours
+
+
 # -- the core ---------------------------------------------------------------------------------------
 
 
-def _core_eager(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+def _core_eager(row: Row, b: Backend, job: _Job, res: _Result) -> None:
     import functools
 
     import adamp_core as ac
@@ -368,38 +465,44 @@ def _core_eager(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res
 
     for opt in ("adamp", "sgdp"):
         core = ac.adamp_step if opt == "adamp" else ac.sgdp_step
-        for case, hp in _cases(opt, cases.get(opt)).items():
-            step_fn = functools.partial(core, **_perturbed(hp, perturb))
-            for shape in SHAPES:
-                r = run_core(b, opt, case, shape, row.dtype, steps, step_fn=step_fn)
+        for case, hp in job.each_case(opt).items():
+            step_fn = functools.partial(core, **hp)
+            for shape in job.shapes:
+                r = run_core(b, opt, case, shape, row.dtype, job.steps, step_fn=step_fn)
                 res.add(r.max_rel_error, 1)
                 res.add_views(r.views, r.ref_views)
 
 
-def _traced_hp(optimizer: str, hp: dict[str, Any]) -> tuple[dict[str, Any], tuple[Any, ...]]:
-    """A case's hyperparameters split into the ones a compiled program takes as 0-d array arguments (so
-    that one program serves every case) and the static ones: ``nesterov`` (a Python bool by contract) and
-    AdamP's ``betas`` (a float32 array beta would round 0.999 by 1.3e-8, which moves ``1 - beta2**t`` by
-    1e-5 relative at small t: the maths would be right and the comparison off)."""
+def _traced_hp(optimizer: str, hp: dict[str, Any], dtype: str) -> tuple[dict[str, Any], tuple[Any, ...]]:
+    """A case's hyperparameters (with every default) split into the ones a compiled program takes as 0-d
+    array arguments, so that one program serves every case, and the static ones, a program each: the flags
+    (``nesterov``, ``caution``...: Python bools by contract) and, below float64, AdamP's ``betas`` (a float32
+    array beta2 = 0.999 is off by 1.3e-8, which moves ``log beta2``, and so ``1 - beta2**t``, by 1.3e-5
+    relative: the maths would be right and the comparison off; float64 holds them as a Python float does).
+    Returns ``(traced, static)``, ``static`` a sorted tuple of ``(name, value)``."""
     from adamp_core.optimizers import ADAMP, SGDP
 
     spec = ADAMP if optimizer == "adamp" else SGDP
     full = {**spec.defaults, **hp}
-    static = (bool(full.pop("nesterov")), tuple(full.pop("betas")) if optimizer == "adamp" else None)
-    return full, static
+    static = {k: v for k, v in full.items() if isinstance(v, bool)}
+    if optimizer == "adamp" and dtype != "float64":
+        static["betas"] = tuple(full["betas"])
+    return {k: v for k, v in full.items() if k not in static}, tuple(sorted(static.items()))
 
 
 def _jax_device_put(b: Backend, x: Any, dtype: str) -> Any:
     import jax
     import jax.numpy as jnp
 
+    if isinstance(x, (tuple, list)):  # betas
+        return tuple(_jax_device_put(b, v, dtype) for v in x)
     return jax.device_put(jnp.asarray(x, dtype=getattr(jnp, dtype)), jax.devices(b.device)[0])
 
 
-def _core_jit(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+def _core_jit(row: Row, b: Backend, job: _Job, res: _Result) -> None:
     """``adamp_core.adamp_step``/``sgdp_step`` under ``jax.jit``: one program per optimizer and static
-    hyperparameters that scans over the steps (``jax.lax.scan``) for every shape, the other
-    hyperparameters traced, so the cases share it."""
+    hyperparameters (:func:`_traced_hp`) that steps every shape through every step (``jax.lax.scan``), the
+    other hyperparameters traced, so the cases share it."""
     import jax
 
     import adamp_core as ac
@@ -409,28 +512,26 @@ def _core_jit(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: 
         step_fn = ac.adamp_step if opt == "adamp" else ac.sgdp_step
         init_fn = ac.adamp_init if opt == "adamp" else ac.sgdp_init
         fields = ("exp_avg", "exp_avg_sq") if opt == "adamp" else ("momentum",)
-        for case, hp in _cases(opt, cases.get(opt)).items():
-            traced, static = _traced_hp(opt, _perturbed(hp, perturb))
-            nesterov, betas = static
+        for case, hp in job.each_case(opt).items():
+            traced, static = _traced_hp(opt, hp, row.dtype)
             key = (opt, static)
             if key not in programs:
 
-                def program(inits: Any, grads: Any, h: Any, nesterov: bool = nesterov, betas: Any = betas,
-                            step_fn: Any = step_fn, init_fn: Any = init_fn, fields: Any = fields) -> Any:
-                    extra = {"betas": betas} if betas is not None else {}
+                def program(inits: Any, grads: Any, h: Any, static: Any = static, step_fn: Any = step_fn,
+                            init_fn: Any = init_fn, fields: Any = fields) -> Any:
                     out = {}
                     for name, w0 in inits.items():
                         def body(carry: Any, g: Any) -> Any:
                             w, s = carry
                             view = ac.projected_view(w, g, h["delta"], h["eps"])
-                            w, s = step_fn(w, g, s, nesterov=nesterov, **extra, **h)
+                            w, s = step_fn(w, g, s, **dict(static), **h)
                             return (w, s), (w, tuple(getattr(s, f) for f in fields), view)
 
                         out[name] = jax.lax.scan(body, (w0, init_fn(w0)), grads[name])[1]
                     return out
 
                 programs[key] = jax.jit(program)
-            refs = _refs(opt, case, row.dtype, steps, 1)
+            refs = job.refs(opt, case, row.dtype)
             inits = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
             grads = {n: b.asarray(np.stack(r.grads), row.dtype) for n, r in refs.items()}
             h = {k: _jax_device_put(b, v, row.dtype) for k, v in traced.items()}
@@ -444,33 +545,30 @@ def _core_jit(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: 
                 res.add_views(list(np.asarray(views)), ref.views)
 
 
-def _tree(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+def _tree(row: Row, b: Backend, job: _Job, res: _Result) -> None:
     """``adamp_core.tree`` over a dict holding every shape."""
     from adamp_core import tree
 
     for opt in ("adamp", "sgdp"):
         step_fn = tree.adamp_step if opt == "adamp" else tree.sgdp_step
         init_fn = tree.adamp_init if opt == "adamp" else tree.sgdp_init
-        for case, hp in _cases(opt, cases.get(opt)).items():
-            refs = _refs(opt, case, row.dtype, steps, 1)
-            params = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
-            states = init_fn(params)
-            ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
-            kw = _perturbed(hp, perturb)
-            for t in range(steps):
+        for case, hp in job.each_case(opt).items():
+            refs = job.refs(opt, case, row.dtype)
+            box = {"params": {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}}
+            box["states"] = init_fn(box["params"])
+
+            def step(t: int, refs: Any = refs, box: Any = box, hp: Any = hp, step_fn: Any = step_fn) -> Any:
                 grads = {n: b.asarray(r.grads[t], row.dtype) for n, r in refs.items()}
-                params, states = step_fn(params, grads, states, **kw)
-                for n, ref in refs.items():
-                    ours[n].setdefault("param", []).append(_host(b, params[n]))
-                    for f in ref.states[t]:
-                        ours[n].setdefault(f, []).append(_host(b, getattr(states[n], f)))
-            res.add(_compare(refs, ours), len(refs))
+                box["params"], box["states"] = step_fn(box["params"], grads, box["states"], **hp)
+                return box["params"], lambda n, f: getattr(box["states"][n], f)
+
+            res.add(_compare(refs, _trajectories(b, refs, step)), len(refs))
 
 
 # -- the adapters -----------------------------------------------------------------------------------
 
 
-def _torch_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+def _torch_adapter(row: Row, b: Backend, job: _Job, res: _Result) -> None:
     """``adamp_torch.AdamP``/``SGDP`` (``torch.optim`` drop-ins) over ``nn.Parameter``s of every shape."""
     import torch
 
@@ -487,21 +585,18 @@ def _torch_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, 
 
     for opt in ("adamp", "sgdp"):
         cls = adamp_torch.AdamP if opt == "adamp" else adamp_torch.SGDP
-        for case, hp in _cases(opt, cases.get(opt)).items():
-            refs = _refs(opt, case, row.dtype, steps, copies)
+        for case, hp in job.each_case(opt).items():
+            refs = job.refs(opt, case, row.dtype, copies)
             params = {n: torch.nn.Parameter(fmt(b.asarray(r.init, row.dtype))) for n, r in refs.items()}
-            optimizer = cls(list(params.values()), **_perturbed(hp, perturb), **kwargs)
-            ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
-            for t in range(steps):
+            optimizer = cls(list(params.values()), **hp, **kwargs)
+
+            def step(t: int, refs: Any = refs, params: Any = params, optimizer: Any = optimizer) -> Any:
                 for n, p in params.items():
                     p.grad = fmt(b.asarray(refs[n].grads[t], row.dtype))
                 optimizer.step()
-                for n, p in params.items():
-                    state = optimizer.state[p]
-                    ours[n].setdefault("param", []).append(_host(b, p))
-                    for f in refs[n].states[t]:
-                        ours[n].setdefault(f, []).append(_host(b, state[f]))
-            res.add(_compare(refs, ours), len(refs))
+                return params, lambda n, f: optimizer.state[params[n]][f]
+
+            res.add(_compare(refs, _trajectories(b, refs, step)), len(refs))
             for n, p in params.items():  # the adapter keeps dtype, memory format and state dtype
                 want = kwargs.get("state_dtype", p.dtype)
                 if p.dtype != getattr(torch, row.dtype) or any(
@@ -513,31 +608,28 @@ def _torch_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, 
                     res.problems.append(f"{n}: channels_last lost")
 
 
-def _array_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+def _array_adapter(row: Row, b: Backend, job: _Job, res: _Result) -> None:
     """``adamp_array.AdamP``/``SGDP`` over a dict of arrays of every shape."""
     import adamp_array
 
     copies = 2 if MULTI in row.expected else 1
     for opt in ("adamp", "sgdp"):
         cls = adamp_array.AdamP if opt == "adamp" else adamp_array.SGDP
-        for case, hp in _cases(opt, cases.get(opt)).items():
-            refs = _refs(opt, case, row.dtype, steps, copies)
-            params = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
-            optimizer = cls(params, **_perturbed(hp, perturb), **row.kwargs)
-            ours: dict[str, dict[str, list[np.ndarray]]] = {n: {} for n in refs}
-            for t in range(steps):
+        for case, hp in job.each_case(opt).items():
+            refs = job.refs(opt, case, row.dtype, copies)
+            optimizer = cls({n: b.asarray(r.init, row.dtype) for n, r in refs.items()}, **hp, **row.kwargs)
+
+            def step(t: int, refs: Any = refs, optimizer: Any = optimizer) -> Any:
                 current = optimizer.step({n: b.asarray(r.grads[t], row.dtype) for n, r in refs.items()})
                 states = optimizer.states
-                for n, ref in refs.items():
-                    ours[n].setdefault("param", []).append(_host(b, current[n]))
-                    for f in ref.states[t]:
-                        ours[n].setdefault(f, []).append(_host(b, getattr(states[n], f)))
-            res.add(_compare(refs, ours), len(refs))
+                return current, lambda n, f: getattr(states[n], f)
+
+            res.add(_compare(refs, _trajectories(b, refs, step)), len(refs))
 
 
-def _optax_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, res: _Result) -> None:
+def _optax_adapter(row: Row, b: Backend, job: _Job, res: _Result) -> None:
     """``adamp_optax.adamp``/``sgdp`` (``update`` + ``optax.apply_updates``) under ``jax.jit``: one program
-    per optimizer and static hyperparameters scanning over the steps, the others traced."""
+    per optimizer and static hyperparameters (:func:`_traced_hp`) scanning over the steps, the others traced."""
     import jax
     import optax
 
@@ -551,16 +643,14 @@ def _optax_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, 
     for opt in ("adamp", "sgdp"):
         make = adamp_optax.adamp if opt == "adamp" else adamp_optax.sgdp
         fields = ("exp_avg", "exp_avg_sq") if opt == "adamp" else ("momentum",)
-        for case, hp in _cases(opt, cases.get(opt)).items():
-            traced, static = _traced_hp(opt, _perturbed(hp, perturb))
+        for case, hp in job.each_case(opt).items():
+            traced, static = _traced_hp(opt, hp, row.dtype)
             key = (opt, static)
             if key not in programs:
-                nesterov, betas = static
 
-                def program(params: Any, grads: Any, h: Any, nesterov: bool = nesterov, betas: Any = betas,
-                            make: Any = make, fields: Any = fields, opt: str = opt) -> Any:
-                    kw = dict(h, nesterov=nesterov, **({"betas": betas} if betas is not None else {}))
-                    tx = make(**optax_kwargs(opt, kw), foreach=foreach)
+                def program(params: Any, grads: Any, h: Any, static: Any = static, make: Any = make,
+                            fields: Any = fields, opt: str = opt) -> Any:
+                    tx = make(**optax_kwargs(opt, {**h, **dict(static)}), foreach=foreach)
 
                     def body(carry: Any, g: Any) -> Any:
                         p, s = carry
@@ -571,7 +661,7 @@ def _optax_adapter(row: Row, b: Backend, steps: int, cases: Any, perturb: bool, 
                     return jax.lax.scan(body, (params, tx.init(params)), grads)[1]
 
                 programs[key] = jax.jit(program)
-            refs = _refs(opt, case, row.dtype, steps, copies)
+            refs = job.refs(opt, case, row.dtype, copies)
             params = {n: b.asarray(r.init, row.dtype) for n, r in refs.items()}
             grads = {n: b.asarray(np.stack(r.grads), row.dtype) for n, r in refs.items()}
             h = {k: _jax_device_put(b, v, row.dtype) for k, v in traced.items()}
@@ -628,24 +718,23 @@ def _jax_x64(dtype: str, backend: Backend) -> Iterator[None]:
 def run_row(row: Row, steps: int = DEFAULT_STEPS, perturb: str | None = None) -> dict[str, Any]:
     """Run one row here (in this process); return its result (the :meth:`Row.describe` fields, ``status``
     PASS/FAIL/SKIP, ``max_rel_error``, ``tolerance``, ``path`` (what ran), ``views``, ``runs``, ``steps``,
-    ``cases``, ``seconds``, ``note``). ``perturb``: a target (or "all") whose rows take a deliberately
-    wrong step (tests)."""
+    ``cases``, ``shapes``, ``seconds`` (wall), ``cpu_seconds`` (this process's, compilations included),
+    ``note``). ``perturb``: a target (or "all") whose rows take a
+    deliberately wrong step (tests)."""
     b = get_backend(row.backend)
     out = row.describe()
     reason = _skip_reason(row, b)
     if reason:
         return {**out, "status": "SKIP", "note": reason}
-    cases: dict[str, Sequence[str] | None] = (
-        {"adamp": None, "sgdp": None} if row.all_cases
-        else dict(EAGER_JAX_CASES) if b.library == "jax" and not row.jit else dict(ADAPTER_CASES))
-    t0 = time.perf_counter()
+    job = _Job(steps, row.cases, row.shapes, perturb in (row.target, "all"))
+    t0, cpu0 = time.perf_counter(), time.process_time()
     res = _Result()
     with _jax_x64(row.dtype, b):
         if not b.supports(row.dtype):
             return {**out, "status": "SKIP", "note": f"{b.id} has no {row.dtype}"}
         try:
             with record_paths() as counts:
-                _RUNNERS[(row.target, row.jit)](row, b, steps, cases, perturb in (row.target, "all"), res)
+                _RUNNERS[(row.target, row.jit)](row, b, job, res)
         except Exception as exc:  # a row that raises fails, with the reason; the others still run
             return {**out, "status": "FAIL", "note": f"{type(exc).__name__}: {exc}"[:300],
                     "seconds": round(time.perf_counter() - t0, 2)}
@@ -656,64 +745,98 @@ def run_row(row: Row, steps: int = DEFAULT_STEPS, perturb: str | None = None) ->
     note = "; ".join([*([] if res.views_agree else ["views differ from adamp 0.3.0's"]), *res.problems[:3]])
     views = None if res.views is None else {"channel": res.views[1], "layer": res.views[2], "none": res.views[0]}
     return {**out, "path": path_label(counts, row.jit), "paths": dict(counts), "runs": res.runs, "steps": steps,
-            "cases": {k: list(v) if v is not None else list(_cases(k, None)) for k, v in cases.items()},
+            "cases": {k: list(_cases(k, v)) for k, v in job.cases.items()}, "shapes": list(job.shapes),
             "max_rel_error": res.error, "tolerance": tol, "views": views, "views_agree": res.views_agree,
             "status": "PASS" if passed else "FAIL", **({"note": note} if note else {}),
-            "seconds": round(time.perf_counter() - t0, 2)}
+            "seconds": round(time.perf_counter() - t0, 2), "cpu_seconds": round(time.process_time() - cpu0, 2)}
 
 
 # -- running many rows ------------------------------------------------------------------------------
 
-# Rough cost of a row (seconds on one core, 12 steps, warm caches): the longest bundles start first, so
-# that both workers stay busy to the end.
+
+def _projecting(shapes: Sequence[str]) -> int:
+    """How many of ``shapes`` take the projection (ndim > 1): what JAX's compilations grow with."""
+    return sum(len(SHAPES[s][0]) > 1 for s in shapes if s in SHAPES)
+
+
+# Rough cost of a row in seconds on one core of a small machine with empty caches, where JAX compiles
+# every program (~0.9 s per jax.jit program and shape that projects) and every eager operation (~3 s per
+# shape that projects): the longest bundles start first, so that both workers stay busy to the end.
 def _cost(row: Row) -> float:
     b = get_backend(row.backend)
+    n = _projecting(row.shapes)
     if b.library == "jax":
         if row.jit:
-            return 15.0 if row.target == "core" else 6.0
-        return 25.0 if row.expected == MULTI else 20.0 if row.target == "core" else 5.0
+            programs = len({(opt, _traced_hp(opt, hp, row.dtype)[1])
+                            for opt, names in row.cases.items() for hp in _cases(opt, names).values()})
+            return 0.9 * n * programs * (2.2 if "foreach=True" in row.options else 1.0) + 1.0
+        return 3.0 * n * (2.0 if row.expected == MULTI else 1.0) + 1.0
     if b.library == "array_api_strict":
-        return 6.0 if row.target == "core" else 4.0
-    return 4.0 if row.target == "core" else 3.0 if row.dtype in HALF_DTYPES else 1.5
+        return 1.5
+    return 2.5 if row.target == "core" else 1.5 if row.dtype in HALF_DTYPES else 0.8
+
+
+_KERNELS_COST = 14.0  # numba compiling the fused kernels (AdamP's and SGDP's) of one dtype
 
 
 def _bundles(rows: Sequence[Row]) -> list[list[Row]]:
-    """Rows that share compiled programs run in one process: the eager JAX rows of one dtype that step the
-    params one at a time (XLA compiles each operation once per shape and dtype, and a process loads it from
-    the persistent cache once); the multi-tensor row steps other shapes (the groups') and runs apart."""
+    """Rows that share compiled code or imports run in one process, one after the other: every row of one
+    JAX backend (one import of JAX and optax; the eager rows of one dtype share XLA's compiled operations,
+    one per operation, shape and dtype), and the rows of one dtype that run the fused kernels (numba
+    compiles them once per dtype, and a process loads them from its cache once). Longest first."""
     groups: dict[Any, list[Row]] = {}
     for row in rows:
-        b = get_backend(row.backend)
-        eager_jax = b.library == "jax" and not row.jit
-        key = (row.backend, row.dtype, row.expected == MULTI) if eager_jax else row
+        if get_backend(row.backend).library == "jax":
+            key: Any = row.backend
+        elif row.expected.startswith(FUSED):
+            key = ("fused", row.dtype)
+        else:
+            key = row
         groups.setdefault(key, []).append(row)
-    return sorted(groups.values(), key=lambda g: -sum(_cost(r) for r in g))
+
+    def cost(bundle: list[Row]) -> float:
+        kernels = _KERNELS_COST if bundle[0].expected.startswith(FUSED) else 0.0
+        return kernels + sum(_cost(r) for r in bundle)
+
+    return sorted(groups.values(), key=lambda g: -cost(g))
+
+
+def _cheap_skip(backend: Backend) -> str | None:
+    """Why ``backend`` cannot run here, when that is known without importing its library (not installed);
+    None otherwise (the worker that runs the row checks the device, importing the library there)."""
+    import importlib.util
+
+    name = "jax" if backend.library == "jax" else backend.library
+    try:
+        found = importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else f"{backend.library} is not installed (ModuleNotFoundError)"
 
 
 _SETTINGS: dict[str, Any] = {}
 
 
 def _worker_init(settings: dict[str, Any]) -> None:
-    """A worker's set-up, before torch, JAX or numba are imported: one thread each (the workers share the
-    cores), and JAX's persistent compilation cache."""
+    """A worker's set-up, before torch, JAX or numba are imported (each is imported by the first row that
+    needs it): one thread each (the workers share the cores); JAX's persistent compilation cache, through
+    its environment variables (every operation of an eager JAX row and every jax.jit program is loaded from
+    it on later runs); the run's folder of references; the queue of results."""
     _SETTINGS.update(settings)
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ["NUMBA_NUM_THREADS"] = "1"
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1").strip()
+    cache = settings.get("jax_cache")
+    if cache:
+        os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+        os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    if settings.get("queue") is not None:  # each result also comes back with its bundle's: the worker may exit
+        settings["queue"].cancel_join_thread()  # without waiting for the parent to read the last ones
 
 
-def _prepare(settings: dict[str, Any], worker: bool = True) -> None:
-    """This process's libraries, once: one torch thread in a worker, and JAX's persistent compilation
-    cache (every operation of an eager JAX row and every jax.jit program is loaded from it on later runs)."""
-    if _SETTINGS.get("_prepared"):
-        return
-    _SETTINGS["_prepared"] = True
-    if worker:
-        with contextlib.suppress(ImportError):
-            import torch
-
-            torch.set_num_threads(1)
+def _prepare_here(settings: dict[str, Any]) -> None:
+    """This process (``workers=0``), whose threads are the caller's: JAX's persistent compilation cache."""
     cache = settings.get("jax_cache")
     if cache:
         with contextlib.suppress(ImportError):
@@ -724,8 +847,14 @@ def _prepare(settings: dict[str, Any], worker: bool = True) -> None:
 
 
 def _run_bundle(rows: list[Row], steps: int, perturb: str | None) -> list[dict[str, Any]]:
-    _prepare(_SETTINGS)
-    return [run_row(r, steps, perturb) for r in rows]
+    """Run ``rows`` here, each result also sent to the parent as it finishes (``_SETTINGS["queue"]``)."""
+    out = []
+    for row in rows:
+        out.append(run_row(row, steps, perturb))
+        queue = _SETTINGS.get("queue")
+        if queue is not None:
+            queue.put((row, out[-1]))
+    return out
 
 
 def jax_cache_dir(path: str | None = None) -> str | None:
@@ -740,8 +869,9 @@ def run_rows(rows: Sequence[Row], steps: int = DEFAULT_STEPS, workers: int = 2,
              jax_cache: str | None = None, perturb: str | None = None,
              on_result: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
     """Run ``rows`` (in ``workers`` spawned processes; 0: here, in this process) and return their results in
-    the order of ``rows``; ``on_result`` sees each as it finishes. Rows whose backend cannot run here are
-    skipped at once, without a worker."""
+    the order of ``rows``; ``on_result`` sees each as it finishes. Rows whose library is not installed are
+    skipped at once, without a worker; the workers check the devices (this process imports neither torch
+    nor JAX, so the workers start at once)."""
     results: dict[Row, dict[str, Any]] = {}
 
     def done(row: Row, result: dict[str, Any]) -> None:
@@ -751,34 +881,56 @@ def run_rows(rows: Sequence[Row], steps: int = DEFAULT_STEPS, workers: int = 2,
 
     runnable = []
     for row in rows:
-        reason = get_backend(row.backend).skip_reason()
+        b = get_backend(row.backend)
+        reason = b.skip_reason() if workers <= 0 else _cheap_skip(b)
         if reason:
             done(row, {**row.describe(), "status": "SKIP", "note": reason})
         else:
             runnable.append(row)
-    settings = {"jax_cache": jax_cache}
+    settings: dict[str, Any] = {"jax_cache": jax_cache}
     if workers <= 0:  # here, in order; the caller's threads are left alone
-        _prepare(settings, worker=False)
+        _prepare_here(settings)
         for row in runnable:
             done(row, run_row(row, steps, perturb))
         return [results[r] for r in rows]
 
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor, as_completed
+    import queue as queues
+    import shutil
+    import tempfile
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 
     ctx = multiprocessing.get_context("spawn")  # no fork after torch/JAX started their threads
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx, initializer=_worker_init,
-                             initargs=(settings,)) as pool:
-        futures = {pool.submit(_run_bundle, bundle, steps, perturb): bundle for bundle in _bundles(runnable)}
-        for future in as_completed(futures):
-            bundle = futures[future]
-            try:
-                for row, result in zip(bundle, future.result(), strict=True):
+    settings["refs"] = tempfile.mkdtemp(prefix="adamp-xp-refs-")
+    settings["queue"] = finished = ctx.Queue()  # each row's result as it finishes
+
+    def drain(block: float) -> None:
+        with contextlib.suppress(queues.Empty):
+            while True:
+                row, result = finished.get(timeout=block)
+                block = 0.0
+                if row not in results:
                     done(row, result)
-            except Exception as exc:  # a worker died (out of memory, a crash in a native library)
-                for row in bundle:
+
+    with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, settings["refs"], ignore_errors=True)
+        pool = stack.enter_context(ProcessPoolExecutor(max_workers=workers, mp_context=ctx,
+                                                       initializer=_worker_init, initargs=(settings,)))
+        futures = {pool.submit(_run_bundle, bundle, steps, perturb): bundle for bundle in _bundles(runnable)}
+        while futures:
+            drain(0.1)
+            finished_now, _ = wait(futures, timeout=0, return_when=FIRST_COMPLETED)
+            for future in finished_now:
+                bundle = futures.pop(future)
+                try:
+                    returned = future.result()
+                except Exception as exc:  # a worker died (out of memory, a crash in a native library)
+                    drain(0.5)  # what it sent before
+                    returned = [{**r.describe(), "status": "FAIL", "note": f"worker failed: {exc!r}"[:300]}
+                                for r in bundle]
+                for row, result in zip(bundle, returned, strict=True):
                     if row not in results:
-                        done(row, {**row.describe(), "status": "FAIL", "note": f"worker failed: {exc!r}"[:300]})
+                        done(row, result)
     return [results[r] for r in rows]
 
 
