@@ -99,7 +99,8 @@ def conformance(args: argparse.Namespace) -> int:
         return 2
     workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
     jax_cache = conf.jax_cache_dir(args.jax_cache)
-    print(f"adamp-xp {__version__} against adamp==0.3.0: {len(rows)} rows, {steps} steps per trajectory, "
+    print(f"adamp-xp {__version__} against adamp==0.3.0 (rows 'caution': timm 1.0.31): {len(rows)} rows, "
+          f"{steps} steps per trajectory, "
           f"{'every case and shape in every row' if args.full else 'each row on its cases and shapes (--full: all)'}, "
           f"{workers} worker(s), JAX cache: {jax_cache or 'off'}.\n"
           f"error: max over steps, param and state of max|ours - ref| / max|ref|; path: what "

@@ -32,11 +32,13 @@ def test_conformance_prints_rows_with_their_paths_and_passes(tmp_path, capsys):
     text = capsys.readouterr().out
     assert code == 0, text
     rows = [r for r in _table(text) if r[0] != "-" * 15]
-    assert [r[:3] for r in rows] == [["adamp_core", "numpy", "float64"], ["adamp_core.tree", "numpy", "float64"],
-                                     ["adamp_core", "numpy", "float32"], ["adamp_core.tree", "numpy", "float32"]]
+    assert [r[:4] for r in rows] == [
+        ["adamp_core", "numpy", "float64", "defaults"], ["adamp_core.tree", "numpy", "float64", "defaults"],
+        ["adamp_core", "numpy", "float32", "defaults"], ["adamp_core.tree", "numpy", "float32", "defaults"],
+        ["adamp_core", "numpy", "float64", "caution (vs timm)"], ["adamp_core", "numpy", "float32", "caution (vs timm)"]]
     assert all(r[4] == "per-tensor" and r[-1] == "PASS" for r in rows), text
     assert re.search(r"cupy: 4 rows SKIP \(.+\): adamp_core, adamp_core.tree", text)
-    assert re.search(r"4 passed, 0 failed, 4 skipped in [\d.]+ s", text)
+    assert re.search(r"6 passed, 0 failed, 4 skipped in [\d.]+ s", text)
     doc = json.loads(out.read_text())
     core = [r for r in doc["rows"] if r["target"] == "adamp_core" and r["backend"] == "numpy"]
     assert all(r["views"]["channel"] and r["views"]["layer"] and r["views"]["none"] and r["views_agree"]
@@ -53,7 +55,7 @@ def test_json_holds_every_row_the_versions_and_the_machine(tmp_path, capsys):
     assert code == 0
     doc = json.loads(out.read_text())
     assert doc["steps"] == 3 and doc["full"] is False and doc["workers"] == 2 and doc["seconds"] > 0
-    assert (doc["passed"], doc["failed"], doc["skipped"]) == (3, 0, 2)
+    assert (doc["passed"], doc["failed"], doc["skipped"]) == (4, 0, 2)
     assert doc["argv"][:2] == ["conformance", "--target"]
     for name in ("adamp-xp", "adamp", "numpy", "torch", "jax", "optax", "numba", "array-api-compat"):
         assert name in doc["versions"]
@@ -61,7 +63,8 @@ def test_json_holds_every_row_the_versions_and_the_machine(tmp_path, capsys):
     assert {"platform", "cpu_count", "usable_cpus", "python"} <= set(doc["machine"])
     assert doc["machine"]["cpu_count"] == os.cpu_count()
     numpy_rows = [r for r in doc["rows"] if r["backend"] == "numpy"]
-    assert [r["options"] for r in numpy_rows] == ["defaults", "fused=False", "fused=False, foreach=False"]
+    assert [r["options"] for r in numpy_rows] == ["defaults", "fused=False", "fused=False, foreach=False",
+                                                  "caution (vs timm)"]
     for r in numpy_rows:
         assert r["status"] == "PASS" and r["path"].split(" + ")[0] == r["expected_path"]
         assert set(r) >= {"target", "backend", "device", "dtype", "options", "path", "paths", "expected_path",
@@ -79,10 +82,11 @@ def test_a_wrong_step_fails_with_exit_status_1(tmp_path):
                         "--backend", "numpy", "--dtype", "float64", "--workers", "0", "--perturb", "tree",
                         "--json", str(out), *FAST], capture_output=True, text=True, timeout=300)
     assert r.returncode == 1, r.stdout + r.stderr
-    rows = {row["target"]: row for row in json.loads(out.read_text())["rows"]}
-    assert rows["adamp_core"]["status"] == "PASS"
-    assert rows["adamp_core.tree"]["status"] == "FAIL" and rows["adamp_core.tree"]["max_rel_error"] > 1e-4
-    assert "1 passed, 1 failed" in r.stdout
+    rows = {(row["target"], row["options"]): row for row in json.loads(out.read_text())["rows"]}
+    assert rows["adamp_core", "defaults"]["status"] == rows["adamp_core", "caution (vs timm)"]["status"] == "PASS"
+    tree = rows["adamp_core.tree", "defaults"]
+    assert tree["status"] == "FAIL" and tree["max_rel_error"] > 1e-4
+    assert "2 passed, 1 failed" in r.stdout
 
 
 def test_cuda_rows_skip_with_a_reason_without_a_gpu(capsys):

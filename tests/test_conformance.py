@@ -9,6 +9,7 @@ from collections import Counter
 import pytest
 
 from adamp_xp.testing import conformance as C
+from adamp_xp.testing.oracle import TIMM_ADAMP_CASES
 
 pytest.importorskip("adamp", reason="the oracle adamp==0.3.0 is not installed")
 
@@ -64,7 +65,8 @@ def test_cuda_rows_are_the_gpu_backends():
 
 def test_targets_and_backends_filter():
     rows = C.plan(["adamp_torch"], ["torch:cpu"], dtypes=["float32"])
-    assert {r.label for r in rows} == {"defaults", "fused=False", "fused=False, foreach=False", "channels_last"}
+    assert {r.label for r in rows if not r.cautious} == {"defaults", "fused=False", "fused=False, foreach=False",
+                                                          "channels_last"}
     with pytest.raises(ValueError, match="Unknown target: 'keras'"):
         C.plan(["keras"])
 
@@ -82,6 +84,23 @@ def test_adamp_torch_rows_run_the_path_the_policy_names(options):
     ran = set(result["paths"]) - {k for k, n in result["paths"].items() if not n}
     assert ran == set(row.expected.split(" + ")), result["paths"]
     assert result["path"].split(" + ")[0] == row.expected.split(" + ")[0]
+
+
+def test_cautious_rows_cover_every_torch_path_against_timm():
+    """caution=True rows (issue 19) on each adamp_torch path and the core, against timm 1.0.31's optimizers;
+    the fused one runs the kernels and passes."""
+    pytest.importorskip("torch")
+    pytest.importorskip("adamp_xp.testing.timm_reference").timm_optimizers()
+    from adamp_core import fused
+
+    rows = [r for r in C.plan(["adamp_torch", "core"], ["torch:cpu"], dtypes=["float32"]) if r.cautious]
+    assert {(r.target, r.expected) for r in rows} == {
+        ("core", C.PER_TENSOR), ("adamp_torch", C.FUSED), ("adamp_torch", C.MULTI), ("adamp_torch", C.PER_TENSOR)}
+    assert all(r.describe()["reference"] == "timm 1.0.31" and "caution" in r.label for r in rows)
+    assert all(set(r.cases["adamp"]) <= set(TIMM_ADAMP_CASES) for r in rows)
+    result = _run(next(r for r in rows if r.expected == C.FUSED))
+    if fused.AVAILABLE:
+        assert result["path"].startswith(C.FUSED), result["path"]
 
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
@@ -111,7 +130,7 @@ def test_jax_rows(monkeypatch):
     monkeypatch.setattr(C, "SHAPES", {k: v for k, v in C.SHAPES.items() if k in ("conv4d", "scalar0d")})
     monkeypatch.setattr(C, "JAX_SHAPES", ("conv4d",))
     monkeypatch.setattr(C, "JAX_JIT_SHAPES", ("conv4d", "scalar0d"))
-    rows = C.plan(backends=["jax:cpu"], dtypes=["float32"])
+    rows = [r for r in C.plan(backends=["jax:cpu"], dtypes=["float32"]) if not r.cautious]
     assert [(r.name, r.label) for r in rows] == [
         ("adamp_core", "defaults"), ("adamp_core", "jax.jit"), ("adamp_core.tree", "defaults"),
         ("adamp_array", "defaults"), ("adamp_array", "foreach=False"),
@@ -128,7 +147,7 @@ def test_each_row_runs_its_cases_and_shapes():
     """The default tables: every case and shape for the core on numpy and torch; every case compiled for the
     core under jax.jit (float32: JAX_JIT_SHAPES); fewer cases where each operation is a Python round trip or a
     compilation, fewer shapes on JAX; --full: everything everywhere."""
-    rows = {(r.name, r.backend, r.dtype, r.label): r for r in C.plan(device="cpu")}
+    rows = {(r.name, r.backend, r.dtype, r.label): r for r in C.plan(device="cpu") if not r.cautious}
     every = {"adamp": None, "sgdp": None}
     for backend in ("numpy", "torch:cpu"):
         assert rows[("adamp_core", backend, "float32", "defaults")].cases == every
@@ -148,7 +167,9 @@ def test_each_row_runs_its_cases_and_shapes():
     for cases in (C.ADAPTER_CASES, C.EAGER_JAX_CASES, C.LIGHT_ADAPTER_CASES):
         assert set(cases["adamp"]) <= set(C.ADAMP_CASES) and set(cases["sgdp"]) <= set(C.SGDP_CASES)
     for r in C.plan(device="cpu", full=True):
-        assert r.cases == every and r.shapes == tuple(C.SHAPES)
+        assert r.cases == (C.ALL_CAUTIOUS_CASES if r.cautious else every) and r.shapes == tuple(C.SHAPES)
+    cautious = [r for r in C.plan(device="cpu") if r.cautious]  # against timm: its cases only
+    assert cautious and all(r.cases == C.CAUTIOUS_CASES for r in cautious)
 
 
 def test_hyperparameters_traced_or_static():
@@ -175,7 +196,8 @@ def test_bundles_share_compilations_and_start_with_the_longest():
         (fused,) = [b for b in bundles if any(r.expected.startswith(C.FUSED) and r.dtype == dtype for r in b)]
         assert {(r.name, r.backend, r.label) for r in fused} == {
             ("adamp_torch", "torch:cpu", "defaults"), ("adamp_torch", "torch:cpu", "channels_last"),
-            ("adamp_array", "numpy", "defaults"), ("adamp_array", "torch:cpu", "defaults")}
+            ("adamp_array", "numpy", "defaults"), ("adamp_array", "torch:cpu", "defaults"),
+            ("adamp_torch", "torch:cpu", "caution (vs timm)"), ("adamp_array", "numpy", "caution (vs timm)")}
     for backend in ("jax:cpu", "jax:gpu"):  # one import of JAX; the eager rows share their compiled operations
         (jax_rows,) = [b for b in bundles if b[0].backend == backend]
         assert jax_rows == [r for r in rows if r.backend == backend]

@@ -33,10 +33,21 @@ import numpy as np
 
 from .adapters_conformance import _compare, _host
 from .backends import BACKENDS, Backend, get_backend
-from .oracle import ADAMP_CASES, SGDP_CASES, SHAPES, reference_run, tolerance
+from .oracle import (
+    ADAMP_CASES,
+    SGDP_CASES,
+    SHAPES,
+    TIMM_ADAMP_CASES,
+    TIMM_SGDP_CASES,
+    case_table,
+    reference_run,
+    tolerance,
+)
 
 __all__ = [
     "ADAPTER_CASES",
+    "ALL_CAUTIOUS_CASES",
+    "CAUTIOUS_CASES",
     "DEFAULT_STEPS",
     "EAGER_JAX_CASES",
     "FULL_STEPS",
@@ -95,6 +106,10 @@ EAGER_JAX_CASES: dict[str, tuple[str, ...]] = {"adamp": ("nesterov_wd",), "sgdp"
 # The adapters there (adamp_array on array_api_strict and JAX, adamp_optax): one case per optimizer, AdamP's
 # with every name optax renames (betas -> b1/b2, eps, wd_ratio, weight decay) and SGDP's nesterov one.
 LIGHT_ADAPTER_CASES: dict[str, tuple[str, ...]] = {"adamp": ("betas_eps_ratio",), "sgdp": ("nesterov_wd",)}
+# Cautious rows (caution=True, and SGDP as Algorithm 1 prints it): against timm 1.0.31's own AdamP/SGDP (the
+# oracle's timm cases), one case per optimizer that also exercises nesterov / weight decay; --full: all of them.
+CAUTIOUS_CASES: dict[str, tuple[str, ...]] = {"adamp": ("cautious_nesterov",), "sgdp": ("cautious_alg1",)}
+ALL_CAUTIOUS_CASES: dict[str, tuple[str, ...]] = {"adamp": tuple(TIMM_ADAMP_CASES), "sgdp": tuple(TIMM_SGDP_CASES)}
 # JAX compiles every operation of an eager row once per shape and dtype (~50 ms each on a small CPU, ~40 of
 # them per shape that projects) and each jax.jit program once per shape (~0.8 s of CPU per shape that
 # projects, with an empty persistent cache). Its rows step a 4-d tensor (the projection: channel and layer
@@ -145,6 +160,7 @@ class Row:
     expected: str = PER_TENSOR
     all_cases: bool = False  # every case of the oracle table (else the row's few: see cases)
     shapes_of: str = "all"  # the shapes it steps: "all" (the oracle's SHAPES), "jax" (JAX_SHAPES), "jax.jit"
+    cautious: bool = False  # the cautious cases (caution=True), against timm 1.0.31 instead of adamp 0.3.0
 
     @property
     def name(self) -> str:
@@ -167,6 +183,8 @@ class Row:
     @property
     def cases(self) -> dict[str, tuple[str, ...] | None]:
         """The oracle cases the row runs, per optimizer (None: every case of its table)."""
+        if self.cautious:
+            return dict(ALL_CAUTIOUS_CASES if self.all_cases else CAUTIOUS_CASES)
         if self.all_cases:
             return {"adamp": None, "sgdp": None}
         library = get_backend(self.backend).library
@@ -183,12 +201,14 @@ class Row:
 
     @property
     def label(self) -> str:
-        return ", ".join(self.options) if self.options else "defaults"
+        options = [*self.options, "caution (vs timm)"] if self.cautious else list(self.options)
+        return ", ".join(options) if options else "defaults"
 
     def describe(self) -> dict[str, Any]:
         b = get_backend(self.backend)
         return dict(target=self.name, backend=self.backend, device=b.device, dtype=self.dtype,
-                    options=self.label, expected_path=self.expected)
+                    options=self.label, expected_path=self.expected,
+                    reference="timm 1.0.31" if self.cautious else "adamp 0.3.0")
 
 
 def _cpu(backend: Backend) -> bool:
@@ -239,11 +259,35 @@ def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: b
     if "adamp_torch" in targets and b.library == "torch":
         for d in half:
             rows.append(Row("adamp_torch", b.id, d, ("state_dtype=float32",), MULTI))
+    rows += _cautious_rows(b, targets, dtypes, fused_here)
     if full:
         return [dataclasses.replace(r, all_cases=True) for r in rows]
     if b.library == "jax":  # fewer shapes: the compilations (see JAX_SHAPES)
         rows = [dataclasses.replace(r, shapes_of="jax.jit" if r.target == "core" and r.jit and r.dtype == "float32"
                                     else "jax") for r in rows]
+    return rows
+
+
+def _cautious_rows(b: Backend, targets: Sequence[str], dtypes: Sequence[str], fused_here: bool) -> list[Row]:
+    """``caution=True`` (and SGDP's ``project_buffer=False``) against timm 1.0.31: the core where nothing
+    compiles, ``adamp_torch`` on each of its paths, ``adamp_array``'s default path and ``adamp_optax`` under
+    ``jax.jit`` (float32: one more compile per optimizer)."""
+    rows: list[Row] = []
+    for d in [d for d in dtypes if d in ("float64", "float32")]:
+        if "core" in targets and b.library in ("numpy", "torch"):
+            rows.append(Row("core", b.id, d, cautious=True))
+        if "adamp_torch" in targets and b.library == "torch":
+            if fused_here:
+                rows += [Row("adamp_torch", b.id, d, (), FUSED, cautious=True),
+                         Row("adamp_torch", b.id, d, ("fused=False",), MULTI, cautious=True),
+                         Row("adamp_torch", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR, cautious=True)]
+            else:
+                rows += [Row("adamp_torch", b.id, d, (), MULTI, cautious=True),
+                         Row("adamp_torch", b.id, d, ("foreach=False",), PER_TENSOR, cautious=True)]
+        if "adamp_array" in targets and b.library == "numpy":
+            rows.append(Row("adamp_array", b.id, d, (), FUSED if fused_here else MULTI, cautious=True))
+        if "adamp_optax" in targets and b.library == "jax" and d == "float32":
+            rows.append(Row("adamp_optax", b.id, d, (JIT,), f"{PER_TENSOR} (jit)", cautious=True))
     return rows
 
 
@@ -350,8 +394,9 @@ def path_label(counts: Counter[str], jit: bool = False) -> str:
 
 
 def _cases(optimizer: str, names: Sequence[str] | None) -> dict[str, dict[str, Any]]:
+    """The named cases (adamp 0.3.0's or timm's; None: every official one) with their hyperparameters."""
     table = ADAMP_CASES if optimizer == "adamp" else SGDP_CASES
-    return {n: table[n] for n in (names if names is not None else table)}
+    return {n: case_table(optimizer, n) for n in (names if names is not None else table)}
 
 
 def _perturbed(hp: dict[str, Any], perturb: bool) -> dict[str, Any]:
