@@ -827,20 +827,20 @@ _KERNELS_COST = 14.0  # numba compiling the fused kernels (AdamP's and SGDP's) o
 def _bundles(rows: Sequence[Row]) -> list[list[Row]]:
     """Rows that share compiled code or imports run in one process, one after the other: every row of one
     JAX backend (one import of JAX and optax; the eager rows of one dtype share XLA's compiled operations,
-    one per operation, shape and dtype), and the rows of one dtype that run the fused kernels (numba
-    compiles them once per dtype, and a process loads them from its cache once). Longest first."""
+    one per operation, shape and dtype), and the rows that run the fused kernels (numba compiles them once
+    per dtype, and their helpers once; a process loads them from its cache once). Longest first."""
     groups: dict[Any, list[Row]] = {}
     for row in rows:
         if get_backend(row.backend).library == "jax":
             key: Any = row.backend
         elif row.expected.startswith(FUSED):
-            key = ("fused", row.dtype)
+            key = FUSED
         else:
             key = row
         groups.setdefault(key, []).append(row)
 
     def cost(bundle: list[Row]) -> float:
-        kernels = _KERNELS_COST if bundle[0].expected.startswith(FUSED) else 0.0
+        kernels = len({r.dtype for r in bundle if r.expected.startswith(FUSED)}) * _KERNELS_COST
         return kernels + sum(_cost(r) for r in bundle)
 
     return sorted(groups.values(), key=lambda g: -cost(g))
