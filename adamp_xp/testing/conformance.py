@@ -218,12 +218,20 @@ def _cpu(backend: Backend) -> bool:
 def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: bool, every_backend: bool,
               every_dtype: bool) -> list[Row]:
     """Every row of ``targets`` on backend ``b`` (see README "Conformance" for what each one means). The
-    default run leaves out the tree on array_api_strict (``every_backend``) and JAX's float64 tree and
-    adapter rows (``every_dtype``); naming the backend or the dtype brings them back, as does ``full``."""
+    default run leaves out the tree on array_api_strict (``every_backend``), JAX's float64 tree and adapter
+    rows and the float64 rows of the fused kernels (``every_dtype``); naming the backend or the dtype brings
+    them back, as does ``full``."""
     rows: list[Row] = []
     half = [d for d in dtypes if d in HALF_DTYPES]
     host = _cpu(b)
-    fused_here = host and b.library in ("numpy", "torch")  # writable host buffers: the kernels' arrays
+    # Writable host buffers: the kernels' arrays. numba compiles the kernels once per dtype, ~17 s of CPU on a
+    # small machine (with empty caches, the largest cost of the default run): float32's, the dtype of training,
+    # by default; float64's (the same source) in --full, or when the dtype is named.
+    fused_here = host and b.library in ("numpy", "torch")
+
+    def kernels(d: str) -> bool:
+        return fused_here and (d != "float64" or full or not every_dtype)
+
     jit_tag = f"{PER_TENSOR} (jit)"
     slow = b.library in ("array_api_strict", "jax")  # a Python round trip per operation
     for d in [d for d in dtypes if d in ("float64", "float32")]:
@@ -237,18 +245,18 @@ def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: b
             rows.append(Row("tree", b.id, d))  # the same structure code for every library but JAX's pytrees
         if "adamp_torch" in targets and b.library == "torch":
             if fused_here:
-                rows += [Row("adamp_torch", b.id, d, (), FUSED),
-                         Row("adamp_torch", b.id, d, ("fused=False",), MULTI),
-                         Row("adamp_torch", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR),
-                         Row("adamp_torch", b.id, d, ("channels_last",), f"{FUSED} + {MULTI}")]
+                rows += [Row("adamp_torch", b.id, d, (), FUSED)] if kernels(d) else []
+                rows += [Row("adamp_torch", b.id, d, ("fused=False",), MULTI),
+                         Row("adamp_torch", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR)]
+                rows += [Row("adamp_torch", b.id, d, ("channels_last",), f"{FUSED} + {MULTI}")] if kernels(d) else []
             else:  # no fused kernels off the host: the multi-tensor step is the default
                 rows += [Row("adamp_torch", b.id, d, (), MULTI),
                          Row("adamp_torch", b.id, d, ("foreach=False",), PER_TENSOR),
                          Row("adamp_torch", b.id, d, ("channels_last",), MULTI)]
         if "adamp_array" in targets:
             if fused_here:
-                rows += [Row("adamp_array", b.id, d, (), FUSED),
-                         Row("adamp_array", b.id, d, ("fused=False",), MULTI),
+                rows += [Row("adamp_array", b.id, d, (), FUSED)] if kernels(d) else []
+                rows += [Row("adamp_array", b.id, d, ("fused=False",), MULTI),
                          Row("adamp_array", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR)]
             else:  # immutable (JAX) or non-NumPy arrays: fused=False changes nothing
                 rows += [Row("adamp_array", b.id, d, (), MULTI),
@@ -259,7 +267,7 @@ def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: b
     if "adamp_torch" in targets and b.library == "torch":
         for d in half:
             rows.append(Row("adamp_torch", b.id, d, ("state_dtype=float32",), MULTI))
-    rows += _cautious_rows(b, targets, dtypes, fused_here)
+    rows += _cautious_rows(b, targets, dtypes, fused_here, kernels)
     if full:
         return [dataclasses.replace(r, all_cases=True) for r in rows]
     if b.library == "jax":  # fewer shapes: the compilations (see JAX_SHAPES)
@@ -268,23 +276,25 @@ def _rows_for(b: Backend, targets: Sequence[str], dtypes: Sequence[str], full: b
     return rows
 
 
-def _cautious_rows(b: Backend, targets: Sequence[str], dtypes: Sequence[str], fused_here: bool) -> list[Row]:
+def _cautious_rows(b: Backend, targets: Sequence[str], dtypes: Sequence[str], fused_here: bool,
+                   kernels: Callable[[str], bool]) -> list[Row]:
     """``caution=True`` (and SGDP's ``project_buffer=False``) against timm 1.0.31: the core where nothing
     compiles, ``adamp_torch`` on each of its paths, ``adamp_array``'s default path and ``adamp_optax`` under
-    ``jax.jit`` (float32: one more compile per optimizer)."""
+    ``jax.jit`` (float32: one more compile per optimizer). ``kernels(dtype)``: whether the fused kernels' rows
+    of that dtype are in the run."""
     rows: list[Row] = []
     for d in [d for d in dtypes if d in ("float64", "float32")]:
         if "core" in targets and b.library in ("numpy", "torch"):
             rows.append(Row("core", b.id, d, cautious=True))
         if "adamp_torch" in targets and b.library == "torch":
             if fused_here:
-                rows += [Row("adamp_torch", b.id, d, (), FUSED, cautious=True),
-                         Row("adamp_torch", b.id, d, ("fused=False",), MULTI, cautious=True),
+                rows += [Row("adamp_torch", b.id, d, (), FUSED, cautious=True)] if kernels(d) else []
+                rows += [Row("adamp_torch", b.id, d, ("fused=False",), MULTI, cautious=True),
                          Row("adamp_torch", b.id, d, ("fused=False", "foreach=False"), PER_TENSOR, cautious=True)]
             else:
                 rows += [Row("adamp_torch", b.id, d, (), MULTI, cautious=True),
                          Row("adamp_torch", b.id, d, ("foreach=False",), PER_TENSOR, cautious=True)]
-        if "adamp_array" in targets and b.library == "numpy":
+        if "adamp_array" in targets and b.library == "numpy" and (kernels(d) or not fused_here):
             rows.append(Row("adamp_array", b.id, d, (), FUSED if fused_here else MULTI, cautious=True))
         if "adamp_optax" in targets and b.library == "jax" and d == "float32":
             rows.append(Row("adamp_optax", b.id, d, (JIT,), f"{PER_TENSOR} (jit)", cautious=True))
