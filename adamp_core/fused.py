@@ -90,12 +90,12 @@ def check_fused(value: Any) -> None:
 
         if importlib.util.find_spec("triton") is None:
             raise ValueError("Invalid fused value: 'triton' (the Triton kernels need triton: pip install "
-                             "'adamp-xp[triton]')")
+                             "-e '.[triton]')")
         return
     if value is not None and not isinstance(value, bool):
         raise TypeError(f"Invalid fused value: {value!r} (expected None, True, False or 'triton')")
     if value is True and not AVAILABLE:
-        raise ValueError("Invalid fused value: True (the fused kernels need numba: pip install 'adamp-xp[fast]')")
+        raise ValueError("Invalid fused value: True (the fused kernels need numba: pip install -e '.[fast]')")
 
 
 def supports(param: Any, *others: Any) -> bool:

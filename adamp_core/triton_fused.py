@@ -81,7 +81,7 @@ def check_available() -> None:
     """Raise the adapters' error for ``fused="triton"`` when Triton is not installed."""
     if not AVAILABLE:
         raise ValueError("Invalid fused value: 'triton' (the Triton kernels need triton: "
-                         "pip install 'adamp-xp[triton]')")
+                         "pip install -e '.[triton]')")
 
 
 def interpreting() -> bool:

@@ -401,7 +401,7 @@ def test_asv_benchmarks_set_up_and_run_with_small_params(asv_suite):
         a.time_step("cpu", "small", "adamp_array.SGDP")
 
 
-@pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed (pip install 'adamp-xp[bench]')")
+@pytest.mark.skipif(shutil.which("asv") is None, reason="asv is not installed (pip install -e '.[bench]')")
 def test_asv_check_passes():
     env = {**os.environ, "ADAMP_BENCH_SCALE": "0.002"}
     proc = subprocess.run(

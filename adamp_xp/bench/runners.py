@@ -401,7 +401,7 @@ def _require_triton(backend: str) -> None:
     from adamp_core import triton_fused
 
     if not triton_fused.AVAILABLE:
-        raise Unavailable("triton is not installed (pip install 'adamp-xp[triton]')")
+        raise Unavailable("triton is not installed (pip install -e '.[triton]')")
     if backend == "torch:cpu" and not (INTERPRETER_ROWS["allowed"] and triton_fused.interpreting()):
         raise Unavailable("the Triton kernels run on CUDA tensors (on a CPU only under TRITON_INTERPRET=1, "
                           "Triton's interpreter: adamp-xp bench --launches)")
