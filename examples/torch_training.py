@@ -60,7 +60,7 @@ def conv_weight_norms(model: nn.Module) -> list[float]:
     return [round(m.weight.norm().item(), 3) for m in model if isinstance(m, nn.Conv2d)]
 
 
-def train(model, optimizer, scheduler, data, start: int, stop: int, batch_size: int, seed: int, log_every: int) -> float:
+def train(model, optimizer, scheduler, data, start: int, stop: int, batch_size: int, seed: int, log_every: int):
     """Steps ``start`` to ``stop - 1``; batch ``i`` depends only on ``seed`` and ``i``, so a resumed run
     sees the batches the uninterrupted one would."""
     (x, y), loss = data, float("nan")
@@ -93,14 +93,23 @@ def main(argv: list[str] | None = None) -> dict:
     model = make_model()
     optimizer = make_optimizer(args.optimizer, model)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=args.steps)
-    print(f"{type(optimizer).__module__}.{type(optimizer).__name__}, {args.steps} steps; conv |w| at start:",
-          conv_weight_norms(model))
+    print(
+        f"{type(optimizer).__module__}.{type(optimizer).__name__}, {args.steps} steps; conv |w| at start:",
+        conv_weight_norms(model),
+    )
     train(model, optimizer, scheduler, train_data, 0, half, args.batch_size, args.seed, log_every)
 
     with tempfile.TemporaryDirectory() as tmp:
         path = args.checkpoint or Path(tmp) / "checkpoint.pt"
-        torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "step": half}, path)
+        torch.save(
+            {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "step": half,
+            },
+            path,
+        )
         print(f"saved a checkpoint at step {half}; resuming in a new model and optimizer")
 
         # What a new process would do: build everything again, then load the checkpoint.
@@ -111,8 +120,9 @@ def main(argv: list[str] | None = None) -> dict:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         scheduler.load_state_dict(checkpoint["scheduler"])
-    loss = train(model, optimizer, scheduler, train_data, checkpoint["step"], args.steps, args.batch_size, args.seed,
-                 log_every)
+    loss = train(
+        model, optimizer, scheduler, train_data, checkpoint["step"], args.steps, args.batch_size, args.seed, log_every
+    )
 
     model.eval()
     with torch.no_grad():
