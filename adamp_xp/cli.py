@@ -17,6 +17,7 @@ import time
 from typing import Any
 
 from . import __version__
+from .testing.backends import BACKENDS
 
 __all__ = ["main"]
 
@@ -24,13 +25,16 @@ __all__ = ["main"]
 _SUBCOMMANDS: list[str] = ["adamp_xp.experiments.toy", "adamp_xp.experiments.digits", "adamp_xp.bench"]
 
 
-_COLUMNS = (("target", 15), ("backend", 16), ("dtype", 8), ("options", 26), ("path (observed)", 34),
-            ("max rel err", 11), ("tol", 7), ("views ch/ly/none", 16), ("s", 5), ("result", 0))
+# Column headings, and the narrowest each column may be (its values' usual width; _Table widens a column to its
+# longest value, known before any row runs).
+_COLUMNS = (("target", 0), ("backend", 0), ("dtype", 0), ("options", 0), ("path (observed)", 0),
+            ("max rel err", 7), ("tol", 5), ("views ch/ly/none", 11), ("s", 5), ("result", 0))
+_GAP = 2  # spaces between columns
 
 
-def _format_row(r: dict[str, Any]) -> str:
+def _cells(r: dict[str, Any]) -> list[str]:
     v = r.get("views")
-    cells = [
+    return [
         r["target"], r["backend"], r["dtype"], r.get("options", "-"), r.get("path", "-"),
         f"{r['max_rel_error']:.1e}" if "max_rel_error" in r else "-",
         f"{r['tolerance']:.2g}" if "tolerance" in r else "-",
@@ -38,16 +42,48 @@ def _format_row(r: dict[str, Any]) -> str:
         f"{r['seconds']:.1f}" if "seconds" in r else "-",
         r["status"] + (f" ({r['note']})" if r.get("note") else ""),
     ]
-    return "  ".join(str(c).ljust(w) for c, (_, w) in zip(cells, _COLUMNS, strict=True)).rstrip()
 
 
-def _header() -> str:
-    names = "  ".join(name.ljust(w) for name, w in _COLUMNS).rstrip()
-    rule = "  ".join("-" * (w or len(name)) for name, w in _COLUMNS)
-    return f"{names}\n{rule}"
+def _path_width(expected: str) -> int:
+    """Room for the path a row of ``expected`` path may report: the expected label with a share ("fused kernels
+    + multi-tensor 12%"), or with one more path and its share ("fused kernels + per-tensor 3%"). A longer one
+    still lines up again at the next column with room (:meth:`_Table.line`)."""
+    return len(expected) + (len(" 99%") if " + " in expected else len(" + per-tensor 99%"))
 
 
-def _skipped(rows: list[dict[str, Any]]) -> list[str]:
+class _Table:
+    """The conformance table: every column as wide as its heading and its longest value among the planned rows
+    (``planned``: their :meth:`Row.describe` dicts), so rows stay aligned as they stream in, whatever the
+    options. A cell longer than planned (an unexpected path) takes the spaces of the next columns, which then
+    start where they should again as soon as there is room."""
+
+    def __init__(self, planned: list[dict[str, Any]]) -> None:
+        widths = [max(len(name), least) for name, least in _COLUMNS]
+        for r in planned:
+            known = [r["target"], r["backend"], r["dtype"], r["options"]]
+            for i, cell in enumerate(known):
+                widths[i] = max(widths[i], len(cell))
+            widths[4] = max(widths[4], _path_width(r.get("expected_path", "")))
+        widths[-1] = 0  # the last column is not padded
+        self.widths = widths
+
+    def line(self, cells: list[str]) -> str:
+        out, start = "", 0
+        for cell, width in zip(cells, self.widths, strict=True):
+            out = out.ljust(start) if not out or len(out) + _GAP <= start else out + " " * _GAP
+            out += str(cell)
+            start += width + _GAP
+        return out.rstrip()
+
+    def row(self, r: dict[str, Any]) -> str:
+        return self.line(_cells(r))
+
+    def header(self) -> str:
+        return self.line([name for name, _ in _COLUMNS]) + "\n" + self.line(
+            ["-" * (w or len(name)) for (name, _), w in zip(_COLUMNS, self.widths, strict=True)])
+
+
+def _skipped(rows: list[dict[str, Any]], table: _Table) -> list[str]:
     """Skipped rows, one line per backend and reason (no GPU, library missing) when there are several."""
     by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in rows:
@@ -55,7 +91,7 @@ def _skipped(rows: list[dict[str, Any]]) -> list[str]:
     lines = []
     for (backend, reason), rs in by.items():
         if len(rs) == 1:
-            lines.append(_format_row(rs[0]))
+            lines.append(table.row(rs[0]))
         else:
             targets = ", ".join(dict.fromkeys(r["target"] for r in rs))
             lines.append(f"{backend}: {len(rs)} rows SKIP ({reason}): {targets}")
@@ -84,11 +120,26 @@ def _progress(total: int, off: bool) -> Any:
     return tqdm(total=total, file=sys.stderr, unit="row", leave=False, disable=True if off else None)
 
 
+def _references(rows: list[Any]) -> str:
+    """What the rows are checked against, as the header says it: adamp 0.3.0, and for the cautious rows timm
+    (or why they will be SKIP here: timm not installed, with the install hint)."""
+    from .testing import conformance as conf
+    from .testing.timm_reference import TIMM_VERSION
+
+    cautious = [r for r in rows if r.cautious]
+    if not cautious:
+        return "against adamp==0.3.0"
+    reason = conf.reference_missing(cautious[0])
+    if reason:
+        return f"against adamp==0.3.0 (its {len(cautious)} rows 'caution (vs timm)' SKIP here, {reason})"
+    return f"against adamp==0.3.0 and timm {TIMM_VERSION} (its {len(cautious)} rows 'caution (vs timm)')"
+
+
 def conformance(args: argparse.Namespace) -> int:
     missing = [m for m in ("adamp", "torch") if importlib.util.find_spec(m) is None]  # imported by the workers
     if missing:
-        print(f"adamp-xp conformance needs the official package and torch: pip install 'adamp-xp[test,torch]' "
-              f"(missing: {', '.join(missing)})")
+        print(f"adamp-xp conformance needs the official package and torch: pip install -e '.[test,torch]' in a "
+              f"clone of adamp-xp (missing: {', '.join(missing)})")
         return 2
     from .testing import conformance as conf
 
@@ -99,14 +150,15 @@ def conformance(args: argparse.Namespace) -> int:
         return 2
     workers = args.workers if args.workers is not None else max(1, min(4, os.cpu_count() or 1))
     jax_cache = conf.jax_cache_dir(args.jax_cache)
-    print(f"adamp-xp {__version__} against adamp==0.3.0 (rows 'caution': timm 1.0.31): {len(rows)} rows, "
+    table = _Table([r.describe() for r in rows])
+    print(f"adamp-xp {__version__} {_references(rows)}: {len(rows)} rows, "
           f"{steps} steps per trajectory, "
           f"{'every case and shape in every row' if args.full else 'each row on its cases and shapes (--full: all)'}, "
           f"{workers} worker(s), JAX cache: {jax_cache or 'off'}.\n"
           f"error: max over steps, param and state of max|ours - ref| / max|ref|; path: what "
           f"adamp_core.dispatch.step ran (observed); views: steps on the channel/layer/no view (core rows).",
           flush=True)
-    print(_header(), flush=True)
+    print(table.header(), flush=True)
     t0 = time.perf_counter()
     bar = _progress(len(rows), args.no_progress)
     skipped: list[dict[str, Any]] = []
@@ -116,14 +168,14 @@ def conformance(args: argparse.Namespace) -> int:
         if r["status"] == "SKIP" and not args.verbose_skips:
             skipped.append(r)  # listed together at the end, one line per backend
             return
-        bar.write(_format_row(r), file=sys.stdout)
+        bar.write(table.row(r), file=sys.stdout)
         sys.stdout.flush()
 
     results = conf.run_rows(rows, steps=steps, workers=workers, jax_cache=jax_cache,
                             perturb=args.perturb, on_result=show)
     bar.close()
     seconds = time.perf_counter() - t0
-    for line in _skipped(skipped):
+    for line in _skipped(skipped, table):
         print(line)
     failed = [r for r in results if r["status"] == "FAIL"]
     ran = [r for r in results if r["status"] == "PASS"]
@@ -173,8 +225,8 @@ def main(argv: list[str] | None = None) -> int:
                        description=_CONFORMANCE_HELP)
     p.add_argument("--target", action="append", choices=["core", "tree", "adamp_torch", "adamp_array", "adamp_optax"],
                    help="repeatable; default: all")
-    p.add_argument("--backend", action="append", help="backend id (numpy, array_api_strict, torch:cpu, torch:cuda, "
-                   "jax:cpu, jax:gpu, cupy); repeatable; default: all of --device")
+    p.add_argument("--backend", action="append", choices=[b.id for b in BACKENDS], metavar="BACKEND",
+                   help=f"one of {', '.join(b.id for b in BACKENDS)}; repeatable; default: all of --device")
     p.add_argument("--device", choices=["cpu", "cuda", "all"], default="all",
                    help="cpu: the host backends; cuda: torch:cuda, cupy and jax:gpu (SKIP without a GPU); default: all")
     p.add_argument("--dtype", action="append", choices=["float64", "float32", "bfloat16", "float16"],

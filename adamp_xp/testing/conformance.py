@@ -63,6 +63,7 @@ __all__ = [
     "path_label",
     "plan",
     "record_paths",
+    "reference_missing",
     "run_row",
     "run_rows",
     "row_tolerance",
@@ -751,7 +752,18 @@ def _skip_reason(row: Row, b: Backend) -> str | None:
                     "adamp_optax": "adamp_optax"}.get(row.target, "adamp_core"))
     except ImportError as exc:
         return f"{row.name} is not installed ({exc})"
-    return None
+    return reference_missing(row)
+
+
+def reference_missing(row: Row) -> str | None:
+    """Why ``row``'s reference cannot run here because it is not installed, with the install hint (the
+    cautious rows without timm); None otherwise. Only a package that cannot be found is a SKIP: a reference
+    that is installed but fails to load fails its rows. (adamp 0.3.0 itself is checked by the command.)"""
+    if not row.cautious:
+        return None
+    from .timm_reference import missing
+
+    return missing()
 
 
 @contextlib.contextmanager
@@ -937,7 +949,7 @@ def run_rows(rows: Sequence[Row], steps: int = DEFAULT_STEPS, workers: int = 2,
     runnable = []
     for row in rows:
         b = get_backend(row.backend)
-        reason = b.skip_reason() if workers <= 0 else _cheap_skip(b)
+        reason = (b.skip_reason() if workers <= 0 else _cheap_skip(b)) or reference_missing(row)
         if reason:
             done(row, {**row.describe(), "status": "SKIP", "note": reason})
         else:
