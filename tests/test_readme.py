@@ -15,6 +15,8 @@ RUNNABLE = [b for b in BLOCKS if not b.startswith(("# sketch", "# recipe:"))]
 
 def test_readme_has_examples():
     assert len(RUNNABLE) >= 4
+    for entry_point in ("adamp_core", "adamp_torch", "adamp_array", "adamp_optax"):  # one example for each
+        assert any(re.search(rf"^(import|from) {entry_point}\b", b, re.M) for b in RUNNABLE), entry_point
 
 
 @pytest.mark.parametrize("code", RUNNABLE, ids=[f"block{i}" for i in range(len(RUNNABLE))])

@@ -1,8 +1,8 @@
 """Integration tests: the library inside the tools people train with (transformers' Trainer, Lightning,
 timm's registry, flax nnx/linen, torch.func, JAX sharding), each with the real package.
 
-Each README "Integrations" recipe is a file in ``recipes/`` (first line ``# recipe: NAME``), pasted
-verbatim into README.md (``test_recipes_in_readme.py`` checks it); the tests run the file through
+Each "Integrations" recipe is a file in ``recipes/`` (first line ``# recipe: NAME``), pasted
+verbatim into docs/integrations.md (``test_recipes_in_readme.py`` checks it); the tests run the file through
 ``run_recipe`` and check what it computed against an independent run.
 """
 

@@ -1,4 +1,5 @@
-"""README's Integrations recipes are the files the integration tests run, verbatim."""
+"""The Integrations page's recipes (docs/integrations.md; README links to it) are the files the integration
+tests run, verbatim."""
 
 from __future__ import annotations
 
@@ -8,8 +9,8 @@ from pathlib import Path
 import pytest
 
 RECIPES = Path(__file__).resolve().parent / "recipes"
-README = (Path(__file__).resolve().parents[2] / "README.md").read_text()
-BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
+PAGE = (Path(__file__).resolve().parents[2] / "docs" / "integrations.md").read_text()
+BLOCKS = re.findall(r"```python\n(.*?)```", PAGE, re.S)
 NAMES = sorted(p.stem for p in RECIPES.glob("*.py"))
 
 
@@ -21,4 +22,4 @@ def test_there_are_recipes():
 def test_recipe_is_in_readme(name):
     source = (RECIPES / f"{name}.py").read_text()
     assert source.startswith(f"# recipe: {name}\n"), f"recipes/{name}.py must start with '# recipe: {name}'"
-    assert source in BLOCKS, f"README.md has no ```python block equal to tests/integration/recipes/{name}.py"
+    assert source in BLOCKS, f"docs/integrations.md has no ```python block equal to tests/integration/recipes/{name}.py"
