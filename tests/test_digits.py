@@ -91,3 +91,24 @@ def test_missing_cuda_is_a_clear_exit(capsys):
 def test_bad_config_is_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
         digits.DigitsConfig(**kwargs)
+
+
+def test_epoch_ticks_are_whole_epochs_and_the_default_folder_is_git_ignored(tmp_path, monkeypatch, capsys):
+    """`digits --quick` used to label epochs 0.5, 1.0, 1.5, ...; without --out the figure goes to
+    ./adamp-xp-figures (ignored by git), never over the tracked docs/figures."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from adamp_xp.experiments import DEFAULT_OUT
+
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    monkeypatch.chdir(tmp_path)
+    parser = argparse.ArgumentParser(prog="adamp-xp")
+    digits.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["digits", "--epochs", "2", "--seeds", "1", "--no-progress"])
+    assert args.func(args) == 0
+    png = tmp_path / DEFAULT_OUT / "digits.png"
+    assert png.exists() and f"figure: {png}" in capsys.readouterr().out
+    (fig,) = kept
+    for ax in fig.axes:
+        ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+        assert ticks and all(float(t).is_integer() for t in ticks), ticks

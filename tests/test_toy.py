@@ -230,3 +230,74 @@ def test_unknown_backend_is_a_clear_exit(capsys):
     args = parser.parse_args(["toy", "--backend", "tensorflow", "--no-plot"])
     assert args.func(args) == 2
     assert "Unknown backend: 'tensorflow'" in capsys.readouterr().out
+
+
+def _run_command(argv):
+    parser = argparse.ArgumentParser(prog="adamp-xp")
+    toy.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(["toy", *argv])
+    return args.func(args)
+
+
+def test_without_out_the_figures_go_to_a_folder_git_ignores(tmp_path, monkeypatch, capsys):
+    """README's `adamp-xp toy` run in a clone must not overwrite the tracked docs/figures: without --out the
+    figures go to ./adamp-xp-figures (which .gitignore ignores), and the command says where."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    from adamp_xp.experiments import DEFAULT_OUT
+
+    pytest.importorskip("matplotlib")
+    monkeypatch.chdir(tmp_path)
+    assert _run_command(["--steps", "20", "--momenta", "0.9"]) == 0
+    folder = tmp_path / DEFAULT_OUT
+    assert sorted(p.name for p in folder.iterdir()) == ["toy_curves.png", "toy_trajectories.png"]
+    assert f"figures: {folder / 'toy_trajectories.png'}, {folder / 'toy_curves.png'}" in capsys.readouterr().out
+    root = Path(toy.__file__).resolve().parents[2]
+    if shutil.which("git") is None or not (root / ".git").exists():
+        pytest.skip("not a git clone")
+    ignored = subprocess.run(["git", "check-ignore", "-q", f"{DEFAULT_OUT}/toy_curves.png"], cwd=root)
+    assert ignored.returncode == 0, f"{DEFAULT_OUT}/ is not in .gitignore"
+
+
+def _figures(monkeypatch, draw):
+    """The matplotlib figures ``draw()`` saves (kept from being closed)."""
+    plt = pytest.importorskip("matplotlib.pyplot")
+    kept = []
+    monkeypatch.setattr(plt, "close", lambda fig=None: kept.append(fig))
+    draw()
+    return kept
+
+
+def test_trajectories_have_labelled_axes_and_a_title_clear_of_the_panels(result, tmp_path, monkeypatch):
+    (fig,) = _figures(monkeypatch, lambda: toy.plot_trajectories(result, str(tmp_path / "t.png")))
+    renderer = fig.canvas.get_renderer()
+    title = fig._suptitle.get_window_extent(renderer)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert len(panels) == len(result.config.momenta) + 1
+    for ax in panels:
+        assert ax.get_xlabel() and ax.get_ylabel()
+        assert not title.overlaps(ax.title.get_window_extent(renderer)), ax.get_title()
+        assert title.y0 > ax.title.get_window_extent(renderer).y1
+
+
+def test_curves_are_sharp_with_even_log_ticks(result, tmp_path, monkeypatch):
+    path = tmp_path / "c.png"
+    (fig,) = _figures(monkeypatch, lambda: toy.plot_curves(result, str(path)))
+    header = path.read_bytes()[:24]
+    assert int.from_bytes(header[16:20], "big") >= 1200  # width in pixels: 110 dpi, not 72
+    axes = np.array(fig.axes).reshape(3, -1)
+    for ax in axes[0]:  # |w|: plain numbers, no minor labels
+        labels = [t.get_text() for t in ax.get_yticklabels()]
+        assert len(labels) >= 2 and all(label.replace(".", "").isdigit() for label in labels), labels
+        assert not any(t.get_text() for t in ax.get_yticklabels(minor=True))
+    for row in axes[1:]:  # effective step, angle: powers of ten at one even stride per row
+        strides = set()
+        for ax in row:
+            exponents = np.log10(ax.get_yticks()[(ax.get_yticks() >= ax.get_ylim()[0])
+                                                 & (ax.get_yticks() <= ax.get_ylim()[1])])
+            assert len(exponents) >= 3 and np.allclose(exponents, np.round(exponents))
+            strides |= set(np.diff(np.round(exponents)).astype(int))
+            assert not any(t.get_text() for t in ax.get_yticklabels(minor=True))
+        assert len(strides) == 1, strides

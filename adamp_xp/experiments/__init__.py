@@ -8,8 +8,22 @@ dependencies (matplotlib, torch, scikit-learn, tqdm) are imported inside the fun
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
+
+# Where ``adamp-xp toy`` and ``adamp-xp digits`` write their figures unless ``--out`` names a folder: a folder of
+# the current directory that .gitignore ignores, so that running them in a clone never overwrites the tracked
+# figures under docs/figures (regenerated with an explicit ``--out docs/figures``).
+DEFAULT_OUT = "adamp-xp-figures"
+
+
+def out_folder(out: str | None) -> str:
+    """The folder for the figures: ``--out``, else :data:`DEFAULT_OUT`; created, and returned as an absolute
+    path (printed, so the user sees where the figures went)."""
+    path = os.path.abspath(out or DEFAULT_OUT)
+    os.makedirs(path, exist_ok=True)
+    return path
 
 
 def invalid(option: str, text: str, expected: str) -> argparse.ArgumentTypeError:

@@ -30,7 +30,7 @@ from typing import Any
 
 import numpy as np
 
-from . import invalid, run_subcommand
+from . import DEFAULT_OUT, invalid, out_folder, run_subcommand
 
 __all__ = ["DigitsConfig", "DigitsResult", "OPTIMIZERS", "format_table", "main", "plot", "register", "run_digits"]
 
@@ -101,7 +101,7 @@ def _torch() -> Any:
     try:
         import torch
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError("adamp-xp digits needs torch: pip install 'adamp-xp[torch,plot]'") from exc
+        raise RuntimeError("adamp-xp digits needs torch: pip install -e '.[torch,plot]'") from exc
     return torch
 
 
@@ -113,7 +113,7 @@ def load_data(device: Any) -> tuple[Any, Any, Any, Any]:
         from sklearn.datasets import load_digits
         from sklearn.model_selection import train_test_split
     except ImportError as exc:
-        raise RuntimeError("adamp-xp digits needs scikit-learn: pip install 'adamp-xp[plot]'") from exc
+        raise RuntimeError("adamp-xp digits needs scikit-learn: pip install -e '.[plot]'") from exc
     x, y = load_digits(return_X_y=True)
     x_tr, x_te, y_tr, y_te = train_test_split(x, y, test_size=0.25, random_state=0, stratify=y)
     mean, std = x_tr.mean(), x_tr.std()
@@ -163,7 +163,7 @@ def make_optimizer(name: str, params: Any) -> Any:
     try:
         import adamp_torch
     except ImportError as exc:  # pragma: no cover - depends on the install
-        raise RuntimeError(f"{name} needs adamp_torch (pip install 'adamp-xp[torch]'): {exc}") from exc
+        raise RuntimeError(f"{name} needs adamp_torch (pip install -e '.[torch]'): {exc}") from exc
     return adamp_torch.SGDP(params, **SGD_HP) if name == "SGDP" else adamp_torch.AdamP(params, **ADAM_HP)
 
 
@@ -346,8 +346,12 @@ def plot(result: DigitsResult, path: str) -> str:
     axes[2].set_title("test accuracy (%)", fontsize=9)
     lo = 100 * min(float(np.min(r.test_acc)) for r in result.runs)  # every epoch of every run on the axes
     axes[2].set_ylim(max(lo - 2, 0), 100.5)
+    from matplotlib.ticker import MaxNLocator
+
     for ax in axes:
         ax.set_xlabel("epoch", fontsize=8)
+        # whole epochs at round steps (--quick: 1, 2, ..., 5, not 1.0, 1.5, ...; 20 epochs: 0, 5, ..., 20)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, steps=[1, 2, 5, 10]))
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=7)
     cfg = result.config
@@ -356,7 +360,7 @@ def plot(result: DigitsResult, path: str) -> str:
         "(SGD/SGDP lr 0.1 nesterov, AdamW/AdamP lr 1e-3 wd 1e-2)",
         fontsize=9,
     )
-    fig.savefig(path, dpi=80, bbox_inches="tight", pad_inches=0.1)
+    fig.savefig(path, dpi=110, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
@@ -382,7 +386,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seeds", type=_seeds, default=None, help="number of seeds 0..n-1 (default 5; --quick: 3)")
     p.add_argument("--device", default="cpu", help="torch device: cpu (default), cuda, cuda:1, ...")
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1: fastest for this tiny CNN)")
-    p.add_argument("--out", default=".", help="folder for digits.png (default: current directory)")
+    p.add_argument("--out", default=None, help=f"folder for digits.png (default: ./{DEFAULT_OUT}, which .gitignore "
+                   "ignores)")
     p.add_argument("--no-plot", action="store_true", help="print the table only")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
     p.set_defaults(func=main)
@@ -414,8 +419,7 @@ def main(args: argparse.Namespace) -> int:
     print(format_table(result))
     print(f"scale-invariant weights (conv followed by BN): {', '.join(result.scale_invariant)}")
     if not args.no_plot:
-        os.makedirs(args.out, exist_ok=True)
-        print(f"figure: {plot(result, os.path.join(args.out, 'digits.png'))}")
+        print(f"figure: {plot(result, os.path.join(out_folder(args.out), 'digits.png'))}")
     return 0
 
 

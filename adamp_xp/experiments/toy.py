@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from . import invalid, run_subcommand
+from . import DEFAULT_OUT, invalid, out_folder, run_subcommand
 
 __all__ = [
     "METHOD_LABELS",
@@ -419,6 +419,47 @@ def _label(r: ToyRun) -> str:
     return METHOD_LABELS[r.method]
 
 
+_DPI = 110  # the figures' resolution (docs/figures: readable at the width of a page)
+
+
+def _norm_ticks(ax: Any) -> None:
+    """|w| on a log axis spanning one decade or less (Adam's 0.8 to 1.9) or a few (to ~30): ticks at round
+    multiples of powers of ten (1, 2, 3, 5; finer where that gives fewer than three), labelled as plain
+    numbers, and no labels on the minor ticks (matplotlib's default mixes "2x10^0" minor labels with "10^0"
+    major ones)."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
+
+    lo, hi = ax.get_ylim()
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for mantissas in ((1, 2, 3, 5), (1, 1.5, 2, 3, 5, 7), (1, 1.2, 1.5, 2, 2.5, 3, 4, 5, 6, 7, 8)):
+        ticks = [t for t in (m * 10.0**e for e in decades for m in mantissas) if lo <= t <= hi]
+        if len(ticks) >= 3:
+            break
+    ax.yaxis.set_major_locator(FixedLocator(ticks))
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
+
+
+def _decade_ticks(row: Any, most: int = 7) -> None:
+    """Log axes over many decades (one row of panels): labelled ticks every k decades at the powers of ten
+    divisible by k (10^0, 10^-4, 10^-8, ...: evenly spaced), k the same on every panel of the row (from 1, 2, 3,
+    4, 5, 10, 20: the smallest that gives every panel at most ``most`` labels); unlabelled ticks at the other
+    decades."""
+    from matplotlib.ticker import FixedLocator, LogFormatterSciNotation, NullFormatter
+
+    spans = []
+    for ax in row:
+        lo, hi = ax.get_ylim()
+        spans.append((math.ceil(math.log10(lo) - 1e-9), math.floor(math.log10(hi) + 1e-9)))
+    widest = max(e_hi - e_lo for e_lo, e_hi in spans)
+    k = next((k for k in (1, 2, 3, 4, 5, 10, 20) if widest // k + 1 <= most), 50)
+    for ax, (e_lo, e_hi) in zip(row, spans, strict=True):
+        ax.yaxis.set_major_locator(FixedLocator([10.0**e for e in range(e_lo, e_hi + 1) if e % k == 0]))
+        ax.yaxis.set_major_formatter(LogFormatterSciNotation())
+        ax.yaxis.set_minor_locator(FixedLocator([10.0**e for e in range(e_lo, e_hi + 1) if e % k]))
+        ax.yaxis.set_minor_formatter(NullFormatter())
+
+
 def plot_trajectories(result: ToyResult, path: str) -> str:
     """Trajectories on the plane, one panel per momentum (and Adam vs AdamP); returns ``path``."""
     plt = _pyplot()
@@ -455,12 +496,17 @@ def plot_trajectories(result: ToyResult, path: str) -> str:
         ax.set_xlim(-r_max, r_max)
         ax.set_ylim(-r_max, r_max)
         ax.set_title(title, fontsize=9)
+        ax.set_xlabel(r"$w_1$ (along $w^*$)", fontsize=8)
+        ax.set_ylabel(r"$w_2$", fontsize=8)
         ax.tick_params(labelsize=7)
         ax.legend(fontsize=6.5, loc="lower left")
+    # No "\min_w" in the suptitle: mathtext sets its w under "min", where it ran into the panel titles.
     fig.suptitle(
-        r"2-D toy $\min_w -\hat w\cdot\hat w^*$: trajectories of $w$ from $|w_0| = 1$ (grey circle)", fontsize=10
+        r"2-D toy $f(w) = -\hat w\cdot\hat w^*$: trajectories of $w$ from $|w_0| = 1$ (grey circle: $|w| = 1$)",
+        fontsize=10,
+        y=1.07,  # clear of the panel titles (constrained layout leaves them right under it)
     )
-    fig.savefig(path, dpi=90, bbox_inches="tight", pad_inches=0.1)  # nothing cut: equal-aspect panels, ticks
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.1)  # nothing cut: equal-aspect panels, ticks
     plt.close(fig)
     return path
 
@@ -480,18 +526,19 @@ def plot_curves(result: ToyResult, path: str) -> str:
             axes[1, j].plot(steps[1:], r.effective_step, **kw)
             axes[2, j].plot(steps, np.maximum(r.angles, 1e-6), **kw)
         axes[0, j].set_title(title, fontsize=9)
-        axes[0, j].set_yscale("log")
-        axes[1, j].set_yscale("log")
-        axes[2, j].set_yscale("log")
+        for ax in axes[:, j]:
+            ax.set_yscale("log")
+            ax.tick_params(labelsize=7)
+        _norm_ticks(axes[0, j])
         axes[2, j].axhline(1.0, color="0.6", lw=0.7, ls=":")
         axes[2, j].set_xlabel("step", fontsize=8)
-        for ax in axes[:, j]:
-            ax.tick_params(labelsize=7)
         axes[0, j].legend(fontsize=6.5)
+    _decade_ticks(axes[1])
+    _decade_ticks(axes[2])
     axes[0, 0].set_ylabel(r"$|w_t|$", fontsize=9)
     axes[1, 0].set_ylabel(r"effective step $|\hat w_{t+1} - \hat w_t|$", fontsize=9)
     axes[2, 0].set_ylabel(r"angle to $w^*$ (deg)", fontsize=9)
-    fig.savefig(path, dpi=72, bbox_inches="tight", pad_inches=0.1)
+    fig.savefig(path, dpi=_DPI, bbox_inches="tight", pad_inches=0.1)
     plt.close(fig)
     return path
 
@@ -521,7 +568,8 @@ def register(subparsers: Any) -> None:
     p.add_argument("--backend", default="numpy", help="numpy (default), array_api_strict, torch, torch:cuda, jax, "
                    "jax:gpu or cupy: the same experiment through that library")
     p.add_argument("--dtype", choices=sorted(TOLERANCE), default="float64", help="default float64")
-    p.add_argument("--out", default=".", help="folder for the PNG figures (default: current directory)")
+    p.add_argument("--out", default=None, help=f"folder for the PNG figures (default: ./{DEFAULT_OUT}, which "
+                   ".gitignore ignores)")
     p.add_argument("--no-plot", action="store_true", help="print the tables only")
     p.set_defaults(func=main)
 
@@ -553,12 +601,12 @@ def main(args: argparse.Namespace) -> int:
         try:
             _pyplot()
         except ImportError:
-            print("\nno figures: matplotlib is not installed (pip install 'adamp-xp[plot]')")
+            print("\nno figures: matplotlib is not installed (pip install -e '.[plot]')")
         else:
-            os.makedirs(args.out, exist_ok=True)
+            out = out_folder(args.out)
             paths = [
-                plot_trajectories(result, os.path.join(args.out, "toy_trajectories.png")),
-                plot_curves(result, os.path.join(args.out, "toy_curves.png")),
+                plot_trajectories(result, os.path.join(out, "toy_trajectories.png")),
+                plot_curves(result, os.path.join(out, "toy_curves.png")),
             ]
             print("\nfigures: " + ", ".join(paths))
     return 0 if result.passed else 1
