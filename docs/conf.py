@@ -48,11 +48,14 @@ exclude_patterns = ["_build", "Thumbs.db", ".DS_Store"]
 
 myst_enable_extensions = ["colon_fence", "dollarmath", "amsmath", "deflist"]
 myst_heading_anchors = 3  # README-style [text](#a-heading) links inside a page
+# \texttt{wd\_ratio} and \text{...} in the docstrings' maths need MathJax's text-mode macros.
+mathjax3_config = {"loader": {"load": ["[tex]/textmacros"]}, "tex": {"packages": {"[+]": ["textmacros"]}}}
 suppress_warnings = ["myst.header"]  # docs/architecture.md is kept as written (its headings start at ##)
 
-autodoc_default_options = {"members": True, "show-inheritance": False}
+autodoc_default_options = {"members": True}
 autodoc_member_order = "bysource"
 autodoc_typehints = "description"
+autodoc_typehints_description_target = "documented"  # types only where the docstring describes the name
 autodoc_typehints_format = "short"
 autodoc_preserve_defaults = True
 autosummary_generate = False
@@ -158,15 +161,23 @@ def core_internals(app, docname, source):
     source[0] = source[0].replace(INTERNALS_MARK, "\n".join(sections))
 
 
+def drop_namedtuple_aliases(app, what, name, obj, options, lines):
+    """A NamedTuple field's generated docstring ("Alias for field number 0") says nothing to a reader."""
+    if len(lines) == 1 and lines[0].startswith("Alias for field number"):
+        lines.clear()
+
+
 def setup(app):
     app.connect("source-read", core_internals)
+    app.connect("autodoc-process-docstring", drop_namedtuple_aliases)
     app.connect("missing-reference", resolve_python_reference)
     app.connect("autodoc-process-docstring", prose_property_summaries, priority=600)
 
 
 html_theme = "pydata_sphinx_theme"
 html_title = "adamp-xp"
-html_static_path: list[str] = []
+html_static_path = ["_static"]
+html_css_files = ["custom.css"]
 html_theme_options = {
     "navigation_with_keys": False,
     "show_toc_level": 2,
