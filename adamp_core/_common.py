@@ -53,7 +53,7 @@ def bias_correction(xp: Any, beta: Any, step: Any, dtype: Any) -> Any:
 
 def host_bias_correction(beta: float, t: int) -> float:
     """:func:`bias_correction`'s array formula, ``-expm1(t log beta)``, in Python floats (a checked
-    ``beta`` in [0, 1)): what the fused kernels (:mod:`adamp_core.fused`) take, computed on the host."""
+    ``beta`` in [0, 1)): what the fused kernels (:mod:`adamp_core.paths.numba_fused`) take, computed on the host."""
     return -math.expm1(t * math.log(beta)) if beta > 0 else 1.0
 
 

@@ -126,7 +126,7 @@ def adamp_update(
         u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows, caution=hp.caution)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
-        ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.grouped)
+        ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.paths.multi_tensor)
     elif hp.caution:  # a param the projection does not handle: masked against g itself (adamp_core.caution)
         u = cautious(xp, u, g, rows, w)
     if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):

@@ -22,7 +22,7 @@ applies when projected), and so is the optimizer's state: the moments (AdamP) an
 the mask (a stored buffer rescaled by up to :math:`10^3` at every step would compound).
 
 The mean is a 0-d array (no host sync), computed through the row layout, so a group of concatenated
-tensors (:class:`adamp_core.grouped.SegmentRows`) takes one mean per tensor and FSDP2 shards
+tensors (:class:`adamp_core.paths.multi_tensor.SegmentRows`) takes one mean per tensor and FSDP2 shards
 (``adamp_torch._distributed.ShardedRows``) combine theirs: every rank masks alike.
 """
 
@@ -31,7 +31,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .projection import RowReduce, channel_shape, per_row
+from .rows import RowReduce, channel_shape, per_row
 
 __all__ = ["CAUTION_MIN_FRACTION", "cautious", "caution_factor"]
 

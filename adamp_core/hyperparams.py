@@ -19,6 +19,7 @@ say) are accepted unchecked: checking them would need a device-to-host sync.
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import numbers
 import warnings
@@ -27,6 +28,7 @@ from typing import Any, NamedTuple
 from .arrays import dtype_is
 
 __all__ = [
+    "check_fused",
     "ADAMP_DEFAULTS",
     "ADAMP_OPTIONS",
     "SGDP_DEFAULTS",
@@ -176,3 +178,24 @@ def check_sgdp(lr: Any, momentum: Any = 0.0, dampening: Any = 0.0, weight_decay:
         )
     return SGDPHyperparams(lr, momentum, dampening, weight_decay, nesterov, eps, delta, wd_ratio, caution,
                            project_buffer)
+
+
+def _installed(name: str) -> bool:
+    return importlib.util.find_spec(name) is not None
+
+
+def check_fused(value: Any) -> None:
+    """The adapters' ``fused`` option: None (the numba kernels of :mod:`adamp_core.paths.numba_fused` where
+    they apply, else the array-API step), True (the same, and numba must be installed), False (always the
+    array-API step) or ``"triton"`` (the
+    Triton kernels of :mod:`adamp_core.paths.triton_fused` for every torch tensor they take, opt-in; Triton must
+    be installed)."""
+    if value == "triton" and isinstance(value, str):
+        if not _installed("triton"):
+            raise ValueError("Invalid fused value: 'triton' (the Triton kernels need triton: pip install "
+                             "-e '.[triton]')")
+        return
+    if value is not None and not isinstance(value, bool):
+        raise TypeError(f"Invalid fused value: {value!r} (expected None, True, False or 'triton')")
+    if value is True and not _installed("numba"):
+        raise ValueError("Invalid fused value: True (the fused kernels need numba: pip install -e '.[fast]')")

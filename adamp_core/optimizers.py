@@ -1,8 +1,9 @@
 """One spec per optimizer: what differs between AdamP and SGDP, in one place.
 
 Every entry point takes its hyperparameters from here (names, order, defaults, the check that gives the
-exact error messages), and the dispatcher (:mod:`adamp_core.dispatch`) its functions: the state's
-fields, the init, the unchecked step of one tensor, the step of a group of tensors and the fused kernels.
+exact error messages) and its state's layout (fields, init, check); the execution paths
+(:mod:`adamp_core.paths`) take the unchecked step of one tensor (the ground truth) and pick their kernels
+by ``key``. A leaf: it imports the maths and the checks, no execution path.
 The core functions, :mod:`adamp_core.tree` and the adapters spell their signatures out (for readers and
 IDEs); ``tests/test_spec.py`` checks each against its spec.
 
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from . import hyperparams
 from .adamp import AdamPState, adamp_init, adamp_update, check_adamp_state
-from .grouped import adamp_update_group, sgdp_update_group
 from .sgdp import SGDPState, check_sgdp_state, sgdp_init, sgdp_update
 
 __all__ = ["ADAMP", "REQUIRED", "SGDP", "OptimizerSpec"]
@@ -48,32 +49,31 @@ class OptimizerSpec:
     init: Callable[..., Any]  # param, *, state_dtype -> fresh state
     check_state: Callable[[Any, Any], None]  # param, state -> None or raises
     update: Callable[..., Any]  # xp, param, grad, state, hp, rows=None -> (new param, new state); unchecked
-    update_group: Callable[..., Any]  # adamp_core.grouped: xp, params, grads, states, hp, skip -> (ps, ss, ok)
-    kernel: str  # the fused kernels' name in adamp_core.fused ("adamp" -> adamp_inplace / adamp_batch)
+    key: str  # "adamp" / "sgdp": how each execution path names its kernels for this optimizer
     options: dict[str, Any]  # hyperparameters beyond the official signature (caution...), with their defaults
 
-    @property
+    @cached_property
     def official(self) -> tuple[str, ...]:
         """The official ``adamp==0.3.0`` hyperparameters, in its signature's order (what every saved group has)."""
         return tuple(self.defaults)
 
-    @property
+    @cached_property
     def names(self) -> tuple[str, ...]:
         """Every hyperparameter: the official ones in their order, then the options (a group or a checkpoint
         without an option means its default)."""
         return (*self.defaults, *self.options)
 
-    @property
+    @cached_property
     def all_defaults(self) -> dict[str, Any]:
         """``{name: default}`` of :attr:`names`, in order."""
         return {**self.defaults, **self.options}
 
-    @property
+    @cached_property
     def has_step(self) -> bool:
         """Whether the state counts steps (AdamP's bias corrections); its other fields are arrays."""
         return "step" in self.state._fields
 
-    @property
+    @cached_property
     def buffers(self) -> tuple[str, ...]:
         """The state's arrays, shaped like the param (``exp_avg``, ``exp_avg_sq``; ``momentum``)."""
         return tuple(f for f in self.state._fields if f != "step")
@@ -86,9 +86,9 @@ class OptimizerSpec:
 
 
 # Name, hyperparameters with their defaults (the official signature), check, state, init, state check, the
-# per-tensor step, the group step, the fused kernels' name, the options beyond the official signature.
+# per-tensor step, the key of its kernels, the options beyond the official signature.
 ADAMP = OptimizerSpec("AdamP", dict(hyperparams.ADAMP_DEFAULTS), hyperparams.check_adamp, AdamPState, adamp_init,
-                      check_adamp_state, adamp_update, adamp_update_group, "adamp", dict(hyperparams.ADAMP_OPTIONS))
+                      check_adamp_state, adamp_update, "adamp", dict(hyperparams.ADAMP_OPTIONS))
 SGDP = OptimizerSpec("SGDP", {"lr": REQUIRED, **hyperparams.SGDP_DEFAULTS}, hyperparams.check_sgdp, SGDPState,
-                     sgdp_init, check_sgdp_state, sgdp_update, sgdp_update_group, "sgdp",
+                     sgdp_init, check_sgdp_state, sgdp_update, "sgdp",
                      dict(hyperparams.SGDP_OPTIONS))

@@ -39,20 +39,14 @@ import math
 from typing import Any, NamedTuple
 
 from .arrays import device, is_numpy
+from .caution import caution_factor
+from .rows import RowReduce, channel_shape, per_row
+from .rows import rows_of as _rows
 
 __all__ = ["RowStats", "ViewDecision", "RowReduce", "channel_shape", "row_stats", "decide_view", "project_update",
            "project_update_parts", "projected_view", "VIEW_NONE", "VIEW_CHANNEL", "VIEW_LAYER"]
 
 VIEW_NONE, VIEW_CHANNEL, VIEW_LAYER = 0, 1, 2
-
-
-def channel_shape(shape: tuple[int, ...]) -> tuple[int, int]:
-    """``(rows, row length)`` of the channel view of an array of ``shape``: ``(shape[0], -1)`` for
-    ``ndim >= 2``, one row for a 1-d or 0-d array (never projected). The row length is explicit, not
-    -1: a shard may hold no rows, and ``(0, -1)`` is ambiguous."""
-    if len(shape) <= 1:
-        return 1, math.prod(shape)
-    return shape[0], math.prod(shape[1:])
 
 
 class RowStats(NamedTuple):
@@ -80,66 +74,12 @@ class ViewDecision(NamedTuple):
     threshold_layer: float  # delta / sqrt(size)
 
 
-class RowReduce:
-    """Reductions over all rows of the channel view, and the shape of the whole tensor.
-
-    Every statistic of the layer view and the max over rows goes through ``sum``/``max``/``min``
-    (each takes per-row arrays of shape ``(rows,)``, several at once, and returns a tuple of 0-d
-    arrays); per-row statistics never leave their row. This default holds all rows in one array.
-    When the rows are split across processes (FSDP2 shards dim 0), pass an instance whose ``shape``
-    is the whole tensor's and whose reductions also combine the shards (local rows may be empty):
-    the step then runs on the local rows alone and is the same as on the whole tensor. A group of
-    tensors concatenated row-wise reduces each tensor's rows apart (:class:`adamp_core.grouped.SegmentRows`,
-    whose reductions return per-row arrays instead of 0-d ones).
-    """
-
-    def __init__(self, shape: tuple[int, ...] | None = None) -> None:
-        self.shape = None if shape is None else tuple(int(s) for s in shape)  # None: the local array's
-
-    def projects(self, ndim: int) -> bool:
-        """Whether a param of (local) ``ndim`` gets the scale-invariance test (paper: ``ndim > 1``)."""
-        return ndim > 1
-
-    def thresholds(self, xp: Any, w: Any, delta: Any, dtype: Any) -> tuple[Any, Any]:
-        r"""The test's thresholds :math:`\delta/\sqrt{\text{row length}}` (channel view) and
-        :math:`\delta/\sqrt{\text{size}}` (layer view) of the whole tensor (``w`` may be a shard)."""
-        rows, length = channel_shape(w.shape if self.shape is None else self.shape)
-        return delta / math.sqrt(length), delta / math.sqrt(rows * length)
-
-    def sum(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
-        return tuple(xp.sum(x) for x in xs)
-
-    def max(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
-        return tuple(xp.max(x) for x in xs)
-
-    def min(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
-        return tuple(xp.min(x) for x in xs)
-
-    def tensor_mean(self, xp: Any, row_sums: Any, w: Any) -> Any:
-        """The mean over the whole tensor of an entrywise quantity, from its per-row sums ``(rows,)``
-        (through :meth:`sum`, so shards combine theirs): a 0-d array."""
-        (total,) = self.sum(xp, row_sums)
-        return total / math.prod(w.shape if self.shape is None else self.shape)
-
-
 _LOCAL_ROWS = RowReduce()
 
 
 def projects(rows: RowReduce | None, ndim: int) -> bool:
     """Whether a param of ``ndim`` gets the test, as its layout ``rows`` says (static: no array is read)."""
     return (_LOCAL_ROWS if rows is None else rows).projects(ndim)
-
-
-def per_row(xp: Any, x: Any, w: Any) -> Any:
-    """``x`` shaped to multiply ``w``: a per-row array ``(rows,)`` becomes ``(rows, 1, ...)``; a number or a
-    0-d array (one value for the whole tensor, the usual case) is returned as it is."""
-    if getattr(x, "ndim", 0) == 0:
-        return x
-    return xp.reshape(x, (x.shape[0],) + (1,) * (w.ndim - 1))
-
-
-def _rows(xp: Any, x: Any) -> Any:
-    return xp.reshape(x, channel_shape(x.shape))
 
 
 def _pow2_scale(xp: Any, rows: Any) -> Any:
@@ -275,8 +215,6 @@ def project_update_parts(
     q = u - radial(stats.wu)
     if not caution:
         return q, q, projected, dec
-    from .caution import caution_factor
-
     # ~w_r . g_r = (~w_r . ~g_r) / t_r, exactly (t_r a power of two): Pi(g) needs no other pass over g.
     ref = g - radial(stats.wg / stats.sg)
     masked = q * caution_factor(xp, q, ref, rows, w)

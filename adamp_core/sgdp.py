@@ -99,7 +99,7 @@ def sgdp_update(
                                                     caution=hp.caution)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
-        ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.grouped)
+        ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.paths.multi_tensor)
         if not hp.nesterov and hp.project_buffer:
             buf = q  # adamp 0.3.0 projects the buffer itself in place (unmasked: caution masks the step only)
     elif hp.caution:  # a param the projection does not handle: masked against g itself (adamp_core.caution)

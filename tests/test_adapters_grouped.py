@@ -1,16 +1,14 @@
-"""The adapters' multi-tensor path (``foreach``, :mod:`adamp_core.grouped`) against their per-tensor
+"""The adapters' multi-tensor path (``foreach``, :mod:`adamp_core.paths.multi_tensor`) against their per-tensor
 array-API step (``foreach=False``), step by step: float64 within 1e-12, float32 within 1e-5 (normwise),
 with maximize, skip_nonfinite, 16-bit params, non-contiguous params, several groups and devices. A spy
 asserts that the groups were really stepped together."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 
-import adamp_core.grouped as grouped
+import adamp_core.paths.multi_tensor as grouped
 
 TOL = {"float64": 1e-12, "float32": 1e-5, "bfloat16": 0.0}
 # Row length 6 three times (unequal row counts), 27 twice (equal), 1-d length 5 three times, loners.
@@ -26,10 +24,7 @@ def _spy(monkeypatch, optimizer, *modules):
         sizes.append(len(params))
         return real(xp, params, *a, **k)
 
-    for mod in modules:
-        for cls in (mod.AdamP, mod.SGDP):
-            if cls.__name__.lower() == optimizer:  # the adapters step through their spec's functions
-                monkeypatch.setattr(cls, "_spec", dataclasses.replace(cls._spec, update_group=spy))
+    monkeypatch.setitem(grouped._UPDATE_GROUP, optimizer, spy)  # the multi-tensor path's group step
     return sizes
 
 
@@ -252,9 +247,8 @@ def test_optax_foreach_equals_per_leaf_step_under_jit(optimizer, monkeypatch):
     make = getattr(adamp_optax, optimizer)
     sizes: list[int] = []  # group sizes seen while tracing
     real = getattr(grouped, f"{optimizer}_update_group")
-    spec = getattr(adamp_optax, optimizer.upper())  # the transformation steps through its spec's functions
-    monkeypatch.setattr(adamp_optax, optimizer.upper(), dataclasses.replace(
-        spec, update_group=lambda xp, ps, *a, **k: sizes.append(len(ps)) or real(xp, ps, *a, **k)))
+    monkeypatch.setitem(grouped._UPDATE_GROUP, optimizer,
+                        lambda xp, ps, *a, **k: sizes.append(len(ps)) or real(xp, ps, *a, **k))
     txs = [make(schedule, foreach=f, **kw) for f in (True, None)]
     traces = [0, 0]
     runs = []

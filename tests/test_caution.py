@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 
 import adamp_core as ac
+from adamp_core.paths import numba_fused
 from adamp_xp.testing.backends import Backend
 from adamp_xp.testing.conformance import FUSED, MULTI, PER_TENSOR, record_paths
 from adamp_xp.testing.oracle import (
@@ -102,7 +103,7 @@ def test_torch_paths_match_timm(optimizer, case, dtype, path):
     import adamp_torch
 
     kwargs, expected = TORCH_PATHS[path]
-    if expected == FUSED and not ac.fused.AVAILABLE:
+    if expected == FUSED and not numba_fused.AVAILABLE:
         pytest.skip("numba is not installed")
     refs = _refs(optimizer, case, dtype)
     tdt = getattr(torch, dtype)
@@ -129,7 +130,7 @@ def test_triton_path_matches_timm(optimizer, case, monkeypatch):
     optimizer (the interpreter is slow; ``tests/test_triton_fused.py`` holds the kernels to the array-API step
     on every option)."""
     torch = pytest.importorskip("torch")
-    from adamp_core import triton_fused
+    from adamp_core.paths import triton_fused
 
     if not triton_fused.AVAILABLE:
         pytest.skip("triton is not installed")
@@ -167,7 +168,7 @@ def test_array_paths_match_timm(optimizer, case, path):
 
     name, kwargs, expected = ARRAY_PATHS[path]
     pytest.importorskip(name)
-    if expected == FUSED and not ac.fused.AVAILABLE:
+    if expected == FUSED and not numba_fused.AVAILABLE:
         pytest.skip("numba is not installed")
     b = Backend(name, "cpu")
     refs = _refs(optimizer, case, "float64")

@@ -82,7 +82,7 @@ def test_targets_and_backends_filter():
                          ids=lambda o: ",".join(o) or "defaults")
 def test_adamp_torch_rows_run_the_path_the_policy_names(options):
     pytest.importorskip("torch")
-    from adamp_core import fused
+    from adamp_core.paths import numba_fused as fused
 
     row = next(r for r in C.plan(["adamp_torch"], ["torch:cpu"], dtypes=["float32"]) if r.options == options)
     result = _run(row)
@@ -98,7 +98,7 @@ def test_cautious_rows_cover_every_torch_path_against_timm():
     the fused one runs the kernels and passes."""
     pytest.importorskip("torch")
     pytest.importorskip("adamp_xp.testing.timm_reference").timm_optimizers()
-    from adamp_core import fused
+    from adamp_core.paths import numba_fused as fused
 
     rows = [r for r in C.plan(["adamp_torch", "core"], ["torch:cpu"], dtypes=["float32"]) if r.cautious]
     assert {(r.target, r.expected) for r in rows} == {
@@ -247,9 +247,10 @@ def test_path_label():
 
 def test_the_recorder_counts_each_path_and_puts_everything_back():
     np = pytest.importorskip("numpy")
-    from adamp_core import dispatch, fused, optimizers
+    from adamp_core import dispatch, optimizers
+    from adamp_core.paths import numba_fused as fused
 
-    step, group = dispatch.step, optimizers.ADAMP.update_group
+    step = dispatch.step
     spec = optimizers.ADAMP
 
     def tensors(n, shape=(4, 3)):
@@ -262,4 +263,4 @@ def test_the_recorder_counts_each_path_and_puts_everything_back():
         dispatch.step(spec, tensors(2), hp)  # the kernels, where numba is
     kernels = 2 if fused.AVAILABLE else 0  # without numba the last two form a group
     assert counts == Counter({C.MULTI: 3 + 2 - kernels, C.PER_TENSOR: 2, C.FUSED: kernels})
-    assert dispatch.step is step and optimizers.ADAMP.update_group is group
+    assert dispatch.step is step and not dispatch._OBSERVERS

@@ -1,4 +1,4 @@
-"""The multi-tensor step (adamp_core.grouped) against the plain per-tensor step, on every backend: each
+"""The multi-tensor step (adamp_core.paths.multi_tensor) against the plain per-tensor step, on every backend: each
 tensor of a group must get what it would get alone (float64 within 1e-12, float32 within 1e-5,
 normwise per step), with its own view decision, step count, non-finite skip and scale; and the group
 step must stay sync-free (it traces under ``jax.jit``)."""
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from adamp_core.adamp import AdamPState, adamp_update
-from adamp_core.grouped import (
+from adamp_core.hyperparams import check_adamp, check_sgdp
+from adamp_core.paths.multi_tensor import (
     GROUP_MAX_ELEMENTS,
     HOST_TENSOR_MAX_ELEMENTS,
     SegmentRows,
@@ -18,7 +19,6 @@ from adamp_core.grouped import (
     row_bucket,
     sgdp_update_group,
 )
-from adamp_core.hyperparams import check_adamp, check_sgdp
 from adamp_core.projection import VIEW_CHANNEL, VIEW_LAYER, VIEW_NONE, projected_view
 from adamp_core.sgdp import SGDPState, sgdp_update
 

@@ -1,4 +1,4 @@
-"""The fused CPU kernels (adamp_core.fused) against the array-API step, step by step, and their use in the
+"""The fused CPU kernels (adamp_core.paths.numba_fused) against the array-API step, step by step, and their use in the
 adapters: float64 within 1e-12 and float32 within 1e-5 (normwise per step), both views fired, the
 fallbacks (out-of-range float64, non-contiguous tensors, torch.compile) and the ``fused`` option."""
 
@@ -12,7 +12,7 @@ from adamp_core.diagnostics import step_diagnostics, to_host
 from adamp_core.hyperparams import check_adamp, check_sgdp
 
 pytest.importorskip("numba", reason="numba is not installed (the 'fast' extra): no fused kernels to test")
-from adamp_core import fused  # noqa: E402
+from adamp_core.paths import numba_fused as fused  # noqa: E402
 
 TOL = {np.float64: 1e-12, np.float32: 1e-5}
 SHAPES = {
@@ -155,7 +155,7 @@ def test_skip_nonfinite_in_the_kernel(optimizer):
 def test_serial_and_parallel_kernels_have_their_own_cache_entries():
     """numba's on-disk cache keys a function by name and line only: a serial and a parallel compilation
     under one name loaded each other's machine code (measured: the parallel kernel 4x slower)."""
-    names = [k.py_func.__qualname__ for pair in fused._KERNELS.values() for k in pair]
+    names = [k.py_func.__qualname__ for pair in fused._compiled().KERNELS.values() for k in pair]
     assert len(set(names)) == len(names) == 4
 
 
@@ -433,7 +433,9 @@ def test_fused_option_is_checked(monkeypatch):
         adamp_torch.AdamP([p], fused="yes")
     with pytest.raises(TypeError, match="Invalid fused value: 1"):
         adamp_array.SGDP([np.zeros(3)], lr=0.1, fused=1)
-    monkeypatch.setattr(fused, "AVAILABLE", False)
+    from adamp_core import hyperparams
+
+    monkeypatch.setattr(hyperparams, "_installed", lambda name: name != "numba")
     with pytest.raises(ValueError, match="Invalid fused value: True .*numba"):
         adamp_torch.SGDP([p], lr=0.1, fused=True)
     with pytest.raises(ValueError, match="Invalid fused value: True .*numba"):

@@ -1,4 +1,4 @@
-"""The fused Triton step (adamp_core.triton_fused, ``fused="triton"``) against the array-API step, step by
+"""The fused Triton step (adamp_core.paths.triton_fused, ``fused="triton"``) against the array-API step, step by
 step: under Triton's interpreter on CPU tensors (``TRITON_INTERPRET=1``, as CI runs it), and on a CUDA GPU
 where there is one. float64 within 1e-12 and float32 within 1e-5 (normwise over the steps), 16-bit params
 equal to the float32 step on their upcast rounded once (within one unit in the last place); mixed views and
@@ -20,9 +20,10 @@ pytest.importorskip("triton", reason="triton is not installed (the 'triton' extr
 
 import array_api_compat.torch as xp  # noqa: E402
 
-from adamp_core import dispatch, triton_fused  # noqa: E402
+from adamp_core import dispatch  # noqa: E402
 from adamp_core.hyperparams import check_adamp, check_sgdp  # noqa: E402
 from adamp_core.optimizers import ADAMP, SGDP  # noqa: E402
+from adamp_core.paths import triton_fused  # noqa: E402
 from adamp_core.projection import VIEW_CHANNEL, VIEW_LAYER, VIEW_NONE, projected_view  # noqa: E402
 
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
@@ -92,6 +93,7 @@ class _Twin:
         self.diff: dict[str, float] = {}
         self.scale: dict[str, float] = {}
         self.views: set[int] = set()
+        self.plans = dispatch.Plans()  # what an adapter keeps per param group between steps
 
     def step(self, hp, grads, skip=False, iters=None):
         for p, g in zip(self.params, grads, strict=True):
@@ -99,15 +101,19 @@ class _Twin:
                 self.views.add(int(projected_view(p, g, hp.delta, hp.eps)))
         tensors = [dispatch.Tensor(p, g, s) for p, g, s in zip(self.params, grads, self.states, strict=True)]
         if iters is None:
-            outcomes = dispatch.step(self.spec, tensors, hp, skip_nonfinite=skip, fused="triton", foreach=False)
+            outcomes = dispatch.step(self.spec, tensors, hp, skip_nonfinite=skip, fused="triton", foreach=False,
+                                     plans=self.plans)
         else:  # straight to the kernels, with short tiles
             entries = [triton_fused.entry(self.spec, t.param, t.grad, t.state) for t in tensors]
             ok, skips = triton_fused.step_group(self.spec, entries, hp, skip, iters=iters)
-            outcomes = [dispatch.Outcome(dispatch.DEVICE, ok=None if ok is None else ok[j],
-                                         skips=None if skips is None else skips[j]) for j in range(len(entries))]
-        assert all(o.how == dispatch.DEVICE for o in outcomes), [o.how for o in outcomes]
-        # what an adapter does with a DEVICE outcome: a host step count advanced where written
-        self.states = [dispatch.advanced(self.spec, s, o.how) if o.ok is None or bool(o.ok) else s
+            # what the path does with a host (Python-int) count: returned advanced, in the outcome's state
+            host = [type(getattr(s, "step", None)) is int for s in self.states]
+            outcomes = [dispatch.Outcome("triton", state=s._replace(step=s.step + 1) if h else None,
+                                         ok=None if ok is None else ok[j], skips=None if skips is None else skips[j])
+                        for j, (s, h) in enumerate(zip(self.states, host, strict=True))]
+        assert all(o.path == "triton" for o in outcomes), [o.path for o in outcomes]
+        # what an adapter holding immutable states does: keeps the returned state where written
+        self.states = [o.state if o.state is not None and (o.ok is None or bool(o.ok)) else s
                        for s, o in zip(self.states, outcomes, strict=True)]
         for i, (p, g) in enumerate(zip(self.ref_params, grads, strict=True)):
             new_p, new_s = self.spec.update(xp, p, g, self.ref_states[i], hp)
@@ -160,7 +166,7 @@ def test_long_rows_in_parts(optimizer):
         twin.step(hp, twin.grads(t), iters=1)
     twin.check(TOL[torch.float64])
     assert VIEW_CHANNEL in twin.views and VIEW_LAYER in twin.views
-    if optimizer == "adamp":  # host counts: advanced by the adapter (dispatch.advanced), not the kernels
+    if optimizer == "adamp":  # host counts: returned advanced in the outcome (the kernels advance a copy)
         assert [s.step for s in twin.states] == [2] * 4
 
 
@@ -190,7 +196,7 @@ def test_16bit_params_are_the_float32_step_rounded_once(optimizer, dtype, state_
                                                                                     strict=True)]
         outcomes = dispatch.step(spec, [dispatch.Tensor(p, g, s) for p, g, s in zip(params, grads, states,
                                                                                     strict=True)], hp, fused="triton")
-        assert {o.how for o in outcomes} == {dispatch.DEVICE}
+        assert {o.path for o in outcomes} == {"triton"}
         for p, s, (rp, rs) in zip(params, states, refs, strict=True):
             assert p.dtype == dtype and _ulps(p, rp) <= 1.0
             for name in spec.buffers:
@@ -269,7 +275,7 @@ def test_channels_last_params_are_taken():
     for t in range(2):
         g = _grad(gen, p, t).contiguous(memory_format=torch.channels_last)
         (o,) = dispatch.step(ADAMP, [dispatch.Tensor(p, g, s)], hp, fused="triton")
-        assert o.how == dispatch.DEVICE
+        assert o.path == "triton"
         ref_p, ref_s = ADAMP.update(xp, ref_p, g, ref_s, hp)
     assert float((p - ref_p).abs().max()) <= 1e-12 * float(ref_p.abs().max())
 
@@ -367,17 +373,17 @@ def test_what_the_kernels_do_not_take_falls_through(monkeypatch):
     hp = _hp("adamp")
 
     def how(tensors, hp=hp):
-        return [o.how for o in dispatch.step(ADAMP, tensors, hp, fused="triton", foreach=False)]
+        return [o.path for o in dispatch.step(ADAMP, tensors, hp, fused="triton", foreach=False)]
 
-    assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p))]) == [dispatch.DEVICE]
-    assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p), alone=True)]) in ([dispatch.WRITTEN], [dispatch.NEW])
-    assert how([dispatch.Tensor(p.clone(), g.t().contiguous().t(), _state(ADAMP, p))])[0] != dispatch.DEVICE
+    assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p))]) == ["triton"]
+    assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p), alone=True)]) in (["numba"], ["per_tensor"])
+    assert how([dispatch.Tensor(p.clone(), g.t().contiguous().t(), _state(ADAMP, p))])[0] != "triton"
     assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p))], hp._replace(lr=torch.tensor(1e-2)))[0] \
-        != dispatch.DEVICE
+        != "triton"
     n = p.numpy().copy()
-    assert how([dispatch.Tensor(n, g.numpy(), ADAMP.init(n))])[0] != dispatch.DEVICE
+    assert how([dispatch.Tensor(n, g.numpy(), ADAMP.init(n))])[0] != "triton"
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p))])[0] != dispatch.DEVICE
+    assert how([dispatch.Tensor(p.clone(), g, _state(ADAMP, p))])[0] != "triton"
 
 
 def test_missing_triton_is_a_clear_error(monkeypatch):
@@ -455,7 +461,7 @@ def test_cuda_kernels_equal_array_api_step(dtype, monkeypatch):  # pragma: no co
         twin = _Twin(ADAMP, SHAPES, dtype, device="cuda", seed=12, state_dtype=torch.float32)
         hp = _hp("adamp")
         outcomes = twin.step(hp, twin.grads(0))
-        assert {o.how for o in outcomes} == {dispatch.DEVICE}
+        assert {o.path for o in outcomes} == {"triton"}
         for p, r in zip(twin.params, twin.ref_params, strict=True):
             assert _ulps(p, r) <= 1.0
         return

@@ -253,7 +253,7 @@ def run_launches(args: argparse.Namespace) -> int:
     from .workloads import Workload
 
     if args.device == "cpu":
-        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels run (adamp_core.triton_fused.interpreting)
+        os.environ["TRITON_INTERPRET"] = "1"  # read when the kernels run (adamp_core.paths.triton_fused.interpreting)
         INTERPRETER_ROWS["allowed"] = True
     names = args.workload or ["resnet50", "small"]
     names = list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))

@@ -268,10 +268,10 @@ def torch_ops(step: Any, skip: Callable[[], bool] = lambda: False, ignore: froze
 
 
 def launches(step: Any) -> dict[str, int]:
-    """What one call of ``step`` launches: the Triton kernels of :mod:`adamp_core.triton_fused` and its table
+    """What one call of ``step`` launches: the Triton kernels of :mod:`adamp_core.paths.triton_fused` and its table
     uploads (counted where they are launched), and the other torch operators with a kernel (:func:`torch_ops`,
     the uploads among them; allocations and profiler records left out: they run no kernel)."""
-    from adamp_core import triton_fused
+    from adamp_core.paths import triton_fused
 
     with triton_fused.counting() as counts:  # not the interpreter's own copies of the arguments
         ops = torch_ops(step, lambda: counts.in_launch, _NO_KERNEL_OPS)

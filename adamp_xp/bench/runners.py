@@ -20,7 +20,7 @@ core+jit            the same, ``jax.jit``-compiled (buffers donated) jax
 adamp_torch         ``adamp_torch.AdamP`` / ``SGDP``                 torch
 adamp_torch-unfused ``fused=False, foreach=False`` (per-tensor step) torch
 adamp_torch-foreach ``fused=False`` (multi-tensor array-API step)    torch
-adamp_torch-triton  ``fused="triton"`` (adamp_core.triton_fused)     torch:cuda (torch:cpu: interpreter only)
+adamp_torch-triton  ``fused="triton"`` (adamp_core.paths.triton_fused)     torch:cuda (torch:cpu: interpreter only)
 adamp_array         ``adamp_array.AdamP`` / ``SGDP``                 numpy, cupy
 adamp_array-unfused ``fused=False, foreach=False`` (per-array step)  numpy, cupy
 adamp_array-foreach ``fused=False`` (multi-tensor array-API step)    numpy, cupy
@@ -381,8 +381,8 @@ def _committed(jax: Any, backend: str, tree: Any) -> Any:
 
 def _path_options(impl: str) -> dict[str, Any]:
     """The adapters' path options of a row: ``*-unfused``, the plain per-tensor array-API step (the
-    before of the fast paths); ``*-foreach``, the multi-tensor array-API step (:mod:`adamp_core.grouped`,
-    what a GPU runs) forced on the CPU; ``*-triton``, the fused Triton kernels (:mod:`adamp_core.triton_fused`);
+    before of the fast paths); ``*-foreach``, the multi-tensor array-API step (:mod:`adamp_core.paths.multi_tensor`,
+    what a GPU runs) forced on the CPU; ``*-triton``, the fused Triton kernels (:mod:`adamp_core.paths.triton_fused`);
     else the default (the fused kernels where they apply). A ``+caution`` row: its plain row's."""
     impl = plain_impl(impl)
     if impl.endswith("-unfused"):
@@ -398,7 +398,7 @@ INTERPRETER_ROWS = {"allowed": False}  # set by ``adamp-xp bench --launches`` (c
 def _require_triton(backend: str) -> None:
     """The Triton row runs on CUDA tensors; on a CPU only under Triton's interpreter (TRITON_INTERPRET=1),
     for the launch counts of ``adamp-xp bench --launches``, never for timing."""
-    from adamp_core import triton_fused
+    from adamp_core.paths import triton_fused
 
     if not triton_fused.AVAILABLE:
         raise Unavailable("triton is not installed (pip install -e '.[triton]')")

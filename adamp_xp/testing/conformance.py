@@ -328,66 +328,21 @@ def plan(targets: Sequence[str] | None = None, backends: Sequence[str] | None = 
 
 @contextlib.contextmanager
 def record_paths() -> Iterator[Counter[str]]:
-    """Count, per tensor and step, the path :func:`adamp_core.dispatch.step` took: ``WRITTEN``/``SKIPPED``
-    outcomes came from the fused kernels; ``NEW`` ones from the multi-tensor step when the spec's group step
-    computed them (groups of two or more), else from the per-tensor step. Wraps ``dispatch.step`` and the
-    specs' ``update_group`` for the duration (the adapters look both up at call time); outcomes are counted
-    once per outermost call, from the returned list or, when the caller passes a ``sink``, as they reach
-    it. Under ``jax.jit`` the dispatcher runs once, while tracing, and what it chose is what the compiled
-    program runs."""
-    from adamp_core import dispatch, optimizers
+    """Count, per tensor and step, the path :func:`adamp_core.dispatch.step` took, as its outcomes name it
+    (``Outcome.path``: the numba or Triton kernels count as fused kernels; a group of one, or a tensor the
+    kernels handed back, as the per-tensor step). Under ``jax.jit`` the dispatcher runs once, while tracing,
+    and what it chose is what the compiled program runs."""
+    from adamp_core import dispatch, paths
 
+    label = {paths.NUMBA: FUSED, paths.TRITON: FUSED, paths.MULTI_TENSOR: MULTI, paths.PER_TENSOR: PER_TENSOR}
     counts: Counter[str] = Counter()
-    depth, grouped = [0], [0]
-    original_step = dispatch.step
-    specs = (optimizers.ADAMP, optimizers.SGDP)
-    original_groups = [s.update_group for s in specs]
 
-    def step(spec: Any, tensors: Any, hp: Any, **kwargs: Any) -> Any:
-        depth[0] += 1
-        try:
-            if depth[0] > 1:  # the dispatcher calling itself: counted by the outermost call
-                return original_step(spec, tensors, hp, **kwargs)
-            grouped[0] = 0
-            seen = Counter()
+    def tally(outcomes: Sequence[Any]) -> None:
+        for o in outcomes:
+            counts[label[o.path]] += 1
 
-            def tally(outcomes: Sequence[Any]) -> None:
-                for o in outcomes:
-                    seen["new" if o.how == dispatch.NEW else "kernels"] += 1
-
-            sink = kwargs.get("sink")
-            if sink is not None:
-                def counting_sink(idx: Any, outcomes: Any) -> Any:
-                    tally(outcomes)
-                    return sink(idx, outcomes)
-
-                kwargs["sink"] = counting_sink
-            out = original_step(spec, tensors, hp, **kwargs)
-            if sink is None and out is not None:
-                tally(out)
-            counts[FUSED] += seen["kernels"]
-            counts[MULTI] += grouped[0]
-            counts[PER_TENSOR] += seen["new"] - grouped[0]
-            return out
-        finally:
-            depth[0] -= 1
-
-    def counting(update_group: Callable[..., Any]) -> Callable[..., Any]:
-        def update(xp: Any, params: Sequence[Any], *args: Any, **kwargs: Any) -> Any:
-            grouped[0] += len(params) if len(params) > 1 else 0
-            return update_group(xp, params, *args, **kwargs)
-
-        return update
-
-    dispatch.step = step
-    for s, g in zip(specs, original_groups, strict=True):
-        object.__setattr__(s, "update_group", counting(g))  # the specs are frozen dataclasses
-    try:
+    with dispatch.observing(tally):
         yield counts
-    finally:
-        dispatch.step = original_step
-        for s, g in zip(specs, original_groups, strict=True):
-            object.__setattr__(s, "update_group", g)
 
 
 def path_label(counts: Counter[str], jit: bool = False) -> str:

@@ -54,7 +54,7 @@ SHAPES: dict[str, tuple[tuple[int, ...], bool]] = {
 }
 
 # A second tensor for each shape of SHAPES (same name + "+"), whose rows fall in the same row bucket of the
-# multi-tensor step (adamp_core.grouped.row_bucket: row lengths 27 and 28 share one, padded), so that the
+# multi-tensor step (adamp_core.paths.multi_tensor.row_bucket: row lengths 27 and 28 share one, padded), so that the
 # conformance rows of that path step groups of two different tensors. Its init and gradients come from
 # another seed than its partner's.
 PARTNERS: dict[str, tuple[tuple[int, ...], bool]] = {

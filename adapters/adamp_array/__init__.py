@@ -22,11 +22,11 @@ Thin adapters: every update is ``adamp_core``'s (paper Algorithms 1 and 2, match
   With ``skip_nonfinite=True`` (keyword only) a param whose grad has a NaN/inf entry is left as it
   was, param and state (the step count does not advance), and ``opt.nonfinite_skips`` counts it.
 * ``fused`` (keyword only, default None): writeable C-contiguous float32/float64 NumPy params with
-  state of their dtype are updated by the two-pass kernels of :mod:`adamp_core.fused` when numba is
+  state of their dtype are updated by the two-pass kernels of :mod:`adamp_core.paths.numba_fused` when numba is
   installed, params and state in place (tested against the array-API step); False: always the
   array-API step; True: as None, and numba is required.
 * ``foreach`` (keyword only, default None): the arrays that take the array-API step (CuPy, torch,
-  JAX, ``fused=False``, ...) are updated together with :mod:`adamp_core.grouped`, one set of array
+  JAX, ``fused=False``, ...) are updated together with :mod:`adamp_core.paths.multi_tensor`, one set of array
   operations per group of equal row length, library, dtype and device instead of per array (the GPU
   path); False: one array at a time.
 * ``state_dict()`` / ``load_state_dict()``: the ``torch.optim`` layout (state keys ``step``,

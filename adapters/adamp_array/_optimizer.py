@@ -13,9 +13,8 @@ from typing import Any
 from array_api_compat import is_torch_array, is_writeable_array
 
 from adamp_core import dispatch
-from adamp_core import fused as _fused
 from adamp_core.arrays import check_array, check_grad, check_hyper_arrays
-from adamp_core.hyperparams import check_flag
+from adamp_core.hyperparams import check_flag, check_fused
 from adamp_core.optimizers import REQUIRED, OptimizerSpec
 
 from ._convert import plain_hyperparam, plain_int, to_like, unflatten_state_dict
@@ -75,7 +74,7 @@ class ArrayOptimizer:
         self.defaults = dict(defaults)
         self._state_dtype = state_dtype
         self.skip_nonfinite = check_flag(skip_nonfinite, "skip_nonfinite")
-        _fused.check_fused(fused)
+        check_fused(fused)
         self.fused = fused
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
@@ -299,14 +298,14 @@ class ArrayOptimizer:
                                states: Any = states) -> None:
                     for i, o in zip(idx, outcomes, strict=True):  # as each unit is done: no pile of new arrays
                         k, p, _ = entries[i]
-                        # skip_nonfinite on the array-API paths: the flag is read on the host (free for NumPy,
-                        # one sync per array on a device).
-                        if o.how == dispatch.SKIPPED or (o.ok is not None and not bool(o.ok)):
+                        # skip_nonfinite: the flag is read on the host (free for NumPy, one sync per array on
+                        # a device); a skipped tensor keeps its state (its count not advanced).
+                        if o.ok is not None and not bool(o.ok):
                             self._skips[(gi, k)] = self._skips.get((gi, k), 0) + 1
-                        elif o.how in (dispatch.WRITTEN, dispatch.DEVICE):  # written in place
-                            states[k] = dispatch.advanced(self._spec, states[k], o.how)
-                        else:
+                        elif o.param is not None:
                             self._write_back(gi, k, p, o.param, o.state)
+                        elif o.state is not None:  # written in place; a Python-int count advanced by the path
+                            states[k] = o.state
 
                 dispatch.step(self._spec, tensors, hps[gi], skip_nonfinite=self.skip_nonfinite, fused=self.fused,
                               foreach=self.foreach, sink=write_back)

@@ -7,6 +7,7 @@ No maths lives here; the update rules are in :mod:`adamp_core`.
 from __future__ import annotations
 
 import functools
+import operator
 from collections.abc import Callable
 from typing import Any
 
@@ -15,9 +16,9 @@ import torch
 from torch.optim.optimizer import required
 
 from adamp_core import dispatch
-from adamp_core import fused as _fused
 from adamp_core.arrays import check_hyper_arrays
 from adamp_core.diagnostics import step_diagnostics
+from adamp_core.hyperparams import check_fused
 from adamp_core.optimizers import OptimizerSpec
 
 from ._distributed import is_dtensor, local_shards
@@ -66,6 +67,110 @@ _EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
 
 def _label(gi: int, pi: int) -> str:
     return f"param_groups[{gi}]['params'][{pi}]"
+
+
+class _GroupView:
+    """One param group as the dispatcher takes it, kept between steps: its params with a grad (``owners``),
+    their :class:`adamp_core.dispatch.Tensor` (state created on first use, DTensors as their local rows) and
+    the dispatcher's :class:`adamp_core.dispatch.Plans`. It holds while the group's params, their storage,
+    grad objects, state dicts and state tensors are the same objects and its options the same
+    (:meth:`holds`); then a step does no per-tensor Python beyond reading the grads. New grad objects (the
+    default ``zero_grad(set_to_none=True)``) only replace the grads (:meth:`tensors_for`)."""
+
+    __slots__ = ("params", "grads", "ptrs", "states", "arrays", "owners", "tensors", "plans", "devices", "options",
+                 "passes", "cacheable", "where")
+
+    @classmethod
+    def build(cls, opt: ProjectedOptimizer, group: dict[str, Any], grads: list[Any], traced: bool = False
+              ) -> _GroupView:
+        spec = opt._spec
+        v = cls()
+        v.params, v.grads = list(group["params"]), grads
+        v.owners, v.tensors, v.where = [], [], []
+        dtensor = False
+        for pi, (p, grad) in enumerate(zip(v.params, grads, strict=True)):
+            if grad is None:
+                continue
+            state = opt.state[p]
+            if len(state) == 0:
+                state.update(opt._new_state(group, p))
+            if group["skip_nonfinite"]:
+                opt._skip_counter(p)  # every stepped param has one from its first step on
+            local, g, bufs, rows = local_shards(p, grad, *(state[k] for k in spec.buffers))
+            dtensor = dtensor or is_dtensor(p)
+            if group["maximize"]:
+                g = torch.neg(g)
+            core = spec.state(state["step"], *bufs) if spec.has_step else spec.state(*bufs)
+            # A DTensor left whole (not sharded by rows) runs through DTensor's propagation: alone.
+            v.tensors.append(dispatch.Tensor(local, g, core, rows, alone=is_dtensor(local)))
+            v.owners.append(p)
+            v.where.append(pi)
+        v.states = [opt.state[p] for p in v.owners]
+        v.arrays = _state_arrays(v.states)
+        v.ptrs = [p.data_ptr() for p in v.owners] if not (dtensor or traced) else None
+        v.devices = {p.device: p for p in reversed(v.owners)}  # one param per device (the first)
+        v.options = _view_options(group)
+        v.plans = dispatch.Plans()
+        ids = [id(p) for p in v.owners]
+        v.passes = [None] if len(set(ids)) == len(ids) else _occurrence_passes(ids)
+        # DTensors give new local tensors at every step; a group with a param listed twice steps in passes.
+        v.cacheable = not (dtensor or traced) and v.passes == [None]
+        return v
+
+    def holds(self, opt: ProjectedOptimizer, group: dict[str, Any], params: list[Any], grads: list[Any]) -> bool:
+        """Whether this view still describes ``group``: the same params (same storage: ``model.to()`` moves
+        ``p.data``), the same set of params with a grad, the same state dicts and tensors, the same options."""
+        if len(params) != len(self.params) or not all(map(operator.is_, params, self.params)):
+            return False
+        if _view_options(group) != self.options:
+            return False
+        where = self.where
+        if len(where) != len(params) - grads.count(None) or any(grads[i] is None for i in where):
+            return False
+        owners = self.owners
+        if [p.data_ptr() for p in owners] != self.ptrs:
+            return False
+        state = opt.state
+        states = [state.get(p) for p in owners]
+        if not all(map(operator.is_, states, self.states)):
+            return False
+        return all(map(operator.is_, _state_arrays(states), self.arrays))
+
+    def tensors_for(self, grads: list[Any], maximize: bool) -> list[dispatch.Tensor]:
+        """The tensors with this step's grads: the kept list where every grad is the same object (and not
+        negated for ``maximize``, which needs this step's values), else a new list with the new grads."""
+        new = [grads[i] for i in self.where]
+        if not maximize and all(map(operator.is_, new, self.grads_of_tensors())):
+            return self.tensors
+        if maximize:
+            new = torch._foreach_neg(new) if new else new
+        self.tensors = [t._replace(grad=g) for t, g in zip(self.tensors, new, strict=True)]
+        self.grads = grads
+        return self.tensors
+
+    def grads_of_tensors(self) -> list[Any]:
+        return [t.grad for t in self.tensors]
+
+
+def _state_arrays(states: list[dict[str, Any]]) -> list[Any]:
+    return [x for st in states for x in st.values()]
+
+
+def _view_options(group: dict[str, Any]) -> tuple[Any, ...]:
+    return (group["maximize"], group["skip_nonfinite"])
+
+
+def _occurrence_passes(ids: list[int]) -> list[list[int]]:
+    """Indices split into passes by occurrence: a param listed twice is stepped twice, one pass after the
+    other, each on the state the last one left, as ``adamp==0.3.0`` (and ``torch.optim``) step it."""
+    seen: dict[int, int] = {}
+    passes: list[list[int]] = []
+    for i, key in enumerate(ids):
+        k = seen[key] = seen.get(key, -1) + 1
+        if k == len(passes):
+            passes.append([])
+        passes[k].append(i)
+    return passes
 
 
 class ProjectedOptimizer(torch.optim.Optimizer):
@@ -122,6 +227,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if "state_dtype" in param_group:
             param_group = {**param_group, "state_dtype": normalize_state_dtype(param_group["state_dtype"])}
         super().add_param_group(param_group)
+        self._views.clear()
         group = self.param_groups[-1]
         for pi, p in enumerate(group["params"]):
             if p.is_complex() or not p.is_floating_point():
@@ -152,44 +258,61 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.defaults.setdefault("foreach", None)
 
     # -- grads ------------------------------------------------------------------------------------
-    def _check_grads(self) -> list[Any]:
-        """Check every grad of every group against its param (metadata only: no sync), and every
-        group's hyperparameters; return the latter. Runs before anything is written, so a bad grad
-        anywhere leaves every param and every state as it was."""
-        hypers = []
+    @property
+    def _views(self) -> dict[int, _GroupView]:
+        """Per param group (by index): what the last step built for it (see :class:`_GroupView`)."""
+        views = self.__dict__.get("_group_views")
+        if views is None:
+            views = self.__dict__["_group_views"] = {}
+        return views
+
+    def _check_grads(self) -> list[tuple[Any, list[Any], _GroupView | None]]:
+        """Check every group's hyperparameters and every grad against its param (metadata only: no sync)
+        before anything is written, so a bad grad anywhere leaves every param and every state as it was.
+        Returns per group ``(hyperparameters, grads, view)``: ``view`` is the last step's
+        :class:`_GroupView` where it still holds (then only new grad objects are checked)."""
+        out = []
+        traced = torch.compiler.is_compiling()  # a compiled step is guarded by dynamo: no view of ours
         for gi, group in enumerate(self.param_groups):
             try:  # a group edited after construction (group["lr"] = ...) is checked here, before any write
-                hypers.append(self._check_hyper(group))
+                hp = self._check_hyper(group)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{exc} (param_groups[{gi}])") from None
-            devices = set()  # array hyperparameters are checked once per device of the group's params
-            for pi, p in enumerate(group["params"]):
-                g = p.grad
-                if g is None:
+            params = group["params"]
+            grads = [p.grad for p in params]
+            view = None if traced else self._views.get(gi)
+            if view is not None and not view.holds(self, group, params, grads):
+                view = None
+            known = view.grads if view is not None else [None] * len(params)
+            devices = {} if view is None else dict(view.devices)
+            for pi, (p, g, old) in enumerate(zip(params, grads, known, strict=True)):
+                if g is None or g is old:
                     continue
-                if g.layout != torch.strided:
-                    raise RuntimeError(
-                        f"{self._name} does not support sparse gradients: {_label(gi, pi)} has a {g.layout} grad"
-                    )
-                if p.is_complex() or not p.is_floating_point():
-                    raise TypeError(
-                        f"{self._name} supports real floating params only: {_label(gi, pi)} has dtype {p.dtype}"
-                    )
-                if g.dtype != p.dtype:
-                    raise TypeError(f"grad of {_label(gi, pi)} has dtype {g.dtype} but the param has dtype {p.dtype}")
-                if g.shape != p.shape:
-                    raise ValueError(
-                        f"grad of {_label(gi, pi)} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}"
-                    )
-                if g.device != p.device:
-                    raise ValueError(f"grad of {_label(gi, pi)} is on {g.device} but the param is on {p.device}")
-                if p.device not in devices:
-                    devices.add(p.device)
-                    try:
-                        check_hyper_arrays(p, hypers[-1])
-                    except (TypeError, ValueError) as exc:
-                        raise type(exc)(f"{exc} (param_groups[{gi}])") from None
-        return hypers
+                self._check_grad(gi, pi, p, g)
+                devices.setdefault(p.device, p)
+            for p in devices.values():  # array hyperparameters, once per device of the group's params
+                try:
+                    check_hyper_arrays(p, hp)
+                except (TypeError, ValueError) as exc:
+                    raise type(exc)(f"{exc} (param_groups[{gi}])") from None
+            out.append((hp, grads, view))
+        return out
+
+    def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        if g.layout != torch.strided:
+            raise RuntimeError(
+                f"{self._name} does not support sparse gradients: {_label(gi, pi)} has a {g.layout} grad"
+            )
+        if p.is_complex() or not p.is_floating_point():
+            raise TypeError(f"{self._name} supports real floating params only: {_label(gi, pi)} has dtype {p.dtype}")
+        if g.dtype != p.dtype:
+            raise TypeError(f"grad of {_label(gi, pi)} has dtype {g.dtype} but the param has dtype {p.dtype}")
+        if g.shape != p.shape:
+            raise ValueError(
+                f"grad of {_label(gi, pi)} has shape {tuple(g.shape)} but the param has shape {tuple(p.shape)}"
+            )
+        if g.device != p.device:
+            raise ValueError(f"grad of {_label(gi, pi)} is on {g.device} but the param is on {p.device}")
 
     # -- lazy state ---------------------------------------------------------------------------------
     def _new_state(self, group: dict[str, Any], p: torch.Tensor) -> dict[str, Any]:
@@ -210,7 +333,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for name in ("maximize", "skip_nonfinite"):
             if not isinstance(group.get(name, False), bool):
                 raise TypeError(f"Invalid {name} value: {group[name]!r} (expected True or False)")
-        _fused.check_fused(group.get("fused"))
+        check_fused(group.get("fused"))
         foreach = group.get("foreach")
         if foreach is not None and not isinstance(foreach, bool):
             raise TypeError(f"Invalid foreach value: {foreach!r} (expected None, True or False)")
@@ -224,91 +347,74 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         Every grad and hyperparameter of every group is checked before any param or state is
         written; a sparse, complex, or mismatched (shape, dtype, device) grad raises. Each group is
         then stepped by :func:`adamp_core.dispatch.step` (which picks the fused kernels, the
-        multi-tensor step or the per-tensor step) and written back in place.
+        multi-tensor step or the per-tensor step, and keeps their plans between steps) and written back
+        in place.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        hypers = self._check_grads()
+        checked = self._check_grads()
         traced = torch.compiler.is_compiling()  # the compiled graph fuses the per-tensor step itself
-        for group, hp in zip(self.param_groups, hypers, strict=True):
-            self._step_group(group, hp, traced)
+        for gi, (group, (hp, grads, view)) in enumerate(zip(self.param_groups, checked, strict=True)):
+            self._step_group(gi, group, hp, grads, view, traced)
         return loss
 
-    def _step_group(self, group: dict[str, Any], hp: Any, traced: bool) -> None:
-        owners, tensors = self._group_tensors(group)
+    def _step_group(self, gi: int, group: dict[str, Any], hp: Any, grads: list[Any], view: _GroupView | None,
+                    traced: bool) -> None:
+        if view is None:
+            view = _GroupView.build(self, group, grads, traced)
+            if view.cacheable:
+                self._views[gi] = view
+            elif not traced:  # a compiled step leaves our views alone (dynamo would guard on them)
+                self._views.pop(gi, None)
+        tensors = view.tensors_for(grads, group["maximize"])
         if not tensors:
             return
-        if group["fused"] is not False and _fused.AVAILABLE and not traced:
-            _fused.set_threads(torch.get_num_threads())  # torch.set_num_threads governs the kernels too
+        owners = view.owners
         old = [t.param.clone() for t in tensors] if self._diagnostics is not None else None
         skipped: set[int] = set()
+        skip = group["skip_nonfinite"]
 
         def write_back(idx: list[int], outcomes: list[dispatch.Outcome]) -> None:
             # As each unit (kernel call, group, tensor) is done: new arrays never pile up.
-            self._write_back([owners[i] for i in idx], [tensors[i] for i in idx], outcomes, group["skip_nonfinite"])
-            skipped.update(i for i, o in zip(idx, outcomes, strict=True) if o.how == dispatch.SKIPPED)
+            self._write_back([owners[i] for i in idx], [tensors[i] for i in idx], outcomes, skip)
+            if old is not None:
+                skipped.update(i for i, o in zip(idx, outcomes, strict=True) if o.ok is False)
 
-        dispatch.step(self._spec, tensors, hp, skip_nonfinite=group["skip_nonfinite"], fused=group["fused"],
-                      foreach=group["foreach"], traced=traced, sink=write_back)
+        for part in view.passes:  # one pass, or one per occurrence of a param listed more than once
+            sub = tensors if part is None else [tensors[i] for i in part]
+            sink = write_back if part is None else (lambda idx, o, part=part: write_back([part[i] for i in idx], o))
+            dispatch.step(self._spec, sub, hp, skip_nonfinite=skip, fused=group["fused"], foreach=group["foreach"],
+                          traced=traced, sink=sink, plans=view.plans if part is None else None)
         if old is not None:
             for i, (p, t, before) in enumerate(zip(owners, tensors, old, strict=True)):
                 if i not in skipped:
                     self._diagnostics[p] = step_diagnostics(before, t.param, t.grad, hp.delta, hp.eps)
 
-    def _group_tensors(self, group: dict[str, Any]) -> tuple[list[torch.Tensor], list[dispatch.Tensor]]:
-        """The group's params that have a grad (their state created on first use) as the dispatcher's
-        :class:`adamp_core.dispatch.Tensor`: DTensors (FSDP2) as their local rows with the layout that
-        reduces over all of them, grads negated for ``maximize``."""
-        spec = self._spec
-        owners, tensors = [], []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            state = self.state[p]
-            if len(state) == 0:
-                state.update(self._new_state(group, p))
-            if group["skip_nonfinite"]:
-                self._skip_counter(p)  # every stepped param has one from its first step on
-            local, g, bufs, rows = local_shards(p, p.grad, *(state[k] for k in spec.buffers))
-            if group["maximize"]:
-                g = torch.neg(g)
-            core = spec.state(state["step"], *bufs) if spec.has_step else spec.state(*bufs)
-            # A DTensor left whole (not sharded by rows) runs through DTensor's propagation: alone.
-            tensors.append(dispatch.Tensor(local, g, core, rows, alone=is_dtensor(local)))
-            owners.append(p)
-        return owners, tensors
-
     def _write_back(self, owners: list[torch.Tensor], tensors: list[dispatch.Tensor],
                     outcomes: list[dispatch.Outcome], skip: bool) -> None:
-        """Write the dispatcher's results into the params and their state, in place (params and state keep
-        their identity, device and memory format), with as few torch calls as possible: one
-        ``_foreach_copy_`` for every new array, one ``_foreach_add_`` for the step counts the kernels
-        advanced and one for the skip counters. No sync: the Triton kernels (``DEVICE``) advanced their
-        step counts themselves and hand their skips as device flags."""
-        spec = self._spec
-        fields = spec.state._fields
+        """Write the dispatcher's new arrays into the params and their state, in place (params and state keep
+        their identity, device and memory format), with one ``_foreach_copy_``, and count skipped steps
+        with one ``_foreach_add_``. Kernels that wrote in place advanced their step counts themselves and
+        hand their skips as flags (a host False, or device arrays): no sync."""
+        fields = self._spec.state._fields
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
-        advanced: list[torch.Tensor] = []  # step counts of tensors the kernels wrote
-        skipped: list[torch.Tensor] = []  # skip counters of tensors the kernels did not write
-        counters: list[torch.Tensor] = []  # skip counters of new results, with their "grad was finite" flags
+        skipped: list[torch.Tensor] = []  # skip counters of tensors a host kernel did not write
+        counters: list[torch.Tensor] = []  # skip counters with their device flags (1: skipped)
         flags: list[torch.Tensor] = []
         for p, t, o in zip(owners, tensors, outcomes, strict=True):
-            if o.how == dispatch.WRITTEN:
-                if spec.has_step:
-                    advanced.append(t.state.step)
-            elif o.how == dispatch.SKIPPED:
-                skipped.append(self._skip_counter(p))
-            elif o.how == dispatch.DEVICE:  # written in place, step counts advanced on the device
-                if skip:
-                    counters.append(self._skip_counter(p))
-                    flags.append(o.skips)
-            else:
+            if o.param is not None:
                 dst += [t.param, *(getattr(t.state, f) for f in fields)]
                 src += [o.param, *(getattr(o.state, f) for f in fields)]
-                if skip:
+            if skip:
+                if o.ok is False:
+                    skipped.append(self._skip_counter(p))
+                elif o.skips is not None:
+                    counters.append(self._skip_counter(p))
+                    flags.append(o.skips)
+                elif o.ok is not None:
                     counters.append(self._skip_counter(p))
                     flags.append(torch.logical_not(o.ok).to(torch.int64))
         if any(is_dtensor(x) for x in dst) or torch.compiler.is_compiling():
@@ -316,8 +422,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 d.copy_(x)
         elif dst:
             torch._foreach_copy_(dst, src)
-        if advanced:
-            torch._foreach_add_(advanced, 1)
         if skipped:
             torch._foreach_add_(skipped, 1)
         if counters:
@@ -408,6 +512,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             for g, sg in zip(self.param_groups, state_dict.get("param_groups", []), strict=False)
         ]
         super().load_state_dict(state_dict)
+        self._views.clear()
         for g, extra in zip(self.param_groups, kept, strict=False):
             g.update(extra)
         groups = {id(p): g for g in self.param_groups for p in g["params"]}

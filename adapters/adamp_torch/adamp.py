@@ -60,12 +60,12 @@ class AdamP(ProjectedOptimizer):
             with ``int(opt.state[p]["nonfinite_skips"])`` (one sync) when you want to know. Default:
             NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
         fused: None (default) updates plain contiguous float32/float64 CPU tensors with the fused kernels
-            of :mod:`adamp_core.fused` (two passes over memory, tested against the array-API step) when
+            of :mod:`adamp_core.paths.numba_fused` (two passes over memory, tested against the array-API step) when
             numba is installed, and everything else with the array-API step; False always takes the
             array-API step; True is None but requires numba. Inside ``torch.compile`` the array-API
             step always runs (it traces into one graph).
         foreach: None (default) or True updates the tensors that take the array-API step (CUDA, 16-bit,
-            non-contiguous, ``fused=False``) together with :mod:`adamp_core.grouped`: one set of kernels
+            non-contiguous, ``fused=False``) together with :mod:`adamp_core.paths.multi_tensor`: one set of kernels
             per group of equal row length, dtype and device instead of per tensor (the GPU path); False
             steps them one at a time. Not inside ``torch.compile`` or with diagnostics on.
 

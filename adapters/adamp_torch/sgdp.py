@@ -56,9 +56,9 @@ class SGDP(ProjectedOptimizer):
             state, and ``state["nonfinite_skips"]`` (a 0-d int64 tensor) counts it; read it
             with ``int(opt.state[p]["nonfinite_skips"])`` (one sync) when you want to know. Default:
             NaN/inf flow into param and state as the arithmetic gives, as in adamp 0.3.0.
-        fused: the fused CPU kernels of :mod:`adamp_core.fused` where they apply, as in
+        fused: the fused CPU kernels of :mod:`adamp_core.paths.numba_fused` where they apply, as in
             :class:`adamp_torch.AdamP`.
-        foreach: the multi-tensor step of :mod:`adamp_core.grouped` for the rest, as in
+        foreach: the multi-tensor step of :mod:`adamp_core.paths.multi_tensor` for the rest, as in
             :class:`adamp_torch.AdamP`.
 
     State per param: ``momentum``, as adamp 0.3.0 names it.

@@ -35,11 +35,12 @@ import numbers
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
-from ._common import finite_flag, is_python_int, keep_if_finite
-from .adamp import AdamPState, adamp_update
-from .arrays import device
-from .projection import RowReduce, channel_shape
-from .sgdp import SGDPState, sgdp_update
+from .._common import finite_flag, is_python_int, keep_if_finite
+from ..adamp import AdamPState, adamp_update
+from ..arrays import check_array, device, is_host
+from ..rows import RowReduce, channel_shape
+from ..sgdp import SGDPState, sgdp_update
+from . import MULTI_TENSOR, Options, Outcome, per_tensor
 
 __all__ = [
     "GROUP_MAX_ELEMENTS",
@@ -49,6 +50,12 @@ __all__ = [
     "group_indices",
     "row_bucket",
     "sgdp_update_group",
+    # the path protocol (adamp_core.paths)
+    "claim",
+    "offered",
+    "plan",
+    "regrad",
+    "run",
 ]
 
 GROUP_MAX_ELEMENTS = 1 << 21  # 2M elements (8 MiB in float32) per group: bounds the concatenated copies
@@ -224,6 +231,7 @@ def _split(xp: Any, group: _Group, x: Any) -> list[Any]:
 
 
 def _plan(xp: Any, params: Sequence[Any]) -> _Group:
+    """The layout of a group: its :class:`SegmentRows` (index arrays on the params' device) and shapes."""
     shapes = [tuple(p.shape) for p in params]
     layouts = [channel_shape(s) for s in shapes]
     projected = {len(s) > 1 for s in shapes}
@@ -269,7 +277,7 @@ def _alone(xp: Any, update: Any, p: Any, g: Any, s: Any, hp: Any, skip: bool) ->
 
 def adamp_update_group(
     xp: Any, params: Sequence[Any], grads: Sequence[Any], states: Sequence[AdamPState], hp: Any,
-    skip_nonfinite: bool = False,
+    skip_nonfinite: bool = False, layout: _Group | None = None,
 ) -> tuple[list[Any], list[AdamPState], Any]:
     """:func:`adamp_core.adamp.adamp_update` of every tensor of one group (see :func:`group_indices`:
     one dtype, state dtypes and device, all 1-d or all with ``ndim > 1``), computed together; no checks
@@ -277,10 +285,11 @@ def adamp_update_group(
 
     Returns ``(new_params, new_states, ok)``: ``ok`` is None, or with ``skip_nonfinite`` a ``(k,)`` bool
     array, false for a tensor whose grad has a non-finite entry (that tensor and its state are returned
-    as they were; its step count does not advance)."""
+    as they were; its step count does not advance). ``layout``: the group's :func:`layout`, built once by
+    a plan (default: built here)."""
     if len(params) == 1:
         return _alone(xp, adamp_update, params[0], grads[0], states[0], hp, skip_nonfinite)
-    group = _plan(xp, params)
+    group = layout or _plan(xp, params)
     dev = device(params[0])
     w, g = _concat(xp, group, params), _concat(xp, group, grads)
     m = _concat(xp, group, [s.exp_avg for s in states])
@@ -299,13 +308,13 @@ def adamp_update_group(
 
 def sgdp_update_group(
     xp: Any, params: Sequence[Any], grads: Sequence[Any], states: Sequence[SGDPState], hp: Any,
-    skip_nonfinite: bool = False,
+    skip_nonfinite: bool = False, layout: _Group | None = None,
 ) -> tuple[list[Any], list[SGDPState], Any]:
     """:func:`adamp_core.sgdp.sgdp_update` of every tensor of one group, computed together; returns
     ``(new_params, new_states, ok)`` as :func:`adamp_update_group` does."""
     if len(params) == 1:
         return _alone(xp, sgdp_update, params[0], grads[0], states[0], hp, skip_nonfinite)
-    group = _plan(xp, params)
+    group = layout or _plan(xp, params)
     w, g = _concat(xp, group, params), _concat(xp, group, grads)
     b = _concat(xp, group, [s.momentum for s in states])
     new_w, new = sgdp_update(xp, w, g, SGDPState(b), hp, group.rows)
@@ -315,3 +324,64 @@ def sgdp_update_group(
         keep = xp.reshape(ok_rows, (-1, 1))
         new_w, new_b = xp.where(keep, new_w, w), xp.where(keep, new_b, b)
     return _split(xp, group, new_w), [SGDPState(x) for x in _split(xp, group, new_b)], ok
+
+
+# -- the path (adamp_core.paths): claim, plan, regrad, run ------------------------------------------------
+
+_UPDATE_GROUP = {"adamp": adamp_update_group, "sgdp": sgdp_update_group}
+
+
+class Plan(NamedTuple):
+    """The groups of a param group's tensors: per group its indices, namespace and layout (None: a group of
+    one, stepped alone)."""
+
+    groups: list[tuple[list[int], Any, _Group | None]]
+
+
+def offered(options: Options) -> bool:
+    """Asked for (``foreach=True``), or ``None`` outside a tracer (which fuses per-tensor steps itself)."""
+    return options.foreach is True or (options.foreach is None and not options.traced)
+
+
+def claim(spec: Any, tensors: Sequence[Any], idx: list[int], hp: Any, options: Options) -> list[int]:
+    """Every tensor whose rows are all here and that may be stepped with others."""
+    return [i for i in idx if tensors[i].rows is None and not tensors[i].alone]
+
+
+def plan(spec: Any, tensors: Sequence[Any], taken: list[int], hp: Any, options: Options) -> Plan:
+    """Groups of one library, dtype, device, state dtypes and row bucket (:func:`group_indices`), each with
+    its :class:`SegmentRows` built once."""
+    keys, shapes = [], []
+    for i in taken:
+        t = tensors[i]
+        xp = check_array(t.param)
+        keys.append((xp, t.param.dtype, device(t.param), tuple(getattr(t.state, f).dtype for f in spec.buffers)))
+        shapes.append(tuple(t.param.shape))
+    on_host = all(is_host(tensors[i].param) for i in taken)
+    groups = []
+    for members in group_indices(keys, shapes, on_host=on_host, host_max_elements=options.host_tensor_max_elements):
+        chosen = [taken[j] for j in members]
+        xp = keys[members[0]][0]
+        layout = None if len(chosen) == 1 else _plan(xp, [tensors[i].param for i in chosen])
+        groups.append((chosen, xp, layout))
+    return Plan(groups)
+
+
+def regrad(plan: Plan, tensors: Sequence[Any]) -> Plan:
+    """Nothing of the plan depends on the grads (they are read by value)."""
+    return plan
+
+
+def run(plan: Plan, spec: Any, tensors: Sequence[Any], hp: Any, options: Options, sink: Any) -> list[int]:
+    """One step of every group: new arrays (``Outcome.param``) for the adapter to write back."""
+    update, skip = _UPDATE_GROUP[spec.key], options.skip_nonfinite
+    for chosen, xp, layout in plan.groups:
+        if layout is None:
+            sink(chosen, [per_tensor.step_one(spec, xp, tensors[chosen[0]], hp, skip)])
+            continue
+        ts = [tensors[i] for i in chosen]
+        new_p, new_s, ok = update(xp, [t.param for t in ts], [t.grad for t in ts], [t.state for t in ts], hp, skip,
+                                  layout)
+        sink(chosen, [Outcome(MULTI_TENSOR, new_p[j], new_s[j], None if ok is None else ok[j, ...])
+                      for j in range(len(chosen))])
+    return []

@@ -33,23 +33,17 @@ numba is optional (the ``fast`` extra): :data:`AVAILABLE` says whether it is ins
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import math
 import sys
-import types
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-try:
-    import numba
-    import numba.core.cgutils
-    import numba.extending
-except ImportError:  # pragma: no cover - exercised when the extra is absent
-    numba = None
-
-from ._common import host_bias_correction
-from .projection import channel_shape
+from .._common import host_bias_correction
+from ..rows import channel_shape
+from ._numba_status import FALLBACK, OK, SKIPPED
 
 __all__ = [
     "AVAILABLE",
@@ -59,7 +53,6 @@ __all__ = [
     "SKIPPED",
     "adamp_batch",
     "adamp_inplace",
-    "check_fused",
     "host_addresses",
     "host_views",
     "run_batch",
@@ -69,33 +62,12 @@ __all__ = [
     "supports",
 ]
 
-AVAILABLE = numba is not None
+AVAILABLE = importlib.util.find_spec("numba") is not None
 
-OK, SKIPPED, FALLBACK = 0, 1, 2  # kernel results: written; non-finite grad, nothing written; out of range
 _PARALLEL_MIN = 1 << 16  # elements: below this, thread start-up costs more than it saves
 # Tensors below this size are best updated together by adamp_batch/sgdp_batch (threads share out the
 # tensors); above it, one parallel kernel per tensor (threads share out the rows).
 BATCH_MAX_SIZE = _PARALLEL_MIN
-_BIG, _SMALL = 2.0**968, 2.0**-968  # float64 row sums of squares outside: the pure step's scaling
-_CAUTION_MIN = 1e-3  # adamp_core.caution.CAUTION_MIN_FRACTION (a numba global: a plain float)
-
-
-def check_fused(value: Any) -> None:
-    """The adapters' ``fused`` option: None (these kernels where they apply, else the array-API step),
-    True (the same, and numba must be installed), False (always the array-API step) or ``"triton"`` (the
-    Triton kernels of :mod:`adamp_core.triton_fused` for every torch tensor they take, opt-in; Triton must
-    be installed)."""
-    if value == "triton" and isinstance(value, str):
-        import importlib.util
-
-        if importlib.util.find_spec("triton") is None:
-            raise ValueError("Invalid fused value: 'triton' (the Triton kernels need triton: pip install "
-                             "-e '.[triton]')")
-        return
-    if value is not None and not isinstance(value, bool):
-        raise TypeError(f"Invalid fused value: {value!r} (expected None, True, False or 'triton')")
-    if value is True and not AVAILABLE:
-        raise ValueError("Invalid fused value: True (the fused kernels need numba: pip install -e '.[fast]')")
 
 
 def supports(param: Any, *others: Any) -> bool:
@@ -117,243 +89,12 @@ def _rows(x: np.ndarray) -> np.ndarray:
     return x.reshape(channel_shape(x.shape))
 
 
-if AVAILABLE:
-    # "reassoc" lets LLVM vectorize the row sums (a different summation order, as any BLAS has);
-    # "contract" allows FMA. No nnan/ninf: NaN and inf must propagate as in the pure step.
-    _FLAGS = {"reassoc", "contract", "afn"}
-    _jit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, error_model="numpy")
-    _pjit = numba.njit(cache=True, fastmath=_FLAGS, nogil=True, parallel=True, error_model="numpy")
-    prange = numba.prange
+def _compiled() -> Any:
+    """The kernels (:mod:`adamp_core.paths._numba_kernels`), imported on first use: numba loads (and compiles,
+    or reads its cache) only when a step runs on this path."""
+    from . import _numba_kernels
 
-    def _radial(stats, view, dots, eps, out):  # pragma: no cover - compiled
-        """``out[r]``: the coefficient of row ``r`` in the radial part ``w (w.x)/(|w|+eps)^2`` of a vector ``x``
-        whose per-row ``w_r . x_r`` are ``dots``, on ``view`` (1 channel, 2 layer; 0: none, all 0)."""
-        n_rows = stats.shape[0]
-        if view == 1:
-            for r in range(n_rows):
-                n = math.sqrt(stats[r, 1]) + eps
-                out[r] = dots[r] / n / n
-            return
-        c = 0.0
-        if view == 2:
-            ww_l = dot_l = 0.0
-            for r in range(n_rows):
-                ww_l += stats[r, 1]
-                dot_l += dots[r]
-            n = math.sqrt(ww_l) + eps
-            c = dot_l / n / n
-        for r in range(n_rows):
-            out[r] = c
-
-    def _decide(stats, project, n_cols, delta, eps):  # pragma: no cover - compiled
-        """The view ``stats`` (rows x [w.g, |w|^2, |g|^2, w.p]) projects: 1 channel, 2 layer, 0 none."""
-        n_rows = stats.shape[0]
-        if not project or n_rows * n_cols == 0:
-            return 0
-        thr_c = delta / math.sqrt(n_cols)
-        channel = True
-        wg_l = ww_l = gg_l = 0.0
-        for r in range(n_rows):
-            wg, ww, gg = stats[r, 0], stats[r, 1], stats[r, 2]
-            cos = abs(wg) / (max(math.sqrt(ww), eps) * max(math.sqrt(gg), eps))
-            if not (cos < thr_c):  # NaN never passes
-                channel = False
-            wg_l += wg
-            ww_l += ww
-            gg_l += gg
-        if channel:
-            return 1
-        cos_l = abs(wg_l) / (max(math.sqrt(ww_l), eps) * max(math.sqrt(gg_l), eps))
-        return 2 if cos_l < delta / math.sqrt(n_rows * n_cols) else 0
-
-    def _screen(stats, bad, skip, check_range):  # pragma: no cover - compiled
-        """SKIPPED if ``skip`` and a grad entry is not finite; FALLBACK if ``check_range`` (float64) and a
-        row's |w|^2 or |g|^2 is outside [2**-968, 2**968] (overflowed, underflowed, all zero, or NaN: the
-        pure step's scaled sums are exact there); else OK."""
-        nonfinite = 0.0
-        out = False
-        for r in range(stats.shape[0]):
-            nonfinite += bad[r]
-            if not (_SMALL <= stats[r, 1] <= _BIG and _SMALL <= stats[r, 2] <= _BIG):
-                out = True
-        if skip and nonfinite > 0:
-            return SKIPPED
-        if check_range and out:
-            return FALLBACK
-        return OK
-
-    # What differs between AdamP and SGDP, bound in each copy of the generic kernels (see _compile): the
-    # scalars (a tuple, from the array ``sc`` of the param's dtype), the state maths of one entry (``(new s1,
-    # new s2, unprojected update p)`` from the old state ``s1, s2`` and the grad ``gj``) and how the new state
-    # is stored once ``p`` is projected (``qj``). AdamP's state is ``(m, v)``; SGDP's is its momentum buffer,
-    # passed as both ``s1`` and ``s2``.
-    _scalars = _entry = _store = _serial = None
-
-    def _adamp_scalars(sc):  # pragma: no cover - compiled
-        return sc[0], sc[1], sc[2], sc[3], sc[4], sc[5]
-
-    def _adamp_entry(sc, nesterov, mj, vj, gj):  # pragma: no cover - compiled
-        b1, b2, c1, c2, inv_sbc2, eps = sc
-        mj = b1 * mj + c1 * gj  # Alg. 2 line 2
-        vj = b2 * vj + c2 * gj * gj  # Alg. 2 line 3
-        den = np.sqrt(vj) * inv_sbc2 + eps  # Alg. 2 line 4
-        return mj, vj, (b1 * mj + c1 * gj) / den if nesterov else mj / den
-
-    def _adamp_store(m, v, r, j, mj, vj, qj, keep):  # pragma: no cover - compiled
-        m[r, j] = mj
-        v[r, j] = vj
-
-    def _sgdp_scalars(sc):  # pragma: no cover - compiled
-        return sc[0], sc[1]
-
-    def _sgdp_entry(sc, nesterov, bj, unused, gj):  # pragma: no cover - compiled
-        mu, c1 = sc
-        bj = mu * bj + c1 * gj  # Alg. 1 line 2
-        return bj, unused, gj + mu * bj if nesterov else bj
-
-    def _sgdp_store(b, unused, r, j, bj, unused_j, qj, keep):  # pragma: no cover - compiled
-        # adamp 0.3.0 projects the buffer itself in place; ``keep`` (nesterov, or project_buffer=False: Alg. 1
-        # as printed) stores the unprojected one. Never the cautious mask (adamp_core.caution).
-        b[r, j] = bj if keep else qj
-
-    def _kernel(
-        w, g, s1, s2, sc, step, project, nesterov, keep, caution, delta, eps64, decay, skip, check_range
-    ):  # pragma: no cover - compiled
-        # One step of the optimizer whose ``_scalars``, ``_entry`` and ``_store`` this copy calls (see
-        # _compile). The scalars ``sc`` (an array) and ``step`` come in the param's dtype (elementwise maths in
-        # it, as the pure step); sums in float64.
-        k = _scalars(sc)
-        n_rows, n_cols = w.shape
-        stats = np.empty((n_rows, 4))
-        bad = np.zeros(n_rows)
-        for r in prange(n_rows):
-            wg = ww = gg = wp = 0.0
-            nb = 0.0
-            for j in range(n_cols):
-                wj, gj = w[r, j], g[r, j]
-                pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)[2]
-                wd, gd = np.float64(wj), np.float64(gj)
-                wg += wd * gd
-                ww += wd * wd
-                gg += gd * gd
-                wp += wd * np.float64(pj)
-                nb += gj * 0.0  # NaN iff some g entry is NaN or inf (no branch: the loop vectorizes)
-            stats[r, 0], stats[r, 1], stats[r, 2], stats[r, 3] = wg, ww, gg, wp
-            bad[r] = 0.0 if nb == 0.0 else 1.0
-        status = _screen(stats, bad, skip, check_range)
-        if status != OK:
-            return status, False
-        view = _decide(stats, project, n_cols, delta, eps64)
-        coef = np.empty(n_rows)
-        _radial(stats, view, stats[:, 3], eps64, coef)  # Pi(p) = p - w * coef_r
-        coefs = coef.astype(w.dtype)
-        dec = decay[1] if view != 0 else decay[0]
-        if caution and n_rows * n_cols > 0:
-            _cautious_update(w, g, s1, s2, k, nesterov, keep, stats, view, coefs, eps64, dec, step)
-            return OK, view != 0
-        for r in prange(n_rows):
-            c = coefs[r]
-            for j in range(n_cols):
-                wj, gj = w[r, j], g[r, j]
-                s1j, s2j, pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)
-                qj = pj - wj * c  # Alg. 2 line 8, Alg. 1 line 6: the radial part removed (c = 0: not projected)
-                _store(s1, s2, r, j, s1j, s2j, qj, keep)
-                w[r, j] = wj * dec - step * qj  # Alg. 2 lines 10-11: decoupled decay, then the step
-        return OK, view != 0
-
-    def _cautious_update(w, g, s1, s2, k, nesterov, keep, stats, view, coefs, eps64, dec, step):  # pragma: no cover
-        # caution=True (adamp_core.caution): one more pass counts the entries where the projected update q
-        # agrees in sign with Pi(g) (g itself where nothing is projected) and sums w.q over them per row;
-        # then the update pass masks, rescales by 1 / max(kept fraction, 1e-3) and projects again.
-        n_rows, n_cols = w.shape
-        gcoef = np.empty(n_rows)
-        _radial(stats, view, stats[:, 0], eps64, gcoef)  # Pi(g) = g - w * gcoef_r
-        gcoefs = gcoef.astype(w.dtype)
-        kept = np.zeros(n_rows)
-        wq = np.zeros(n_rows)
-        for r in prange(n_rows):
-            c, cg = coefs[r], gcoefs[r]
-            n = s = 0.0
-            for j in range(n_cols):
-                wj, gj = w[r, j], g[r, j]
-                qj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)[2] - wj * c
-                if qj * (gj - wj * cg) > 0:
-                    n += 1.0
-                    s += np.float64(wj) * np.float64(qj)
-            kept[r], wq[r] = n, s
-        scale = 1.0 / max(kept.sum() / (n_rows * n_cols), _CAUTION_MIN)
-        for r in range(n_rows):
-            wq[r] *= scale
-        coef2 = np.empty(n_rows)
-        _radial(stats, view, wq, eps64, coef2)  # the masked update projected again
-        coefs2 = coef2.astype(w.dtype)
-        sc = np.full(1, scale).astype(w.dtype)[0]  # rounded once to the param's dtype
-        for r in prange(n_rows):
-            c, cg, c2 = coefs[r], gcoefs[r], coefs2[r]
-            for j in range(n_cols):
-                wj, gj = w[r, j], g[r, j]
-                s1j, s2j, pj = _entry(k, nesterov, s1[r, j], s2[r, j], gj)
-                qj = pj - wj * c
-                mj = qj * sc if qj * (gj - wj * cg) > 0 else qj * 0
-                _store(s1, s2, r, j, s1j, s2j, qj, keep)  # the state never sees the mask
-                w[r, j] = wj * dec - step * (mj - wj * c2)
-
-    _radial = _jit(_radial)
-    _decide = _jit(_decide)
-    _screen = _jit(_screen)
-
-    def _variant(func, suffix, **names):
-        """A copy of ``func`` under another name, its globals ``names`` bound as given. numba's on-disk
-        cache keys a function by its name and line, not by its options or globals: a serial and a parallel
-        compilation of one function (or an AdamP and an SGDP one) would load each other's machine code (a
-        parallel kernel run serially, threads started for a tiny tensor, or the other optimizer)."""
-        copy = types.FunctionType(func.__code__, {**func.__globals__, **names}, func.__name__ + suffix)
-        copy.__qualname__ = func.__qualname__ + suffix
-        return copy
-
-    @numba.extending.intrinsic
-    def _pointer(typingctx, address):  # pragma: no cover - compiled
-        """An int64 address as a ``void*`` (for ``numba.carray``)."""
-
-        def codegen(context, builder, signature, args):
-            return builder.inttoptr(args[0], numba.core.cgutils.voidptr_t)
-
-        return numba.types.voidptr(address), codegen
-
-    def _view(address, shape, like):  # pragma: no cover - compiled
-        return numba.carray(_pointer(address), (shape[0], shape[1]), like.dtype)
-
-    def _batch(
-        like, addr, shapes, project, sc, steps, out, nesterov, keep, caution, delta, eps64, decay, skip, check_range
-    ):  # pragma: no cover - compiled
-        # One tensor per iteration, each by the serial kernel: threads share out the tensors. ``addr``: the
-        # addresses of param, grad and state (one state array: SGDP's buffer, passed as s1 and s2).
-        last = addr.shape[1] - 1
-        for i in prange(addr.shape[0]):
-            w, g = _view(addr[i, 0], shapes[i], like), _view(addr[i, 1], shapes[i], like)
-            s1, s2 = _view(addr[i, 2], shapes[i], like), _view(addr[i, last], shapes[i], like)
-            status, _ = _serial(
-                w, g, s1, s2, sc[i], steps[i], project[i], nesterov, keep, caution, delta, eps64, decay, skip,
-                check_range
-            )
-            out[i] = status
-
-    _view = _jit(_view)
-
-    def _compile(name, scalars, entry, store):
-        """The serial and parallel kernels of one optimizer (its ``scalars``, ``entry`` and ``store``), and
-        its batch."""
-        ops = {"_scalars": _jit(scalars), "_entry": _jit(entry), "_store": _jit(store)}
-        cautious = {"serial": _jit, "parallel": _pjit}
-        serial, parallel = (
-            jit(_variant(_kernel, f"_{name}_{kind}", **ops,
-                         _cautious_update=cautious[kind](_variant(_cautious_update, f"_{name}_{kind}", **ops))))
-            for kind, jit in (("serial", _jit), ("parallel", _pjit)))
-        return (serial, parallel), _pjit(_variant(_batch, f"_{name}", _serial=serial))
-
-    _KERNELS, _BATCH = {}, {}
-    _KERNELS["adamp"], _BATCH["adamp"] = _compile("adamp", _adamp_scalars, _adamp_entry, _adamp_store)
-    _KERNELS["sgdp"], _BATCH["sgdp"] = _compile("sgdp", _sgdp_scalars, _sgdp_entry, _sgdp_store)
+    return _numba_kernels
 
 
 @contextlib.contextmanager
@@ -373,6 +114,8 @@ def _keeping_torch_threads() -> Iterator[None]:
 def set_threads(n: int) -> None:
     """Threads for the parallel kernels (numba's pool), capped at numba's maximum; the torch adapter
     passes ``torch.get_num_threads()`` so that one setting governs both libraries."""
+    import numba
+
     n = max(1, min(int(n), numba.config.NUMBA_NUM_THREADS))
     with _keeping_torch_threads():  # reading numba's count starts its pool, too
         if n != numba.get_num_threads():
@@ -381,7 +124,7 @@ def set_threads(n: int) -> None:
 
 def _launch(name: str, size: int, *args: Any) -> tuple[int, bool]:
     """Run the serial kernel below ``_PARALLEL_MIN`` elements, the parallel one above."""
-    serial, parallel = _KERNELS[name]
+    serial, parallel = _compiled().KERNELS[name]
     if size < _PARALLEL_MIN:
         return serial(*args)
     with _keeping_torch_threads():
@@ -444,14 +187,28 @@ def sgdp_inplace(param: np.ndarray, grad: np.ndarray, momentum: np.ndarray, hp: 
     return _inplace("sgdp", param, grad, momentum, momentum, _sgdp_host(hp), hp, skip_nonfinite)
 
 
+class Dims(NamedTuple):
+    """The batch kernel's view of a list of shapes: ``(rows, row length)`` of each, and whether each is
+    projected (ndim > 1). A plan builds it once."""
+
+    dims: np.ndarray
+    project: np.ndarray
+
+
+def _dims(shapes: Any) -> Dims:
+    dims = np.array([channel_shape(tuple(s)) for s in shapes], dtype=np.int64).reshape(-1, 2)
+    return Dims(dims, np.array([len(s) > 1 for s in shapes], dtype=np.bool_))
+
+
 def _run_batch(name: str, addresses: np.ndarray, shapes: Any, dtype: Any, sc: np.ndarray, steps: np.ndarray,
                scale: float, hp: Any, skip_nonfinite: bool) -> Any:
-    """Many tensors by the batch kernel ``name``: ``sc`` (rows) and ``steps`` per tensor, in ``dtype``."""
-    dims = np.array([channel_shape(tuple(s)) for s in shapes], dtype=np.int64).reshape(-1, 2)
-    project = np.array([len(s) > 1 for s in shapes], dtype=np.bool_)
+    """Many tensors by the batch kernel ``name``: ``sc`` (rows) and ``steps`` per tensor, in ``dtype``;
+    ``shapes``: their shapes, or their :class:`Dims` (a plan's, built once)."""
+    dims, project = shapes if isinstance(shapes, Dims) else _dims(shapes)
     out = np.empty(len(dims), dtype=np.int8)
     with _keeping_torch_threads():
-        _BATCH[name](np.empty(0, dtype=dtype), np.ascontiguousarray(addresses, dtype=np.int64), dims, project, sc,
+        _compiled().BATCH[name](np.empty(0, dtype=dtype), np.ascontiguousarray(addresses, dtype=np.int64), dims,
+                                project, sc,
                      steps, out, *_options(hp, scale, dtype, skip_nonfinite))
     return out
 
@@ -482,7 +239,7 @@ def sgdp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, hp: Any, skip_non
     """:func:`sgdp_inplace` for many tensors in one kernel call, as :func:`adamp_batch`; ``addresses``:
     ``(n, 3)``, of ``param``, ``grad`` and ``momentum``."""
     sc, lr, scale = _sgdp_host(hp)
-    n = len(shapes)
+    n = len(addresses)
     sc_rows = np.tile(np.array(sc, dtype=dtype), (n, 1))
     return _run_batch("sgdp", addresses, shapes, dtype, sc_rows, np.full(n, lr, dtype=dtype), scale, hp, skip_nonfinite)
 
@@ -551,3 +308,212 @@ def run_batch(kernel: str, addresses: list[list[int]], params: list[Any], steps:
     if kernel == "adamp":
         return adamp_batch(table, shapes, dtype, steps, hp, skip_nonfinite)
     return sgdp_batch(table, shapes, dtype, hp, skip_nonfinite)
+
+
+# -- the path (adamp_core.paths): claim, plan, regrad, run ------------------------------------------------
+
+def offered(options: Any) -> bool:
+    """numba installed, ``fused`` not False, not inside a tracer."""
+    return AVAILABLE and options.fused is not False and not options.traced
+
+
+def _count_view(step: Any) -> Any:
+    """A step count as the kernels' host side reads and advances it: a Python int as it is (read by value,
+    returned advanced), a 0-d integer array as a writeable NumPy view of it (a NumPy array, or a plain 0-d
+    int64 CPU torch tensor's zero-copy view), None where neither (the array-API paths take that tensor)."""
+    from .._common import is_python_int
+
+    if is_python_int(step):
+        return step if step >= 0 else None
+    if type(step) is np.ndarray:
+        return step if step.ndim == 0 and step.dtype.kind in "iu" and step.flags.writeable else None
+    torch = sys.modules.get("torch")
+    if torch is not None and type(step) is torch.Tensor and step.dtype is torch.int64 and step.dim() == 0 \
+            and step.device.type == "cpu" and not step.is_neg():
+        return step.numpy()
+    return None
+
+
+def _buffers(spec: Any, state: Any) -> list[Any]:
+    return [getattr(state, f) for f in spec.buffers]
+
+
+def claim(spec: Any, tensors: Any, idx: list[int], hp: Any, options: Any) -> list[int]:
+    """Tensors whose param, grad and state are writeable C-contiguous float32/float64 host buffers of one
+    dtype (:func:`host_addresses`), rows all here, and a step count the kernels can read and advance."""
+    taken = []
+    for i in idx:
+        t = tensors[i]
+        if not t.writable or t.alone or t.rows is not None:
+            continue
+        if spec.has_step and _count_view(t.state.step) is None:
+            continue
+        if host_addresses([t.param, t.grad, *_buffers(spec, t.state)]) is not None:
+            taken.append(i)
+    return taken
+
+
+class _Batch(NamedTuple):
+    """Small tensors of one dtype, stepped by one batch call."""
+
+    idx: list[int]
+    table: np.ndarray  # (n, 2 + buffers) int64 addresses: param, grad, state arrays
+    dims: Dims
+    dtype: Any
+    counts: np.ndarray | None  # int64 addresses of int64 step counts, read and advanced by compiled helpers
+    views: list[Any] | None  # else (other counts) per tensor: a NumPy view of its count, or its Python int
+
+
+class _Big(NamedTuple):
+    """One large tensor, stepped by the row-parallel kernel on NumPy views of its arrays."""
+
+    i: int
+    views: list[np.ndarray]  # param, grad, state arrays
+    count: np.ndarray | None  # a NumPy view of its step count (an array); None: a Python int, or none
+
+
+class Plan(NamedTuple):
+    batches: list[_Batch]
+    bigs: list[_Big]
+    torch_threads: bool  # the tensors are torch's: torch.set_num_threads governs the kernels' threads
+
+
+def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Plan:
+    """Address tables, kernel dims and step-count addresses of the batches (one per dtype), NumPy views of
+    the large tensors; built once."""
+    small: dict[Any, list[int]] = {}
+    bigs = []
+    for i in taken:
+        t = tensors[i]
+        if math.prod(t.param.shape) < BATCH_MAX_SIZE:
+            small.setdefault(t.param.dtype, []).append(i)
+            continue
+        count = _count_view(t.state.step) if spec.has_step else None
+        count = count if type(count) is np.ndarray else None
+        bigs.append(_Big(i, host_views([t.param, t.grad, *_buffers(spec, t.state)]), count))
+    batches = []
+    for idx in small.values():
+        ts = [tensors[i] for i in idx]
+        table = np.array([host_addresses([t.param, t.grad, *_buffers(spec, t.state)]) for t in ts], dtype=np.int64)
+        counts = views = None
+        if spec.has_step:
+            views = [_count_view(t.state.step) for t in ts]
+            if all(type(v) is np.ndarray and v.dtype == np.int64 for v in views):
+                counts, views = np.array([v.ctypes.data for v in views], dtype=np.int64), None
+        batches.append(_Batch(idx, table, _dims([t.param.shape for t in ts]), _numpy_dtype(ts[0].param), counts,
+                              views))
+    torch_threads = any(type(tensors[i].param) is not np.ndarray for i in taken)
+    return Plan(batches, bigs, torch_threads)
+
+
+def _grad_fits(param: Any, grad: Any) -> bool:
+    """Whether a new grad array can stand in for the old one in a plan: what :func:`host_addresses`
+    requires of it, against its param."""
+    if type(param) is np.ndarray:
+        return type(grad) is np.ndarray and grad.dtype == param.dtype and grad.shape == param.shape \
+            and grad.flags.c_contiguous
+    torch = sys.modules["torch"]
+    return (type(grad) is torch.Tensor and grad.dtype is param.dtype and grad.shape == param.shape
+            and grad.device.type == "cpu" and grad.is_contiguous() and not grad.is_conj() and not grad.is_neg())
+
+
+def _address(x: Any) -> int:
+    return x.ctypes.data if type(x) is np.ndarray else x.data_ptr()
+
+
+def regrad(plan: Plan, tensors: Any) -> Plan | None:
+    """The plan with the grads' addresses of ``tensors`` (new grad arrays); None where one does not fit."""
+    batches = []
+    for b in plan.batches:
+        grads = []
+        for i in b.idx:
+            t = tensors[i]
+            if not _grad_fits(t.param, t.grad):
+                return None
+            grads.append(_address(t.grad))
+        table = b.table
+        if not np.array_equal(table[:, 1], grads):  # the allocator often hands the same memory back
+            table = table.copy()
+            table[:, 1] = grads
+        batches.append(b._replace(table=table))
+    bigs = []
+    for big in plan.bigs:
+        t = tensors[big.i]
+        if not _grad_fits(t.param, t.grad):
+            return None
+        bigs.append(big._replace(views=[big.views[0], host_views([t.grad])[0], *big.views[2:]]))
+    return plan._replace(batches=batches, bigs=bigs)
+
+
+_THREADS: list[int] = [0]  # the count last given to numba by run()
+
+
+def run(plan: Plan, spec: Any, tensors: Any, hp: Any, options: Any, sink: Any) -> list[int]:
+    """One step: one batch call per dtype, one row-parallel call per large tensor, written in place; array
+    step counts read and advanced in place by compiled helpers (no per-tensor Python for them). Returns
+    the tensors handed back (:data:`FALLBACK`: float64 sums out of the kernels' range)."""
+    from . import NUMBA, Outcome, written
+
+    if plan.torch_threads:  # torch.set_num_threads governs the kernels too
+        n = sys.modules["torch"].get_num_threads()
+        if n != _THREADS[0]:
+            set_threads(n)
+            _THREADS[0] = n
+    skip, adamp, rest = options.skip_nonfinite, spec.key == "adamp", []
+    done = written(NUMBA)
+    for b in plan.batches:
+        ints = None
+        if adamp:
+            if b.counts is not None:
+                steps = _compiled().read_counts(b.counts)
+            else:  # Python ints (adamp_array's host counts) read from the states, or other integer arrays
+                ints = [tensors[i].state.step if type(v) is not np.ndarray else None
+                        for i, v in zip(b.idx, b.views, strict=True)]
+                steps = np.array([int(v) if n is None else n for n, v in zip(ints, b.views, strict=True)],
+                                 dtype=np.int64) + 1
+            status = adamp_batch(b.table, b.dims, b.dtype, steps, hp, skip)
+        else:
+            status = sgdp_batch(b.table, b.dims, b.dtype, hp, skip)
+        if b.counts is not None:
+            _compiled().advance_counts(b.counts, status)
+        elif ints is not None:
+            for v, s_ in zip(b.views, status.tolist(), strict=True):
+                if s_ == OK and type(v) is np.ndarray:
+                    v[()] += 1
+            if all(n is None for n in ints):
+                ints = None
+        if ints is None and not status.any():
+            sink(b.idx, [done] * len(b.idx))
+            continue
+        idx, outcomes = [], []
+        for j, s in enumerate(status.tolist()):
+            i = b.idx[j]
+            if s == FALLBACK:
+                rest.append(i)
+                continue
+            idx.append(i)
+            if s == SKIPPED:
+                outcomes.append(Outcome(NUMBA, ok=False))
+            elif ints is not None and ints[j] is not None:
+                outcomes.append(Outcome(NUMBA, state=tensors[i].state._replace(step=ints[j] + 1)))
+            else:
+                outcomes.append(done)
+        if idx:
+            sink(idx, outcomes)
+    for big in plan.bigs:
+        t = tensors[big.i]
+        step = None
+        if adamp:
+            step = int(big.count) + 1 if big.count is not None else t.state.step + 1
+        status = run_inplace(spec.key, big.views, step, hp, skip)
+        if status == FALLBACK:
+            rest.append(big.i)
+        elif status == SKIPPED:
+            sink([big.i], [Outcome(NUMBA, ok=False)])
+        elif adamp and big.count is None:
+            sink([big.i], [Outcome(NUMBA, state=t.state._replace(step=step))])
+        else:
+            if big.count is not None:
+                big.count[()] += 1
+            sink([big.i], [done])
+    return rest

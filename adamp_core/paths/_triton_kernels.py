@@ -1,7 +1,7 @@
-"""The Triton kernels behind :mod:`adamp_core.triton_fused` (imported only from there, once triton is needed).
+"""The Triton kernels behind :mod:`adamp_core.paths.triton_fused` (imported only from there, once triton is needed).
 
 Three kernels step one group of tensors (one param dtype and state dtypes, one device) in place, in a
-constant number of launches (the maths and the data layout are in :mod:`adamp_core.triton_fused`):
+constant number of launches (the maths and the data layout are in :mod:`adamp_core.paths.triton_fused`):
 
 1. ``stats`` (one program per tile: up to TILE_R rows of one tensor and a range of their columns, looped
    over in blocks): per row part, in float64, w.g, |w|^2, |g|^2 and w.u (u from the new moments);
@@ -39,7 +39,7 @@ TILE_R = tl.constexpr(16)
 TILE_C = tl.constexpr(32)
 WIDE_C = tl.constexpr(512)
 
-# Columns of the int64 tables (kept in step with adamp_core.triton_fused, which builds them).
+# Columns of the int64 tables (kept in step with adamp_core.paths.triton_fused, which builds them).
 # meta: one row per tensor
 M_ROWS = tl.constexpr(0)  # rows of the channel view (0 for an empty tensor)
 M_LEN = tl.constexpr(1)  # row length

@@ -62,10 +62,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from .projection import channel_shape
+from ..rows import channel_shape
 
-__all__ = ["AVAILABLE", "ITERS", "Counts", "Entry", "check_available", "counting", "entry", "interpreting",
-           "step_group", "supports_hyperparams"]
+__all__ = ["AVAILABLE", "ITERS", "Counts", "Entry", "GroupPlan", "check_available", "claim", "counting", "entry",
+           "interpreting", "offered", "plan", "plan_group", "regrad", "run", "run_group", "step_group",
+           "stubbed", "supports_hyperparams"]
 
 AVAILABLE = importlib.util.find_spec("triton") is not None
 
@@ -85,8 +86,24 @@ def check_available() -> None:
 
 
 def interpreting() -> bool:
-    """Whether CPU tensors go to Triton's interpreter: ``TRITON_INTERPRET=1`` (how CI runs the kernels)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """Whether CPU tensors go to Triton's interpreter: ``TRITON_INTERPRET=1`` (how CI runs the kernels), or
+    to no kernel at all inside :func:`stubbed`."""
+    return _STUBBED[0] or os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+_STUBBED = [False]
+
+
+@contextlib.contextmanager
+def stubbed() -> Iterator[None]:
+    """Inside the block CPU tensors take this path and every launch is counted but not run: the host's
+    work of a step alone (plans, checks, tables, argument packing), what ``adamp-xp bench --host`` measures.
+    The params are not updated."""
+    _STUBBED[0] = True
+    try:
+        yield
+    finally:
+        _STUBBED[0] = False
 
 
 @dataclass
@@ -199,7 +216,7 @@ def entry(spec: Any, param: Any, grad: Any, state: Any, interpret: bool | None =
     kinds = _KINDS or _kinds(torch)
     dtype = p.dtype
     kind = kinds.get(dtype)
-    plain = (torch.Tensor, torch.nn.Parameter)
+    plain = _PLAIN[0] or _plain(torch)
     if kind is None or type(p) not in plain or p.is_neg() or grad.dtype is not dtype:
         return None
     dev, shape, stride = p.device, p.shape, p.stride()
@@ -220,6 +237,11 @@ def entry(spec: Any, param: Any, grad: Any, state: Any, interpret: bool | None =
         elif type(step) is not torch.Tensor or step.dtype is not torch.int64 or step.dim() or step.device != dev:
             return None
     return tuple.__new__(Entry, (p, grad, bufs, step, key))
+
+
+def _plain(torch: Any) -> tuple[Any, ...]:
+    _PLAIN[0] = (torch.Tensor, torch.nn.Parameter)
+    return _PLAIN[0]
 
 
 _STATE_LAYOUT: dict[str, tuple[bool, tuple[int, ...]]] = {}  # spec name -> (has a step count, its arrays)
@@ -243,7 +265,7 @@ def _efficiency(rows: int, length: int, block_rows: int, block_cols: int) -> flo
 
 def _layout(shapes: Sequence[tuple[int, ...]], iters: int) -> tuple[Any, Any, int, int]:
     """The metadata rows and the tiles (NumPy int64) of tensors of ``shapes``: columns as in
-    :mod:`adamp_core._triton_kernels` (``M_*``, ``T_*``). A tile is up to ``TILE_R`` rows (narrow) or one
+    :mod:`adamp_core.paths._triton_kernels` (``M_*``, ``T_*``). A tile is up to ``TILE_R`` rows (narrow) or one
     row (wide, where that fills the blocks better: few long rows) and up to ``iters`` blocks of columns."""
     import numpy as np
 
@@ -271,7 +293,6 @@ def _layout(shapes: Sequence[tuple[int, ...]], iters: int) -> tuple[Any, Any, in
 
 
 _PLANS: OrderedDict[Any, _Plan] = OrderedDict()
-_TABLES: OrderedDict[Any, Any] = OrderedDict()
 
 
 def _remember(cache: OrderedDict[Any, Any], key: Any, make: Any) -> Any:
@@ -320,6 +341,8 @@ def _kernels(interpret: bool) -> Any:
 
 def _launch(kernel: Any, grid: tuple[int], *args: Any, **meta: Any) -> None:
     _count("launches")
+    if _STUBBED[0]:
+        return
     for c in _COUNTS:
         c.in_launch = True
     try:
@@ -338,55 +361,107 @@ def _log(beta: float) -> float:
     return math.log(beta) if beta > 0 else -math.inf  # 1 - 0^t = 1 (host_bias_correction)
 
 
-def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: bool = False,
-               iters: int = ITERS) -> tuple[list[Any] | None, list[Any] | None]:
-    """One AdamP (``spec.kernel == "adamp"``) or SGDP step of ``entries`` (one key: see :func:`entry`),
-    written in place; array step counts advanced in place where written. ``hp``: checked hyperparameters
-    of Python numbers (:func:`supports_hyperparams`). ``iters``: blocks per tile along its rows (tests use 1
-    to cut short rows into parts).
+class _Scratch(NamedTuple):
+    """A group's device buffers, allocated once per plan (the kernels run in stream order: one set serves
+    every step)."""
 
-    Returns ``(ok, skips)``: None, None without ``skip_nonfinite``; else per tensor a 0-d bool device
-    tensor (the grad was finite: the tensor was written) and a 0-d int64 one (1 where it was skipped)."""
-    import torch
+    parts: Any  # float64 per row part: the stats
+    coef: Any  # float64 per row: the coefficients
+    scal: Any  # float64 per tensor: the decisions' scalars
+    ok: Any  # bool per tensor
+    skips: Any  # int64 per tensor
+    cparts: Any  # float64 per row part: caution's stats (None until caution runs)
 
-    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-        raise ValueError(f"Invalid iters: {iters!r} (expected a positive int)")
-    n = len(entries)
-    dev = entries[0].param.device
-    interpret = dev.type == "cpu"
-    k = _kernels(interpret)
-    import triton.language as tl
 
-    adamp = spec.kernel == "adamp"
-    plan = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, iters)
-    rows = []  # the address table: param, grad, the two state arrays (SGDP: its one, twice), the step count
-    scratch = None
+class GroupPlan(NamedTuple):
+    """One launch set: tensors of one key (device, storage kinds), their layout, address table and buffers."""
+
+    idx: list[int]  # the tensors' indices in the dispatcher's list
+    entries: list[Entry]
+    layout: _Plan
+    rows: tuple[int, ...] | None  # the address table's values (None: Python-int counts, rebuilt per step)
+    ptrs: Any  # the address table on the device (None with Python-int counts)
+    scratch: _Scratch
+    dev: Any
+    iters: int
+    adamp: bool  # AdamP's kernels (else SGDP's)
+
+
+def _address_rows(entries: Sequence[Entry], adamp: bool, counts: Any = None) -> list[int]:
+    """The address table: per tensor param, grad, the two state arrays (SGDP: its one, twice), the step
+    count (SGDP: 0; a Python int: its slot in ``counts``, a device copy)."""
+    rows: list[int] = []
     if not adamp:
         for e in entries:
             b = e.buffers[0].data_ptr()
             rows += (e.param.data_ptr(), e.grad.data_ptr(), b, b, 0)
-    else:
-        host = [e.step for e in entries if type(e.step) is int]  # entry() admits ints and int64 tensors only
-        # host counts (adamp_array's) are read from a copy on the device, which decide advances in vain
-        scratch = _upload(torch, [e.step if type(e.step) is int else 0 for e in entries], dev) if host else None
-        for j, e in enumerate(entries):
-            b = e.buffers
-            step = scratch.data_ptr() + 8 * j if type(e.step) is int else e.step.data_ptr()
-            rows += (e.param.data_ptr(), e.grad.data_ptr(), b[0].data_ptr(), b[1].data_ptr(), step)
-    ptrs = _remember(_TABLES, (dev, tuple(rows)), lambda: _upload(torch, rows, dev))
+        return rows
+    for j, e in enumerate(entries):
+        b = e.buffers
+        step = counts.data_ptr() + 8 * j if type(e.step) is int else e.step.data_ptr()
+        rows += (e.param.data_ptr(), e.grad.data_ptr(), b[0].data_ptr(), b[1].data_ptr(), step)
+    return rows
 
-    kinds = entries[0].key[1:]
-    wk, s1k, s2k = kinds[0], kinds[1], kinds[-1]
-    cdt = tl.float64 if wk == 1 else tl.float32
+
+def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int = ITERS) -> GroupPlan:
+    """Everything a launch set needs that does not change from step to step: the layout (metadata and tiles,
+    uploaded once), the address table (uploaded once, unless counts are Python ints) and the scratch
+    buffers."""
+    import torch
+
     from . import _triton_kernels as kt
 
+    if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+        raise ValueError(f"Invalid iters: {iters!r} (expected a positive int)")
+    n, dev = len(entries), entries[0].param.device
+    layout = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, iters)
+    host_counts = spec.has_step and any(type(e.step) is int for e in entries)
+    rows = None if host_counts else tuple(_address_rows(entries, spec.key == "adamp"))
+    ptrs = None if rows is None else _upload(torch, rows, dev)
     f64 = torch.float64
-    parts = torch.empty(max(plan.n_parts, 1) * kt.NSTAT.value, dtype=f64, device=dev)
-    coef = torch.empty(max(plan.n_rows, 1) * kt.NCOEF.value, dtype=f64, device=dev)
-    scal = torch.empty(n * kt.NV.value, dtype=f64, device=dev)
-    okbuf = torch.empty(n, dtype=torch.bool, device=dev)
-    skipbuf = torch.empty(n, dtype=torch.int64, device=dev)
-    if adamp:
+    scratch = _Scratch(torch.empty(max(layout.n_parts, 1) * kt.NSTAT.value, dtype=f64, device=dev),
+                       torch.empty(max(layout.n_rows, 1) * kt.NCOEF.value, dtype=f64, device=dev),
+                       torch.empty(n * kt.NV.value, dtype=f64, device=dev),
+                       torch.empty(n, dtype=torch.bool, device=dev),
+                       torch.empty(n, dtype=torch.int64, device=dev), None)
+    return GroupPlan(list(idx), list(entries), layout, rows, ptrs, scratch, dev, iters, spec.key == "adamp")
+
+
+def regrad_group(g: GroupPlan, grads: Sequence[Any]) -> GroupPlan | None:
+    """``g`` with new grad tensors (one per entry, in order): each checked against its param on metadata
+    (:func:`entry`'s rules for a grad); the table uploaded again only where an address changed."""
+    plain = _PLAIN[0]
+    entries = []
+    for e, grad in zip(g.entries, grads, strict=True):
+        p = e.param
+        if grad is None or type(grad) not in plain or grad.dtype is not p.dtype or grad.device != p.device \
+                or grad.is_neg() \
+                or grad.stride() != p.stride() or grad.shape != p.shape:
+            return None
+        entries.append(e._replace(grad=grad))
+    if g.rows is None:
+        return g._replace(entries=entries)
+    rows = tuple(_address_rows(entries, g.adamp))
+    if rows == g.rows:
+        return g._replace(entries=entries)
+    import torch
+
+    return g._replace(entries=entries, rows=rows, ptrs=_upload(torch, rows, g.dev))
+
+
+_PLAIN: list[Any] = [()]  # (torch.Tensor, torch.nn.Parameter), once torch is seen by entry()
+
+_PACKED: OrderedDict[Any, Any] = OrderedDict()  # hyperparameters -> the kernels' arguments (packed once)
+
+
+def _packed(spec: Any, hp: Any) -> tuple[dict[str, int], bool, bool, bool]:
+    """The kernels' float64 arguments (IEEE bits) and flags for ``hp``: computed once per value of the
+    hyperparameters (an LR schedule packs once per new lr), not once per step."""
+    key = (spec.key, hp)
+    hit = _PACKED.get(key)
+    if hit is not None:
+        return hit
+    if spec.key == "adamp":
         b1, b2 = (float(b) for b in hp.betas)
         mom, c1, c2, lb1, lb2, mu = b1, 1.0 - b1, 1.0 - b2, _log(b1), _log(b2), 0.0
         store_q = False
@@ -394,29 +469,140 @@ def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: boo
         mom = mu = float(hp.momentum)
         c1, b2, c2, lb1, lb2 = 1.0 - float(hp.dampening), 0.0, 0.0, 0.0, 0.0
         store_q = not hp.nesterov and getattr(hp, "project_buffer", True)
-    caution = bool(getattr(hp, "caution", False))
     x = {name: _bits(v) for name, v in dict(lr=hp.lr, mom=mom, c1=c1, b2=b2, c2=c2, lb1=lb1, lb2=lb2, eps=hp.eps,
                                              wd=hp.weight_decay, delta=hp.delta, ratio=hp.wd_ratio, mu=mu).items()}
+    value = (x, bool(store_q), bool(getattr(hp, "caution", False)), bool(hp.nesterov))
+    return _remember(_PACKED, key, lambda: value)
+
+
+def run_group(spec: Any, g: GroupPlan, hp: Any, skip_nonfinite: bool = False) -> tuple[list[Any] | None,
+                                                                                         list[Any] | None]:
+    """One step of a planned launch set, written in place; array step counts advanced in place where
+    written. Returns ``(ok, skips)`` as :func:`step_group`."""
+    import torch
+
+    entries, layout, sc, dev = g.entries, g.layout, g.scratch, g.dev
+    k = _kernels(dev.type == "cpu")
+    import triton.language as tl
+
+    from . import _triton_kernels as kt
+
+    counts, ptrs = None, g.ptrs
+    if ptrs is None:  # host counts (adamp_array's) are read from a copy on the device, which decide advances
+        counts = _upload(torch, [e.step if type(e.step) is int else 0 for e in entries], dev)
+        ptrs = _upload(torch, _address_rows(entries, True, counts), dev)
+    kinds = entries[0].key[1:]
+    wk, s1k, s2k = kinds[0], kinds[1], kinds[-1]
+    cdt = tl.float64 if wk == 1 else tl.float32
+    x, store_q, caution, nesterov = _packed(spec, hp)
     options = dict(num_warps=NUM_WARPS, enable_fp_fusion=False)
-    common = dict(OPT=0 if adamp else 1, CDT=cdt, **options)
-    tile = dict(NESTEROV=bool(hp.nesterov), WK=wk, S1K=s1k, S2K=s2k, **common)
+    common = dict(OPT=0 if spec.key == "adamp" else 1, CDT=cdt, **options)
+    tile = dict(NESTEROV=nesterov, WK=wk, S1K=s1k, S2K=s2k, **common)
     elementwise = (x["mom"], x["c1"], x["b2"], x["c2"], x["eps"])
-    grid_t, grid_n = (plan.n_tiles,), (n,)
+    grid_t, grid_n = (layout.n_tiles,), (len(entries),)
     with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
-        if plan.n_tiles:
-            _launch(k.stats, grid_t, plan.tiles, plan.meta, ptrs, parts, x["lr"], x["mom"], x["c1"], x["b2"], x["c2"],
-                    x["lb1"], x["lb2"], x["eps"], **tile)
-        _launch(k.decide, grid_n, plan.meta, ptrs, parts, coef, scal, okbuf, skipbuf, x["lr"], x["wd"], x["delta"],
-                x["ratio"], x["eps"], x["lb1"], x["lb2"], x["mu"], SKIP=bool(skip_nonfinite), RB=ROW_BLOCK, **common)
+        if layout.n_tiles:
+            _launch(k.stats, grid_t, layout.tiles, layout.meta, ptrs, sc.parts, x["lr"], x["mom"], x["c1"], x["b2"],
+                    x["c2"], x["lb1"], x["lb2"], x["eps"], **tile)
+        _launch(k.decide, grid_n, layout.meta, ptrs, sc.parts, sc.coef, sc.scal, sc.ok, sc.skips, x["lr"], x["wd"],
+                x["delta"], x["ratio"], x["eps"], x["lb1"], x["lb2"], x["mu"], SKIP=bool(skip_nonfinite),
+                RB=ROW_BLOCK, **common)
         if caution:
-            cparts = torch.empty(max(plan.n_parts, 1) * kt.NCSTAT.value, dtype=f64, device=dev)
-            if plan.n_tiles:
-                _launch(k.cstats, grid_t, plan.tiles, plan.meta, ptrs, parts, cparts, coef, scal, *elementwise, **tile)
-            _launch(k.cdecide, grid_n, plan.meta, cparts, parts, coef, scal, RB=ROW_BLOCK, **options)
-        if plan.n_tiles:
-            _launch(k.update, grid_t, plan.tiles, plan.meta, ptrs, coef, scal, *elementwise, STORE_Q=store_q,
-                    CAUTION=caution, **tile)
-    del scratch  # a copy of host step counts lives until here (the kernels are queued on its stream)
+            cparts = torch.empty(max(layout.n_parts, 1) * kt.NCSTAT.value, dtype=torch.float64, device=dev)
+            if layout.n_tiles:
+                _launch(k.cstats, grid_t, layout.tiles, layout.meta, ptrs, sc.parts, cparts, sc.coef, sc.scal,
+                        *elementwise, **tile)
+            _launch(k.cdecide, grid_n, layout.meta, cparts, sc.parts, sc.coef, sc.scal, RB=ROW_BLOCK, **options)
+        if layout.n_tiles:
+            _launch(k.update, grid_t, layout.tiles, layout.meta, ptrs, sc.coef, sc.scal, *elementwise,
+                    STORE_Q=store_q, CAUTION=caution, **tile)
+    del counts  # a copy of host step counts lives until here (the kernels are queued on its stream)
     if not skip_nonfinite:
         return None, None
-    return list(okbuf.unbind()), list(skipbuf.unbind())
+    # The flags are copied out of the reused buffers: the next step overwrites them.
+    return list(sc.ok.clone().unbind()), list(sc.skips.clone().unbind())
+
+
+def step_group(spec: Any, entries: Sequence[Entry], hp: Any, skip_nonfinite: bool = False,
+               iters: int = ITERS) -> tuple[list[Any] | None, list[Any] | None]:
+    """One AdamP (``spec.key == "adamp"``) or SGDP step of ``entries`` (one key: see :func:`entry`),
+    written in place; array step counts advanced in place where written. ``hp``: checked hyperparameters
+    of Python numbers (:func:`supports_hyperparams`). ``iters``: blocks per tile along its rows (tests use 1
+    to cut short rows into parts). A plan built and run once (the dispatcher keeps its plans).
+
+    Returns ``(ok, skips)``: None, None without ``skip_nonfinite``; else per tensor a 0-d bool device
+    tensor (the grad was finite: the tensor was written) and a 0-d int64 one (1 where it was skipped)."""
+    return run_group(spec, plan_group(spec, list(range(len(entries))), entries, iters), hp, skip_nonfinite)
+
+
+# -- the path (adamp_core.paths): claim, plan, regrad, run ------------------------------------------------
+
+
+class Plan(NamedTuple):
+    groups: list[GroupPlan]
+
+
+def offered(options: Any) -> bool:
+    """Only with ``fused="triton"`` (opt-in), outside a tracer, Triton installed."""
+    return options.fused == "triton" and not options.traced and AVAILABLE
+
+
+def claim(spec: Any, tensors: Any, idx: list[int], hp: Any, options: Any) -> list[int]:
+    """The tensors :func:`entry` accepts (writable, rows all here, not ``alone``), when every numeric
+    hyperparameter is a Python number (:func:`supports_hyperparams`)."""
+    if not supports_hyperparams(hp):
+        return []
+    interpret = interpreting()
+    return [i for i in idx if tensors[i].writable and not tensors[i].alone and tensors[i].rows is None
+            and entry(spec, tensors[i].param, tensors[i].grad, tensors[i].state, interpret) is not None]
+
+
+def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Plan:
+    """One :class:`GroupPlan` per key (device and storage kinds)."""
+    interpret = interpreting()
+    by_key: dict[Any, list[tuple[int, Entry]]] = {}
+    for i in taken:
+        t = tensors[i]
+        e = entry(spec, t.param, t.grad, t.state, interpret)
+        by_key.setdefault(e.key, []).append((i, e))
+    return Plan([plan_group(spec, [i for i, _ in m], [e for _, e in m]) for m in by_key.values()])
+
+
+def regrad(plan: Plan, tensors: Any) -> Plan | None:
+    """The plan with the new grads of ``tensors`` (see :func:`regrad_group`), or None."""
+    groups = []
+    for g in plan.groups:
+        new = regrad_group(g, [_as_torch_grad(tensors[i].grad) for i in g.idx])
+        if new is None:
+            return None
+        groups.append(new)
+    return Plan(groups)
+
+
+def _as_torch_grad(grad: Any) -> Any:
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(grad, torch.Tensor):
+        return grad
+    arrays = _as_torch([grad])
+    return None if arrays is None else arrays[0]
+
+
+def run(plan: Plan, spec: Any, tensors: Any, hp: Any, options: Any, sink: Any) -> list[int]:
+    """One step of every launch set: in place on the device; a Python-int count comes back advanced in the
+    outcome's state (where written: read the ``ok`` flag)."""
+    from . import TRITON, Outcome, written
+
+    skip = options.skip_nonfinite
+    for g in plan.groups:
+        ok, skips = run_group(spec, g, hp, skip)
+        outcomes = []
+        for j, i in enumerate(g.idx):
+            state = tensors[i].state
+            new_state = state._replace(step=state.step + 1) if type(g.entries[j].step) is int else None
+            if ok is None and new_state is None:
+                outcomes.append(written(TRITON))
+            else:
+                outcomes.append(Outcome(TRITON, state=new_state, ok=None if ok is None else ok[j],
+                                        skips=None if skips is None else skips[j]))
+        sink(g.idx, outcomes)
+    return []
