@@ -466,7 +466,7 @@ def test_extra_peak_bytes_sees_a_steps_temporaries():
 
 
 def _fused_available() -> bool:
-    from adamp_core import fused
+    from adamp_core.paths import numba_fused as fused
 
     return fused.AVAILABLE
 
