@@ -48,11 +48,12 @@ class Plans:
     again otherwise. An adapter drops it when it knows the group changed (``load_state_dict``,
     ``add_param_group``); :func:`step` notices every other change itself."""
 
-    __slots__ = ("key", "tensors", "units", "builds")
+    __slots__ = ("key", "tensors", "grads", "units", "builds")
 
     def __init__(self) -> None:
         self.key: Any = None  # (optimizer, options, hyperparameter kinds) the plans were built for
         self.tensors: Sequence[Tensor] | None = None  # the tensors they were built or refreshed for
+        self.grads: Sequence[Any] | None = None  # and their grads
         self.units: list[tuple[Any, Any]] = []  # (path module, its plan), in the policy's order
         self.builds = 0  # how many times the plans were built (tests, bench)
 
@@ -66,29 +67,31 @@ def _same_but_grad(a: Tensor, b: Tensor) -> bool:
     return a[0] is b[0] and a[2] is b[2] and a[3] is b[3] and a[4] == b[4] and a[5] == b[5]
 
 
-def _refreshed(plans: Plans, tensors: Sequence[Tensor]) -> bool:
-    """Whether ``plans`` hold for ``tensors`` (the same list, or the same params and states with new grads:
-    then each path refreshes its plan)."""
+def _refreshed(plans: Plans, tensors: Sequence[Tensor], grads: Sequence[Any]) -> bool:
+    """Whether ``plans`` hold for ``tensors`` (the same list, or the same params, states and layouts) with
+    ``grads``: the same grad objects, or new ones that every path takes (each refreshes its plan)."""
     old = plans.tensors
-    if tensors is old:
-        return True
-    if old is None or len(tensors) != len(old) or not all(map(_same_but_grad, tensors, old)):
-        return False
-    if all(map(operator.is_, [t[1] for t in tensors], [t[1] for t in old])):
+    if tensors is not old:
+        if old is None or len(tensors) != len(old) or not all(map(_same_but_grad, tensors, old)):
+            return False
         plans.tensors = tensors
+    if grads is plans.grads or all(map(operator.is_, grads, plans.grads)):
         return True
     units = []
     for path, plan in plans.units:
-        new = path.regrad(plan, tensors)
+        new = path.regrad(plan, grads)
         if new is None:
             return False
         units.append((path, new))
-    plans.units, plans.tensors = units, tensors
+    plans.units, plans.grads = units, grads
     return True
 
 
-def _build(plans: Plans, spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any, options: Options) -> None:
-    """Offer the group to the paths in :data:`ORDER`; each plans what it claims."""
+def _build(plans: Plans, spec: OptimizerSpec, tensors: Sequence[Tensor], grads: Sequence[Any], hp: Any,
+           options: Options) -> None:
+    """Offer the group to the paths in :data:`ORDER`; each claims and plans on the tensors with ``grads``."""
+    if not all(map(operator.is_, grads, [t[1] for t in tensors])):
+        tensors = [t._replace(grad=g) for t, g in zip(tensors, grads, strict=True)]
     rest = list(range(len(tensors)))
     units = []
     for path in ORDER:
@@ -99,7 +102,7 @@ def _build(plans: Plans, spec: OptimizerSpec, tensors: Sequence[Tensor], hp: Any
             units.append((path, path.plan(spec, tensors, taken, hp, options)))
             chosen = set(taken)
             rest = [i for i in rest if i not in chosen]
-    plans.units, plans.tensors = units, tensors
+    plans.units, plans.grads = units, grads
     plans.builds += 1
 
 
@@ -115,6 +118,7 @@ def step(
     host_tensor_max_elements: int = multi_tensor.HOST_TENSOR_MAX_ELEMENTS,
     sink: Callable[[list[int], list[Outcome]], None] | None = None,
     plans: Plans | None = None,
+    grads: Sequence[Any] | None = None,
 ) -> list[Outcome] | None:
     """Step every tensor of one param group (already checked) on its path; see the module docstring.
 
@@ -124,6 +128,8 @@ def step(
     tensor's step itself (``torch.compile``, ``jax.jit``): no kernels, and the multi-tensor step only if
     asked for. ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group.
     ``plans``: the group's :class:`Plans`, to reuse across steps (None: built for this call only).
+    ``grads``: this step's grads, index-aligned with ``tensors``, when they are not the tensors' own (an
+    adapter that keeps its tensors between steps and only swaps the grads: no new Tensor per step).
 
     Returns the outcomes in the tensors' order; or, with ``sink``, hands them to ``sink(indices, outcomes)``
     as each path finishes a unit (a kernel call, a group, a tensor) and returns None, so that an adapter
@@ -136,22 +142,24 @@ def step(
                 out[i] = o
 
         step(spec, tensors, hp, skip_nonfinite=skip_nonfinite, fused=fused, foreach=foreach, traced=traced,
-             host_tensor_max_elements=host_tensor_max_elements, sink=collect, plans=plans)
+             host_tensor_max_elements=host_tensor_max_elements, sink=collect, plans=plans, grads=grads)
         return out
     if _OBSERVERS:
         sink = _observed(sink)
     options = Options(skip_nonfinite, fused, foreach, traced, host_tensor_max_elements)
     plans = Plans() if plans is None else plans
+    grads = [t[1] for t in tensors] if grads is None else grads
     key = (spec.key, options, _kinds(hp))
-    if plans.key != key or not _refreshed(plans, tensors):
+    if plans.key != key or not _refreshed(plans, tensors, grads):
         plans.key = None  # a build that raises leaves nothing half-made behind
-        _build(plans, spec, tensors, hp, options)
-        plans.key = key
+        _build(plans, spec, tensors, grads, hp, options)
+        plans.tensors, plans.key = tensors, key
     back: list[int] = []
     for path, plan in plans.units:
-        back += path.run(plan, spec, tensors, hp, options, sink)
+        back += path.run(plan, spec, tensors, grads, hp, options, sink)
     for i in sorted(back):  # handed back (the numba kernels' range check): the per-tensor step
-        sink([i], [per_tensor.step_one(spec, per_tensor.namespace(tensors[i].param), tensors[i], hp, skip_nonfinite)])
+        xp = per_tensor.namespace(tensors[i].param)
+        sink([i], [per_tensor.step_one(spec, xp, tensors[i], grads[i], hp, skip_nonfinite)])
     return None
 
 

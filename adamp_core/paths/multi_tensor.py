@@ -367,21 +367,22 @@ def plan(spec: Any, tensors: Sequence[Any], taken: list[int], hp: Any, options: 
     return Plan(groups)
 
 
-def regrad(plan: Plan, tensors: Sequence[Any]) -> Plan:
+def regrad(plan: Plan, grads: Sequence[Any]) -> Plan:
     """Nothing of the plan depends on the grads (they are read by value)."""
     return plan
 
 
-def run(plan: Plan, spec: Any, tensors: Sequence[Any], hp: Any, options: Options, sink: Any) -> list[int]:
+def run(plan: Plan, spec: Any, tensors: Sequence[Any], grads: Sequence[Any], hp: Any, options: Options,
+        sink: Any) -> list[int]:
     """One step of every group: new arrays (``Outcome.param``) for the adapter to write back."""
     update, skip = _UPDATE_GROUP[spec.key], options.skip_nonfinite
     for chosen, xp, layout in plan.groups:
         if layout is None:
-            sink(chosen, [per_tensor.step_one(spec, xp, tensors[chosen[0]], hp, skip)])
+            sink(chosen, [per_tensor.step_one(spec, xp, tensors[chosen[0]], grads[chosen[0]], hp, skip)])
             continue
         ts = [tensors[i] for i in chosen]
-        new_p, new_s, ok = update(xp, [t.param for t in ts], [t.grad for t in ts], [t.state for t in ts], hp, skip,
-                                  layout)
+        new_p, new_s, ok = update(xp, [t.param for t in ts], [grads[i] for i in chosen], [t.state for t in ts], hp,
+                                  skip, layout)
         sink(chosen, [Outcome(MULTI_TENSOR, new_p[j], new_s[j], None if ok is None else ok[j, ...])
                       for j in range(len(chosen))])
     return []

@@ -357,6 +357,7 @@ class _Batch(NamedTuple):
     """Small tensors of one dtype, stepped by one batch call."""
 
     idx: list[int]
+    params: list[Any]  # what a new grad is checked against (regrad)
     table: np.ndarray  # (n, 2 + buffers) int64 addresses: param, grad, state arrays
     dims: Dims
     dtype: Any
@@ -368,6 +369,7 @@ class _Big(NamedTuple):
     """One large tensor, stepped by the row-parallel kernel on NumPy views of its arrays."""
 
     i: int
+    param: Any
     views: list[np.ndarray]  # param, grad, state arrays
     count: np.ndarray | None  # a NumPy view of its step count (an array); None: a Python int, or none
 
@@ -390,7 +392,7 @@ def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Pl
             continue
         count = _count_view(t.state.step) if spec.has_step else None
         count = count if type(count) is np.ndarray else None
-        bigs.append(_Big(i, host_views([t.param, t.grad, *_buffers(spec, t.state)]), count))
+        bigs.append(_Big(i, t.param, host_views([t.param, t.grad, *_buffers(spec, t.state)]), count))
     batches = []
     for idx in small.values():
         ts = [tensors[i] for i in idx]
@@ -400,8 +402,8 @@ def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Pl
             views = [_count_view(t.state.step) for t in ts]
             if all(type(v) is np.ndarray and v.dtype == np.int64 for v in views):
                 counts, views = np.array([v.ctypes.data for v in views], dtype=np.int64), None
-        batches.append(_Batch(idx, table, _dims([t.param.shape for t in ts]), _numpy_dtype(ts[0].param), counts,
-                              views))
+        batches.append(_Batch(idx, [t.param for t in ts], table, _dims([t.param.shape for t in ts]),
+                              _numpy_dtype(ts[0].param), counts, views))
     torch_threads = any(type(tensors[i].param) is not np.ndarray for i in taken)
     return Plan(batches, bigs, torch_threads)
 
@@ -421,34 +423,33 @@ def _address(x: Any) -> int:
     return x.ctypes.data if type(x) is np.ndarray else x.data_ptr()
 
 
-def regrad(plan: Plan, tensors: Any) -> Plan | None:
-    """The plan with the grads' addresses of ``tensors`` (new grad arrays); None where one does not fit."""
+def regrad(plan: Plan, grads: Any) -> Plan | None:
+    """The plan with the addresses of new grad arrays (``grads``, index-aligned with the group's tensors);
+    None where one does not fit."""
     batches = []
     for b in plan.batches:
-        grads = []
-        for i in b.idx:
-            t = tensors[i]
-            if not _grad_fits(t.param, t.grad):
-                return None
-            grads.append(_address(t.grad))
+        new = [grads[i] for i in b.idx]
+        if not all(map(_grad_fits, b.params, new)):
+            return None
+        addresses = list(map(_address, new))
         table = b.table
-        if not np.array_equal(table[:, 1], grads):  # the allocator often hands the same memory back
+        if not np.array_equal(table[:, 1], addresses):  # the allocator often hands the same memory back
             table = table.copy()
-            table[:, 1] = grads
+            table[:, 1] = addresses
         batches.append(b._replace(table=table))
     bigs = []
     for big in plan.bigs:
-        t = tensors[big.i]
-        if not _grad_fits(t.param, t.grad):
+        grad = grads[big.i]
+        if not _grad_fits(big.param, grad):
             return None
-        bigs.append(big._replace(views=[big.views[0], host_views([t.grad])[0], *big.views[2:]]))
+        bigs.append(big._replace(views=[big.views[0], host_views([grad])[0], *big.views[2:]]))
     return plan._replace(batches=batches, bigs=bigs)
 
 
 _THREADS: list[int] = [0]  # the count last given to numba by run()
 
 
-def run(plan: Plan, spec: Any, tensors: Any, hp: Any, options: Any, sink: Any) -> list[int]:
+def run(plan: Plan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, sink: Any) -> list[int]:
     """One step: one batch call per dtype, one row-parallel call per large tensor, written in place; array
     step counts read and advanced in place by compiled helpers (no per-tensor Python for them). Returns
     the tensors handed back (:data:`FALLBACK`: float64 sums out of the kernels' range)."""

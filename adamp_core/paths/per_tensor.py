@@ -32,23 +32,24 @@ def plan(spec: Any, tensors: Sequence[Any], taken: list[int], hp: Any, options: 
     return Plan([(i, check_array(tensors[i].param)) for i in taken])
 
 
-def regrad(plan: Plan, tensors: Sequence[Any]) -> Plan:
+def regrad(plan: Plan, grads: Sequence[Any]) -> Plan:
     return plan
 
 
-def run(plan: Plan, spec: Any, tensors: Sequence[Any], hp: Any, options: Options, sink: Any) -> list[int]:
+def run(plan: Plan, spec: Any, tensors: Sequence[Any], grads: Sequence[Any], hp: Any, options: Options,
+        sink: Any) -> list[int]:
     for i, xp in plan.members:
-        sink([i], [step_one(spec, xp, tensors[i], hp, options.skip_nonfinite)])
+        sink([i], [step_one(spec, xp, tensors[i], grads[i], hp, options.skip_nonfinite)])
     return []
 
 
-def step_one(spec: Any, xp: Any, t: Any, hp: Any, skip: bool) -> Outcome:
-    """One tensor's step (``t.rows``: a shard's layout); with ``skip`` the non-finite guard of
+def step_one(spec: Any, xp: Any, t: Any, grad: Any, hp: Any, skip: bool) -> Outcome:
+    """One tensor's step with ``grad`` (``t.rows``: a shard's layout); with ``skip`` the non-finite guard of
     :mod:`adamp_core._common` (every shard of a param decides alike)."""
-    new_p, new_s = spec.update(xp, t.param, t.grad, t.state, hp, t.rows)
+    new_p, new_s = spec.update(xp, t.param, grad, t.state, hp, t.rows)
     if not skip:
         return Outcome(PER_TENSOR, new_p, new_s)
-    ok = finite_flag(xp, t.grad, t.rows)
+    ok = finite_flag(xp, grad, t.rows)
     new_p, new_s = keep_if_finite(xp, ok, new_p, new_s, t.param, t.state)
     return Outcome(PER_TENSOR, new_p, new_s, ok)
 

@@ -385,6 +385,7 @@ class GroupPlan(NamedTuple):
     dev: Any
     iters: int
     adamp: bool  # AdamP's kernels (else SGDP's)
+    dlpack: bool  # the caller's arrays are not torch tensors (CuPy's, taken through DLPack)
 
 
 def _address_rows(entries: Sequence[Entry], adamp: bool, counts: Any = None) -> list[int]:
@@ -403,7 +404,8 @@ def _address_rows(entries: Sequence[Entry], adamp: bool, counts: Any = None) -> 
     return rows
 
 
-def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int = ITERS) -> GroupPlan:
+def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int = ITERS,
+               dlpack: bool = False) -> GroupPlan:
     """Everything a launch set needs that does not change from step to step: the layout (metadata and tiles,
     uploaded once), the address table (uploaded once, unless counts are Python ints) and the scratch
     buffers."""
@@ -424,24 +426,25 @@ def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int =
                        torch.empty(n * kt.NV.value, dtype=f64, device=dev),
                        torch.empty(n, dtype=torch.bool, device=dev),
                        torch.empty(n, dtype=torch.int64, device=dev), None)
-    return GroupPlan(list(idx), list(entries), layout, rows, ptrs, scratch, dev, iters, spec.key == "adamp")
+    return GroupPlan(list(idx), list(entries), layout, rows, ptrs, scratch, dev, iters, spec.key == "adamp", dlpack)
 
 
 def regrad_group(g: GroupPlan, grads: Sequence[Any]) -> GroupPlan | None:
-    """``g`` with new grad tensors (one per entry, in order): each checked against its param on metadata
-    (:func:`entry`'s rules for a grad); the table uploaded again only where an address changed."""
+    """``g`` with new grad tensors (one per entry, in order; checked against their params by the adapter:
+    dtype, shape, device), each checked for what only these kernels need (a plain tensor with the param's
+    strides); the address table uploaded again only where an address changed."""
     plain = _PLAIN[0]
+    new = tuple.__new__
     entries = []
     for e, grad in zip(g.entries, grads, strict=True):
-        p = e.param
-        if grad is None or type(grad) not in plain or grad.dtype is not p.dtype or grad.device != p.device \
-                or grad.is_neg() \
-                or grad.stride() != p.stride() or grad.shape != p.shape:
+        if type(grad) not in plain or grad.is_neg() or grad.stride() != e.param.stride():
             return None
-        entries.append(e._replace(grad=grad))
+        entries.append(new(Entry, (e[0], grad, e[2], e[3], e[4])))
     if g.rows is None:
         return g._replace(entries=entries)
-    rows = tuple(_address_rows(entries, g.adamp))
+    rows = list(g.rows)
+    rows[1::5] = [grad.data_ptr() for grad in grads]  # the grad column (_address_rows)
+    rows = tuple(rows)
     if rows == g.rows:
         return g._replace(entries=entries)
     import torch
@@ -565,14 +568,20 @@ def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Pl
         t = tensors[i]
         e = entry(spec, t.param, t.grad, t.state, interpret)
         by_key.setdefault(e.key, []).append((i, e))
-    return Plan([plan_group(spec, [i for i, _ in m], [e for _, e in m]) for m in by_key.values()])
+    torch = sys.modules["torch"]
+    return Plan([plan_group(spec, [i for i, _ in m], [e for _, e in m],
+                            dlpack=not isinstance(tensors[m[0][0]].param, torch.Tensor)) for m in by_key.values()])
 
 
-def regrad(plan: Plan, tensors: Any) -> Plan | None:
-    """The plan with the new grads of ``tensors`` (see :func:`regrad_group`), or None."""
+def regrad(plan: Plan, grads: Any) -> Plan | None:
+    """The plan with new grads (``grads``, index-aligned with the group's tensors; see :func:`regrad_group`),
+    or None."""
     groups = []
     for g in plan.groups:
-        new = regrad_group(g, [_as_torch_grad(tensors[i].grad) for i in g.idx])
+        mine = [grads[i] for i in g.idx]
+        if g.dlpack:  # CuPy arrays: their torch tensors
+            mine = [_as_torch_grad(x) for x in mine]
+        new = None if any(x is None for x in mine) else regrad_group(g, mine)
         if new is None:
             return None
         groups.append(new)
@@ -587,7 +596,7 @@ def _as_torch_grad(grad: Any) -> Any:
     return None if arrays is None else arrays[0]
 
 
-def run(plan: Plan, spec: Any, tensors: Any, hp: Any, options: Any, sink: Any) -> list[int]:
+def run(plan: Plan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, sink: Any) -> list[int]:
     """One step of every launch set: in place on the device; a Python-int count comes back advanced in the
     outcome's state (where written: read the ``ok`` flag)."""
     from . import TRITON, Outcome, written
@@ -595,6 +604,9 @@ def run(plan: Plan, spec: Any, tensors: Any, hp: Any, options: Any, sink: Any) -
     skip = options.skip_nonfinite
     for g in plan.groups:
         ok, skips = run_group(spec, g, hp, skip)
+        if ok is None and g.rows is not None:  # no flags, no Python-int counts: all written
+            sink(g.idx, [written(TRITON)] * len(g.idx))
+            continue
         outcomes = []
         for j, i in enumerate(g.idx):
             state = tensors[i].state

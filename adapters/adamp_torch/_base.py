@@ -6,6 +6,7 @@ No maths lives here; the update rules are in :mod:`adamp_core`.
 
 from __future__ import annotations
 
+import collections
 import functools
 import operator
 from collections.abc import Callable
@@ -77,8 +78,8 @@ class _GroupView:
     (:meth:`holds`); then a step does no per-tensor Python beyond reading the grads. New grad objects (the
     default ``zero_grad(set_to_none=True)``) only replace the grads (:meth:`tensors_for`)."""
 
-    __slots__ = ("params", "grads", "ptrs", "states", "arrays", "owners", "tensors", "plans", "devices", "options",
-                 "passes", "cacheable", "where")
+    __slots__ = ("params", "grads", "ptrs", "states", "state_version", "arrays", "owners", "tensors", "plans",
+                 "devices", "options", "passes", "cacheable", "where")
 
     @classmethod
     def build(cls, opt: ProjectedOptimizer, group: dict[str, Any], grads: list[Any], traced: bool = False
@@ -98,14 +99,13 @@ class _GroupView:
                 opt._skip_counter(p)  # every stepped param has one from its first step on
             local, g, bufs, rows = local_shards(p, grad, *(state[k] for k in spec.buffers))
             dtensor = dtensor or is_dtensor(p)
-            if group["maximize"]:
-                g = torch.neg(g)
             core = spec.state(state["step"], *bufs) if spec.has_step else spec.state(*bufs)
             # A DTensor left whole (not sharded by rows) runs through DTensor's propagation: alone.
             v.tensors.append(dispatch.Tensor(local, g, core, rows, alone=is_dtensor(local)))
             v.owners.append(p)
             v.where.append(pi)
         v.states = [opt.state[p] for p in v.owners]
+        v.state_version = getattr(opt.state, "version", None)
         v.arrays = _state_arrays(v.states)
         v.ptrs = [p.data_ptr() for p in v.owners] if not (dtensor or traced) else None
         v.devices = {p.device: p for p in reversed(v.owners)}  # one param per device (the first)
@@ -125,31 +125,67 @@ class _GroupView:
         if _view_options(group) != self.options:
             return False
         where = self.where
-        if len(where) != len(params) - grads.count(None) or any(grads[i] is None for i in where):
+        # (no list.count(None): it compares tensors with ==)
+        if len(where) != sum(1 for g in grads if g is not None) or any(grads[i] is None for i in where):
             return False
-        owners = self.owners
-        if [p.data_ptr() for p in owners] != self.ptrs:
+        if [p.data_ptr() for p in self.owners] != self.ptrs:
             return False
-        state = opt.state
-        states = [state.get(p) for p in owners]
-        if not all(map(operator.is_, states, self.states)):
+        # a param's state dict replaced (opt.state[p] = ...) counts in the version; an entry of one replaced
+        # (opt.state[p]["exp_avg"] = ...) shows in its values
+        if getattr(opt.state, "version", None) != self.state_version:
             return False
-        return all(map(operator.is_, _state_arrays(states), self.arrays))
+        return all(map(operator.is_, _state_arrays(self.states), self.arrays))
 
-    def tensors_for(self, grads: list[Any], maximize: bool) -> list[dispatch.Tensor]:
-        """The tensors with this step's grads: the kept list where every grad is the same object (and not
-        negated for ``maximize``, which needs this step's values), else a new list with the new grads."""
-        new = [grads[i] for i in self.where]
-        if not maximize and all(map(operator.is_, new, self.grads_of_tensors())):
-            return self.tensors
-        if maximize:
-            new = torch._foreach_neg(new) if new else new
-        self.tensors = [t._replace(grad=g) for t, g in zip(self.tensors, new, strict=True)]
+    def grads_for(self, grads: list[Any], maximize: bool) -> list[Any]:
+        """This step's grads of the view's tensors (negated for ``maximize``, from this step's values); the
+        tensors themselves are kept: the dispatcher takes the grads apart."""
         self.grads = grads
-        return self.tensors
+        # a kept view holds plain tensors (its grads are the params' own); one built for this step only holds
+        # the local rows of DTensors
+        new = [grads[i] for i in self.where] if self.cacheable else [t.grad for t in self.tensors]
+        if maximize and new:
+            return [torch.neg(g) for g in new] if any(is_dtensor(g) for g in new) else torch._foreach_neg(new)
+        return new
 
-    def grads_of_tensors(self) -> list[Any]:
-        return [t.grad for t in self.tensors]
+
+class _TrackedState(collections.defaultdict):
+    """``optimizer.state`` (torch's ``defaultdict(dict)``) that counts the changes of its keys' values
+    (``version``): a param's state dict replaced or removed is seen by a view without looking every param up."""
+
+    def __init__(self, state: Any = ()) -> None:
+        super().__init__(dict, state)
+        self.version = 0
+
+    def __setitem__(self, key: Any, value: Any) -> None:
+        self.version += 1
+        super().__setitem__(key, value)
+
+    def __delitem__(self, key: Any) -> None:
+        self.version += 1
+        super().__delitem__(key)
+
+    def pop(self, *args: Any) -> Any:
+        self.version += 1
+        return super().pop(*args)
+
+    def popitem(self) -> Any:
+        self.version += 1
+        return super().popitem()
+
+    def clear(self) -> None:
+        self.version += 1
+        super().clear()
+
+    def update(self, *args: Any, **kwargs: Any) -> None:
+        self.version += 1
+        super().update(*args, **kwargs)
+
+    def setdefault(self, key: Any, default: Any = None) -> Any:
+        self.version += 1
+        return super().setdefault(key, default)
+
+    def __reduce__(self) -> Any:  # pickles (torch.save of a whole optimizer) as torch's own defaultdict
+        return (collections.defaultdict, (dict, dict(self)))
 
 
 def _state_arrays(states: list[dict[str, Any]]) -> list[Any]:
@@ -188,6 +224,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         # lr may be left to the param groups (adamp 0.3.0 uses torch's `required` too).
         self._check_hyper({**defaults, "lr": 0.0} if defaults["lr"] is required else defaults)
         super().__init__(params, defaults)
+        self.state = _TrackedState(self.state)
 
     @property
     def _name(self) -> str:
@@ -239,6 +276,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        if type(self.__dict__.get("state")) is not _TrackedState:  # load_state_dict, unpickling
+            self.state = _TrackedState(self.state)
+        self._views.clear()
         # Groups saved by adamp==0.3.0 (or an older version of this package) lack our extra keys and the
         # spec's options (caution...): those mean their defaults, which step as adamp 0.3.0 does.
         for group in self.param_groups:
@@ -288,7 +328,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             for pi, (p, g, old) in enumerate(zip(params, grads, known, strict=True)):
                 if g is None or g is old:
                     continue
-                self._check_grad(gi, pi, p, g)
+                self._check_grad(gi, pi, p, g, view is None)
                 devices.setdefault(p.device, p)
             for p in devices.values():  # array hyperparameters, once per device of the group's params
                 try:
@@ -298,12 +338,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             out.append((hp, grads, view))
         return out
 
-    def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+    def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor, new_param: bool = True) -> None:
+        """One grad against its param (``new_param``: the param's dtype too, unless a view checked it)."""
         if g.layout != torch.strided:
             raise RuntimeError(
                 f"{self._name} does not support sparse gradients: {_label(gi, pi)} has a {g.layout} grad"
             )
-        if p.is_complex() or not p.is_floating_point():
+        if new_param and (p.is_complex() or not p.is_floating_point()):
             raise TypeError(f"{self._name} supports real floating params only: {_label(gi, pi)} has dtype {p.dtype}")
         if g.dtype != p.dtype:
             raise TypeError(f"grad of {_label(gi, pi)} has dtype {g.dtype} but the param has dtype {p.dtype}")
@@ -368,7 +409,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 self._views[gi] = view
             elif not traced:  # a compiled step leaves our views alone (dynamo would guard on them)
                 self._views.pop(gi, None)
-        tensors = view.tensors_for(grads, group["maximize"])
+        tensors, local_grads = view.tensors, view.grads_for(grads, group["maximize"])
         if not tensors:
             return
         owners = view.owners
@@ -384,13 +425,14 @@ class ProjectedOptimizer(torch.optim.Optimizer):
 
         for part in view.passes:  # one pass, or one per occurrence of a param listed more than once
             sub = tensors if part is None else [tensors[i] for i in part]
+            sub_grads = local_grads if part is None else [local_grads[i] for i in part]
             sink = write_back if part is None else (lambda idx, o, part=part: write_back([part[i] for i in idx], o))
             dispatch.step(self._spec, sub, hp, skip_nonfinite=skip, fused=group["fused"], foreach=group["foreach"],
-                          traced=traced, sink=sink, plans=view.plans if part is None else None)
+                          traced=traced, sink=sink, plans=view.plans if part is None else None, grads=sub_grads)
         if old is not None:
-            for i, (p, t, before) in enumerate(zip(owners, tensors, old, strict=True)):
+            for i, (p, t, g, before) in enumerate(zip(owners, tensors, local_grads, old, strict=True)):
                 if i not in skipped:
-                    self._diagnostics[p] = step_diagnostics(before, t.param, t.grad, hp.delta, hp.eps)
+                    self._diagnostics[p] = step_diagnostics(before, t.param, g, hp.delta, hp.eps)
 
     def _write_back(self, owners: list[torch.Tensor], tensors: list[dispatch.Tensor],
                     outcomes: list[dispatch.Outcome], skip: bool) -> None:
