@@ -377,7 +377,8 @@ class GroupPlan(NamedTuple):
     """One launch set: tensors of one key (device, storage kinds), their layout, address table and buffers."""
 
     idx: list[int]  # the tensors' indices in the dispatcher's list
-    entries: list[Entry]
+    entries: list[Entry]  # as claimed (their grads: those of the step the plan was built on)
+    grads: list[Any]  # this step's grads (regrad_group swaps them)
     layout: _Plan
     rows: tuple[int, ...] | None  # the address table's values (None: Python-int counts, rebuilt per step)
     ptrs: Any  # the address table on the device (None with Python-int counts)
@@ -388,19 +389,19 @@ class GroupPlan(NamedTuple):
     dlpack: bool  # the caller's arrays are not torch tensors (CuPy's, taken through DLPack)
 
 
-def _address_rows(entries: Sequence[Entry], adamp: bool, counts: Any = None) -> list[int]:
+def _address_rows(entries: Sequence[Entry], grads: Sequence[Any], adamp: bool, counts: Any = None) -> list[int]:
     """The address table: per tensor param, grad, the two state arrays (SGDP: its one, twice), the step
     count (SGDP: 0; a Python int: its slot in ``counts``, a device copy)."""
     rows: list[int] = []
     if not adamp:
-        for e in entries:
+        for e, g in zip(entries, grads, strict=True):
             b = e.buffers[0].data_ptr()
-            rows += (e.param.data_ptr(), e.grad.data_ptr(), b, b, 0)
+            rows += (e.param.data_ptr(), g.data_ptr(), b, b, 0)
         return rows
-    for j, e in enumerate(entries):
+    for j, (e, g) in enumerate(zip(entries, grads, strict=True)):
         b = e.buffers
         step = counts.data_ptr() + 8 * j if type(e.step) is int else e.step.data_ptr()
-        rows += (e.param.data_ptr(), e.grad.data_ptr(), b[0].data_ptr(), b[1].data_ptr(), step)
+        rows += (e.param.data_ptr(), g.data_ptr(), b[0].data_ptr(), b[1].data_ptr(), step)
     return rows
 
 
@@ -418,7 +419,8 @@ def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int =
     n, dev = len(entries), entries[0].param.device
     layout = _plan(torch, tuple(tuple(e.param.shape) for e in entries), dev, iters)
     host_counts = spec.has_step and any(type(e.step) is int for e in entries)
-    rows = None if host_counts else tuple(_address_rows(entries, spec.key == "adamp"))
+    grads = [e.grad for e in entries]
+    rows = None if host_counts else tuple(_address_rows(entries, grads, spec.key == "adamp"))
     ptrs = None if rows is None else _upload(torch, rows, dev)
     f64 = torch.float64
     scratch = _Scratch(torch.empty(max(layout.n_parts, 1) * kt.NSTAT.value, dtype=f64, device=dev),
@@ -426,7 +428,8 @@ def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int =
                        torch.empty(n * kt.NV.value, dtype=f64, device=dev),
                        torch.empty(n, dtype=torch.bool, device=dev),
                        torch.empty(n, dtype=torch.int64, device=dev), None)
-    return GroupPlan(list(idx), list(entries), layout, rows, ptrs, scratch, dev, iters, spec.key == "adamp", dlpack)
+    return GroupPlan(list(idx), list(entries), grads, layout, rows, ptrs, scratch, dev, iters, spec.key == "adamp",
+                     dlpack)
 
 
 def regrad_group(g: GroupPlan, grads: Sequence[Any]) -> GroupPlan | None:
@@ -434,22 +437,20 @@ def regrad_group(g: GroupPlan, grads: Sequence[Any]) -> GroupPlan | None:
     dtype, shape, device), each checked for what only these kernels need (a plain tensor with the param's
     strides); the address table uploaded again only where an address changed."""
     plain = _PLAIN[0]
-    new = tuple.__new__
-    entries = []
-    for e, grad in zip(g.entries, grads, strict=True):
+    for e, grad in zip(g.entries, grads, strict=True):  # no object per tensor: a warm step makes no garbage
         if type(grad) not in plain or grad.is_neg() or grad.stride() != e.param.stride():
             return None
-        entries.append(new(Entry, (e[0], grad, e[2], e[3], e[4])))
+    grads = list(grads)
     if g.rows is None:
-        return g._replace(entries=entries)
+        return g._replace(grads=grads)
     rows = list(g.rows)
     rows[1::5] = [grad.data_ptr() for grad in grads]  # the grad column (_address_rows)
     rows = tuple(rows)
     if rows == g.rows:
-        return g._replace(entries=entries)
+        return g._replace(grads=grads)
     import torch
 
-    return g._replace(entries=entries, rows=rows, ptrs=_upload(torch, rows, g.dev))
+    return g._replace(grads=grads, rows=rows, ptrs=_upload(torch, rows, g.dev))
 
 
 _PLAIN: list[Any] = [()]  # (torch.Tensor, torch.nn.Parameter), once torch is seen by entry()
@@ -493,7 +494,7 @@ def run_group(spec: Any, g: GroupPlan, hp: Any, skip_nonfinite: bool = False) ->
     counts, ptrs = None, g.ptrs
     if ptrs is None:  # host counts (adamp_array's) are read from a copy on the device, which decide advances
         counts = _upload(torch, [e.step if type(e.step) is int else 0 for e in entries], dev)
-        ptrs = _upload(torch, _address_rows(entries, True, counts), dev)
+        ptrs = _upload(torch, _address_rows(entries, g.grads, True, counts), dev)
     kinds = entries[0].key[1:]
     wk, s1k, s2k = kinds[0], kinds[1], kinds[-1]
     cdt = tl.float64 if wk == 1 else tl.float32

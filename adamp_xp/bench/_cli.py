@@ -30,7 +30,7 @@ from .runners import (
 )
 from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 
-__all__ = ["add_arguments", "format_table", "run", "run_launches"]
+__all__ = ["add_arguments", "format_table", "run", "run_host", "run_launches"]
 
 QUICK_SCALE = 0.05
 # --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
@@ -76,6 +76,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "'none': off)")
     p.add_argument("--seed", type=int, default=0, help="seed of the params and grads (default 0)")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
+    p.add_argument("--host", action="store_true",
+                   help="no device work: the host time of one step on tiny tensors (1 thread; the Triton path's "
+                        "launches stubbed), every path of ours beside AdamW/SGD(fused=True), AdamW(foreach=True) "
+                        "and adamp 0.3.0, with persistent and with new grads (default workloads: resnet50, small)")
     p.add_argument("--launches", action="store_true",
                    help="no timing: count the kernel launches of one step of adamp_torch's fused='triton' path "
                    "(on a CPU under Triton's interpreter, every dimension capped at "
@@ -295,8 +299,34 @@ def run_launches(args: argparse.Namespace) -> int:
     return 0 if rows and not failed else 1
 
 
+def run_host(args: argparse.Namespace) -> int:
+    """``adamp-xp bench --host``: the host time of a step on tiny tensors, every row in one run
+    (:mod:`adamp_xp.bench.host`)."""
+    from .host import DIM_CAP, format_host, host_rows
+
+    names = args.workload or ["resnet50", "small"]
+    names = list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))
+    workloads = [get_workload(n, 1.0) for n in names]
+    repeats = args.repeats or (3 if args.quick else 5)
+    print(f"adamp-xp bench --host: torch {_versions().get('torch', '?')}, 1 thread, every dimension capped at "
+          f"{DIM_CAP}; the fastest of {repeats} repeats of 30 steps per row, rows interleaved; load average "
+          f"{_load()}", flush=True)
+    t0 = time.perf_counter()
+    results = host_rows(workloads, repeats=repeats)
+    print(format_host(results))
+    print(f"({time.perf_counter() - t0:.0f} s; ratios: to AdamW(fused=True) for AdamW/AdamP rows, to "
+          "SGD(fused=True) for SGD/SGDP rows, measured in this run)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"versions": _versions(), "dim_cap": DIM_CAP, "repeats": repeats},
+                       "results": results}, f, indent=2)
+    return 0 if results else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: print one table per workload and optimizer; 0 when rows ran."""
+    if getattr(args, "host", False):
+        return run_host(args)
     if getattr(args, "launches", False):
         return run_launches(args)
     s = _settings(args)
