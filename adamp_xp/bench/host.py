@@ -86,7 +86,7 @@ def measure_host(rows: dict[str, Callable[[list[Any]], Any]], shapes: list[tuple
             count[0] += 1
 
     with triton_fused.stubbed():
-        for name, (params, opt) in setups.items():  # warm-up: state, plans, compilation
+        for params, opt in setups.values():  # warm-up: state, plans, compilation
             for p, g in zip(params, pool[0], strict=True):
                 p.grad = g.clone()
             for _ in range(3):
