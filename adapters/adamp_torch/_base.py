@@ -124,9 +124,9 @@ class _GroupView:
             return False
         if _view_options(group) != self.options:
             return False
-        where = self.where
-        # (no list.count(None): it compares tensors with ==)
-        if len(where) != sum(1 for g in grads if g is not None) or any(grads[i] is None for i in where):
+        where = self.where  # the same grad objects: the same params have one (no list.count(None): it uses ==)
+        if not all(map(operator.is_, grads, self.grads)) and (
+                len(where) != sum(1 for g in grads if g is not None) or any(grads[i] is None for i in where)):
             return False
         if [p.data_ptr() for p in self.owners] != self.ptrs:
             return False
@@ -323,13 +323,15 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             view = None if traced else self._views.get(gi)
             if view is not None and not view.holds(self, group, params, grads):
                 view = None
-            known = view.grads if view is not None else [None] * len(params)
-            devices = {} if view is None else dict(view.devices)
-            for pi, (p, g, old) in enumerate(zip(params, grads, known, strict=True)):
-                if g is None or g is old:
-                    continue
-                self._check_grad(gi, pi, p, g, view is None)
-                devices.setdefault(p.device, p)
+            devices = {} if view is None else view.devices
+            if view is None or not all(map(operator.is_, grads, view.grads)):  # else: checked when first seen
+                devices = dict(devices)
+                known = view.grads if view is not None else [None] * len(params)
+                for pi, (p, g, old) in enumerate(zip(params, grads, known, strict=True)):
+                    if g is None or g is old:
+                        continue
+                    self._check_grad(gi, pi, p, g, view is None)
+                    devices.setdefault(p.device, p)
             for p in devices.values():  # array hyperparameters, once per device of the group's params
                 try:
                     check_hyper_arrays(p, hp)
