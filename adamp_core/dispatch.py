@@ -33,6 +33,7 @@ import operator
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+from ._common import is_python_int
 from .optimizers import OptimizerSpec
 from .paths import Options, Outcome, Tensor, multi_tensor, numba_fused, per_tensor, triton_fused
 
@@ -64,7 +65,13 @@ def _kinds(hp: Any) -> tuple[type, ...]:
 
 
 def _same_but_grad(a: Tensor, b: Tensor) -> bool:
-    return a[0] is b[0] and a[2] is b[2] and a[3] is b[3] and a[4] == b[4] and a[5] == b[5]
+    """The same param, state arrays, layout and flags (a state whose Python-int count moved on is the same:
+    the paths read such counts at every step)."""
+    if a[0] is not b[0] or a[3] is not b[3] or a[4] != b[4] or a[5] != b[5]:
+        return False
+    sa, sb = a[2], b[2]
+    return sa is sb or (type(sa) is type(sb) and all(
+        x is y or (is_python_int(x) and is_python_int(y)) for x, y in zip(sa, sb, strict=True)))
 
 
 def _refreshed(plans: Plans, tensors: Sequence[Tensor], grads: Sequence[Any]) -> bool:

@@ -250,3 +250,27 @@ def test_a_warm_step_allocates_nothing_per_tensor(path, monkeypatch):
     finally:
         gc.callbacks.remove(count)
     assert collections[0] <= 2, f"{collections[0]} collections in {steps} warm steps"
+
+
+@pytest.mark.parametrize("path", ["numba", "multi-tensor", "triton"])
+def test_array_adapter_keeps_its_plans_across_host_counts(path, monkeypatch):
+    """adamp_array keeps Python-int step counts (adamp 0.3.0's host maths): a state whose count moved on is
+    the same state for the plans, which read the counts at every step; kept plans equal fresh ones. (The
+    array-API paths hand new state arrays, which adamp_array keeps: their plans, cheap, are built again.)"""
+    import adamp_array
+
+    kw = _path_kw(path, monkeypatch)
+    runs = []
+    for _ in range(2):
+        params = [p.detach().clone() for p in _params()]
+        runs.append((params, adamp_array.AdamP(params, lr=1e-2, weight_decay=1e-2, **kw)))
+    for t in range(3):
+        for k, (params, opt) in enumerate(runs):
+            if k == 1:
+                opt._plans.clear()
+            opt.step(_grads(params, t))
+    (pa, a), (pb, b) = runs
+    for p, q in zip(a.params, b.params, strict=True):
+        assert torch.equal(p, q)
+    assert a.state_dict()["state"][0]["step"] == 3
+    assert sum(p.builds for p in a._plans.values()) == (1 if path != "multi-tensor" else 3)

@@ -479,10 +479,11 @@ def _packed(spec: Any, hp: Any) -> tuple[dict[str, int], bool, bool, bool]:
     return _remember(_PACKED, key, lambda: value)
 
 
-def run_group(spec: Any, g: GroupPlan, hp: Any, skip_nonfinite: bool = False) -> tuple[list[Any] | None,
-                                                                                         list[Any] | None]:
+def run_group(spec: Any, g: GroupPlan, hp: Any, skip_nonfinite: bool = False,
+              steps: Sequence[Any] | None = None) -> tuple[list[Any] | None, list[Any] | None]:
     """One step of a planned launch set, written in place; array step counts advanced in place where
-    written. Returns ``(ok, skips)`` as :func:`step_group`."""
+    written. ``steps``: this step's counts where some are Python ints (default: the entries'). Returns
+    ``(ok, skips)`` as :func:`step_group`."""
     import torch
 
     entries, layout, sc, dev = g.entries, g.layout, g.scratch, g.dev
@@ -493,7 +494,8 @@ def run_group(spec: Any, g: GroupPlan, hp: Any, skip_nonfinite: bool = False) ->
 
     counts, ptrs = None, g.ptrs
     if ptrs is None:  # host counts (adamp_array's) are read from a copy on the device, which decide advances
-        counts = _upload(torch, [e.step if type(e.step) is int else 0 for e in entries], dev)
+        steps = [e.step for e in entries] if steps is None else steps
+        counts = _upload(torch, [t if type(t) is int else 0 for t in steps], dev)
         ptrs = _upload(torch, _address_rows(entries, g.grads, True, counts), dev)
     kinds = entries[0].key[1:]
     wk, s1k, s2k = kinds[0], kinds[1], kinds[-1]
@@ -604,7 +606,8 @@ def run(plan: Plan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, 
 
     skip = options.skip_nonfinite
     for g in plan.groups:
-        ok, skips = run_group(spec, g, hp, skip)
+        ok, skips = run_group(spec, g, hp, skip, None if g.rows is not None else
+                              [tensors[i].state.step for i in g.idx])
         if ok is None and g.rows is not None:  # no flags, no Python-int counts: all written
             sink(g.idx, [written(TRITON)] * len(g.idx))
             continue

@@ -85,6 +85,7 @@ class ArrayOptimizer:
         self._kinds: list[type] = []  # list, tuple or dict: how each group's params were given
         self._states: list[dict[Any, Any]] = []
         self._held: set[tuple[int, Any]] = set()  # params the optimizer holds (their library refused a write)
+        self._plans: dict[int, dispatch.Plans] = {}  # per group: what the execution paths built, kept
         seen: dict[int, str] = {}
         grouped = self._layout == "groups"
         for gi, given in enumerate(groups):
@@ -308,7 +309,7 @@ class ArrayOptimizer:
                             states[k] = o.state
 
                 dispatch.step(self._spec, tensors, hps[gi], skip_nonfinite=self.skip_nonfinite, fused=self.fused,
-                              foreach=self.foreach, sink=write_back)
+                              foreach=self.foreach, sink=write_back, plans=self._plans.setdefault(gi, dispatch.Plans()))
         return self.params
 
     def _write_back(self, gi: int, k: Any, p: Any, new_p: Any, new_s: Any) -> None:
@@ -402,6 +403,7 @@ class ArrayOptimizer:
         for group, hp, states, gi in zip(self.param_groups, new_hps, new_states, range(len(new_hps)), strict=True):
             group.update(hp)
             self._states[gi] = states
+        self._plans.clear()
 
     def _load_state(self, param: Any, entry: Any, what: str) -> Any:
         fresh = self._fresh_state(param)
