@@ -80,9 +80,33 @@ class OptimizerSpec:
 
     def checked(self, values: dict[str, Any]) -> Any:
         """The validated hyperparameters of ``values`` (a dict holding every official name; an absent option
-        takes its default)."""
-        return self.check(**{n: values[n] for n in self.defaults},
-                          **{n: values.get(n, d) for n, d in self.options.items()})
+        takes its default). Values checked before are not checked again: a param group's hyperparameters
+        are validated once per change (an LR schedule: once per new lr), not once per step. The key holds
+        each value's type (``True`` and ``1`` are not the same flag) and arrays by identity (their checks read
+        metadata only, which an array keeps)."""
+        kwargs = {n: values[n] for n in self.defaults} | {n: values.get(n, d) for n, d in self.options.items()}
+        try:
+            key = tuple(map(_typed, kwargs.values()))
+            hit = _CHECKED.get((self.name, key))
+        except TypeError:  # an unhashable value (a list of betas): checked every time
+            return self.check(**kwargs)
+        if hit is None:
+            hit = self.check(**kwargs)
+            if len(_CHECKED) >= 256:
+                _CHECKED.clear()
+            _CHECKED[(self.name, key)] = hit
+        return hit
+
+
+_CHECKED: dict[Any, Any] = {}  # (optimizer, typed values) -> validated hyperparameters
+
+
+def _typed(v: Any) -> Any:
+    if type(v) is tuple:
+        return (tuple, tuple(map(_typed, v)))
+    if type(v) in (float, int, bool, str, type(None)):
+        return (type(v), v)
+    return (type(v), id(v), v)  # arrays and other objects: by identity (kept alive by the key)
 
 
 # Name, hyperparameters with their defaults (the official signature), check, state, init, state check, the

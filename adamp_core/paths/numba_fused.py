@@ -227,10 +227,16 @@ def adamp_batch(addresses: np.ndarray, shapes: Any, dtype: Any, steps: Any, hp: 
     are the caller's to advance.
     """
     # The scalars once per distinct step count, with the same Python maths as adamp_inplace.
-    uniq, inverse = np.unique(np.asarray(steps, dtype=np.int64), return_inverse=True)
-    host = [_adamp_host(hp, int(t)) for t in uniq]
-    sc = np.array([h[0] for h in host], dtype=dtype).reshape(-1, 6)[inverse]
-    step_size = np.array([h[1] for h in host], dtype=dtype)[inverse]
+    steps = np.asarray(steps, dtype=np.int64)
+    if steps.size and steps.min() == steps.max():  # the usual case: one count for the whole group
+        sc1, size1, _ = _adamp_host(hp, int(steps[0]))
+        sc = np.tile(np.array(sc1, dtype=dtype), (steps.size, 1))
+        step_size = np.full(steps.size, size1, dtype=dtype)
+    else:
+        uniq, inverse = np.unique(steps, return_inverse=True)
+        host = [_adamp_host(hp, int(t)) for t in uniq]
+        sc = np.array([h[0] for h in host], dtype=dtype).reshape(-1, 6)[inverse]
+        step_size = np.array([h[1] for h in host], dtype=dtype)[inverse]
     scale = float(hp.lr) * float(hp.weight_decay)  # as _adamp_host
     return _run_batch("adamp", addresses, shapes, dtype, sc, step_size, scale, hp, skip_nonfinite)
 
