@@ -379,6 +379,7 @@ class GroupPlan(NamedTuple):
     idx: list[int]  # the tensors' indices in the dispatcher's list
     entries: list[Entry]  # as claimed (their grads: those of the step the plan was built on)
     grads: list[Any]  # this step's grads (regrad_group swaps them)
+    strides: list[tuple[int, ...]]  # the params' strides (a new grad must have them)
     layout: _Plan
     rows: tuple[int, ...] | None  # the address table's values (None: Python-int counts, rebuilt per step)
     ptrs: Any  # the address table on the device (None with Python-int counts)
@@ -428,8 +429,8 @@ def plan_group(spec: Any, idx: list[int], entries: Sequence[Entry], iters: int =
                        torch.empty(n * kt.NV.value, dtype=f64, device=dev),
                        torch.empty(n, dtype=torch.bool, device=dev),
                        torch.empty(n, dtype=torch.int64, device=dev), None)
-    return GroupPlan(list(idx), list(entries), grads, layout, rows, ptrs, scratch, dev, iters, spec.key == "adamp",
-                     dlpack)
+    return GroupPlan(list(idx), list(entries), grads, [e.param.stride() for e in entries], layout, rows, ptrs,
+                     scratch, dev, iters, spec.key == "adamp", dlpack)
 
 
 def regrad_group(g: GroupPlan, grads: Sequence[Any]) -> GroupPlan | None:
@@ -437,8 +438,8 @@ def regrad_group(g: GroupPlan, grads: Sequence[Any]) -> GroupPlan | None:
     dtype, shape, device), each checked for what only these kernels need (a plain tensor with the param's
     strides); the address table uploaded again only where an address changed."""
     plain = _PLAIN[0]
-    for e, grad in zip(g.entries, grads, strict=True):  # no object per tensor: a warm step makes no garbage
-        if type(grad) not in plain or grad.is_neg() or grad.stride() != e.param.stride():
+    for stride, grad in zip(g.strides, grads, strict=True):  # no object per tensor: a warm step makes no garbage
+        if type(grad) not in plain or grad.stride() != stride or grad.is_neg():
             return None
     grads = list(grads)
     if g.rows is None:
@@ -584,7 +585,9 @@ def regrad(plan: Plan, grads: Any) -> Plan | None:
         mine = [grads[i] for i in g.idx]
         if g.dlpack:  # CuPy arrays: their torch tensors
             mine = [_as_torch_grad(x) for x in mine]
-        new = None if any(x is None for x in mine) else regrad_group(g, mine)
+            if any(x is None for x in mine):
+                return None
+        new = regrad_group(g, mine)
         if new is None:
             return None
         groups.append(new)

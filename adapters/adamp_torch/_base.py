@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import operator
 from collections.abc import Callable
 from typing import Any
@@ -66,6 +67,9 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
 _EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
 
 
+_STRIDED = torch.strided
+
+
 def _label(gi: int, pi: int) -> str:
     return f"param_groups[{gi}]['params'][{pi}]"
 
@@ -78,8 +82,8 @@ class _GroupView:
     (:meth:`holds`); then a step does no per-tensor Python beyond reading the grads. New grad objects (the
     default ``zero_grad(set_to_none=True)``) only replace the grads (:meth:`tensors_for`)."""
 
-    __slots__ = ("params", "grads", "ptrs", "states", "state_version", "arrays", "owners", "tensors", "plans",
-                 "devices", "options", "passes", "cacheable", "where")
+    __slots__ = ("params", "grads", "ptrs", "states", "state_version", "tracked", "arrays", "owners", "tensors",
+                 "plans", "devices", "options", "passes", "cacheable", "where")
 
     @classmethod
     def build(cls, opt: ProjectedOptimizer, group: dict[str, Any], grads: list[Any], traced: bool = False
@@ -106,6 +110,9 @@ class _GroupView:
             v.where.append(pi)
         v.states = [opt.state[p] for p in v.owners]
         v.state_version = getattr(opt.state, "version", None)
+        # state dicts of ours count their own changes; others (a deep copy's) are compared entry by entry
+        v.tracked = v.state_version is not None and all(type(st) is _TrackedDict and st._owner is opt.state
+                                                        for st in v.states)
         v.arrays = _state_arrays(v.states)
         v.ptrs = [p.data_ptr() for p in v.owners] if not (dtensor or traced) else None
         v.devices = {p.device: p for p in reversed(v.owners)}  # one param per device (the first)
@@ -134,7 +141,7 @@ class _GroupView:
         # (opt.state[p]["exp_avg"] = ...) shows in its values
         if getattr(opt.state, "version", None) != self.state_version:
             return False
-        return all(map(operator.is_, _state_arrays(self.states), self.arrays))
+        return self.tracked or all(map(operator.is_, _state_arrays(self.states), self.arrays))
 
     def grads_for(self, grads: list[Any], maximize: bool) -> list[Any]:
         """This step's grads of the view's tensors (negated for ``maximize``, from this step's values); the
@@ -148,44 +155,76 @@ class _GroupView:
         return new
 
 
-class _TrackedState(collections.defaultdict):
-    """``optimizer.state`` (torch's ``defaultdict(dict)``) that counts the changes of its keys' values
-    (``version``): a param's state dict replaced or removed is seen by a view without looking every param up."""
+class _Counted:
+    """Mutators that count a change (``_changed``) before making it: what lets a view notice a replaced state
+    entry without looking at every one."""
 
-    def __init__(self, state: Any = ()) -> None:
-        super().__init__(dict, state)
-        self.version = 0
+    __slots__ = ()
+
+    def _changed(self) -> None:
+        raise NotImplementedError
 
     def __setitem__(self, key: Any, value: Any) -> None:
-        self.version += 1
+        self._changed()
         super().__setitem__(key, value)
 
     def __delitem__(self, key: Any) -> None:
-        self.version += 1
+        self._changed()
         super().__delitem__(key)
 
     def pop(self, *args: Any) -> Any:
-        self.version += 1
+        self._changed()
         return super().pop(*args)
 
     def popitem(self) -> Any:
-        self.version += 1
+        self._changed()
         return super().popitem()
 
     def clear(self) -> None:
-        self.version += 1
+        self._changed()
         super().clear()
 
     def update(self, *args: Any, **kwargs: Any) -> None:
-        self.version += 1
+        self._changed()
         super().update(*args, **kwargs)
 
     def setdefault(self, key: Any, default: Any = None) -> Any:
-        self.version += 1
+        self._changed()
         return super().setdefault(key, default)
 
-    def __reduce__(self) -> Any:  # pickles (torch.save of a whole optimizer) as torch's own defaultdict
-        return (collections.defaultdict, (dict, dict(self)))
+
+class _TrackedState(_Counted, collections.defaultdict):
+    """``optimizer.state`` (torch's ``defaultdict(dict)``) whose ``version`` counts every change of its
+    entries and of their per-param dicts (:class:`_TrackedDict`): a param's state, or a tensor of it,
+    replaced is seen by a view without looking every param up. Pickles as torch's own defaultdict."""
+
+    def __init__(self, state: Any = ()) -> None:
+        super().__init__(functools.partial(_TrackedDict, self))
+        self.version = 0
+        for key, value in dict(state).items():  # the optimizer's own dicts (new, or load_state_dict's)
+            dict.__setitem__(self, key, _TrackedDict(self, value) if type(value) is dict else value)
+
+    def _changed(self) -> None:
+        self.version += 1
+
+    def __reduce__(self) -> Any:
+        return (collections.defaultdict, (dict, {k: dict(v) for k, v in self.items()}))
+
+
+class _TrackedDict(_Counted, dict):
+    """The state of one param: a dict whose changes count in its :class:`_TrackedState`'s version."""
+
+    __slots__ = ("_owner",)
+
+    def __init__(self, owner: _TrackedState, *args: Any) -> None:
+        super().__init__(*args)
+        self._owner = owner
+
+    def _changed(self) -> None:
+        self._owner.version += 1
+
+    def __reduce__(self) -> Any:  # a plain dict in checkpoints and copies
+        return (dict, (dict(self),))
 
 
 def _state_arrays(states: list[dict[str, Any]]) -> list[Any]:
@@ -325,13 +364,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 view = None
             devices = {} if view is None else view.devices
             if view is None or not all(map(operator.is_, grads, view.grads)):  # else: checked when first seen
-                devices = dict(devices)
-                known = view.grads if view is not None else [None] * len(params)
-                for pi, (p, g, old) in enumerate(zip(params, grads, known, strict=True)):
-                    if g is None or g is old:
-                        continue
-                    self._check_grad(gi, pi, p, g, view is None)
-                    devices.setdefault(p.device, p)
+                if view is None:
+                    devices = {}
+                    for pi, (p, g) in enumerate(zip(params, grads, strict=True)):
+                        if g is not None:
+                            self._check_grad(gi, pi, p, g)
+                            devices.setdefault(p.device, p)
+                else:  # the view's params were checked: new grads against them, the usual case in one test
+                    strided = _STRIDED
+                    for pi, (p, g, old) in enumerate(zip(params, grads, view.grads, strict=True)):
+                        if g is None or g is old:
+                            continue
+                        if (g.dtype is not p.dtype or g.layout is not strided or g.shape != p.shape
+                                or g.device != p.device or old is None):
+                            self._check_grad(gi, pi, p, g)
+                            devices = {**devices, p.device: devices.get(p.device, p)}
             for p in devices.values():  # array hyperparameters, once per device of the group's params
                 try:
                     check_hyper_arrays(p, hp)
@@ -340,13 +387,13 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             out.append((hp, grads, view))
         return out
 
-    def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor, new_param: bool = True) -> None:
-        """One grad against its param (``new_param``: the param's dtype too, unless a view checked it)."""
+    def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
+        """One grad against its param; the error names what is wrong."""
         if g.layout != torch.strided:
             raise RuntimeError(
                 f"{self._name} does not support sparse gradients: {_label(gi, pi)} has a {g.layout} grad"
             )
-        if new_param and (p.is_complex() or not p.is_floating_point()):
+        if p.is_complex() or not p.is_floating_point():
             raise TypeError(f"{self._name} supports real floating params only: {_label(gi, pi)} has dtype {p.dtype}")
         if g.dtype != p.dtype:
             raise TypeError(f"grad of {_label(gi, pi)} has dtype {g.dtype} but the param has dtype {p.dtype}")
@@ -442,6 +489,10 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         their identity, device and memory format), with one ``_foreach_copy_``, and count skipped steps
         with one ``_foreach_add_``. Kernels that wrote in place advanced their step counts themselves and
         hand their skips as flags (a host False, or device arrays): no sync."""
+        first = outcomes[0] if outcomes else None
+        if (not skip and first is not None and first.param is None and first.state is None
+                and all(map(operator.is_, outcomes, itertools.repeat(first)))):
+            return  # a unit written in place, step counts advanced: nothing to do (no per-tensor loop)
         fields = self._spec.state._fields
         dst: list[torch.Tensor] = []
         src: list[torch.Tensor] = []
@@ -502,6 +553,9 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         This reads the step counters back to the host: one transfer per device, not per param.
         """
         sd = super().state_dict()
+        # plain per-param dicts, new ones (torch's are our live, change-counting ones): what torch.load's
+        # weights_only unpickler and adamp 0.3.0 read
+        sd["state"] = {k: dict(st) if isinstance(st, dict) else st for k, st in sd["state"].items()}
         if not self._has_step:
             return sd
         by_device: dict[torch.device, list[Any]] = {}
