@@ -16,6 +16,7 @@ IDEs); ``tests/test_spec.py`` checks each against its spec.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -91,10 +92,15 @@ class OptimizerSpec:
         except TypeError:  # an unhashable value (a list of betas): checked every time
             return self.check(**kwargs)
         if hit is None:
-            hit = self.check(**kwargs)
-            if len(_CHECKED) >= 256:
-                _CHECKED.clear()
-            _CHECKED[(self.name, key)] = hit
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                hit = self.check(**kwargs)
+            for w in caught:  # passed on as raised; values that warn are checked (and warn) at every call
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno, source=w.source)
+            if not caught:
+                if len(_CHECKED) >= 256:
+                    _CHECKED.clear()
+                _CHECKED[(self.name, key)] = hit
         return hit
 
 
