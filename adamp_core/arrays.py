@@ -161,8 +161,11 @@ def check_grad(param: Any, grad: Any, what: str = "grad") -> None:
     xp = array_namespace(grad)
     if not xp.isdtype(grad.dtype, "real floating"):
         raise TypeError(f"{what} dtype {grad.dtype} is not real floating (param dtype {param.dtype})")
-    if device(grad) != device(param):
-        raise ValueError(f"{what} is on device {device(grad)} but param on {device(param)}")
+    dev_g, dev_p = device(grad), device(param)
+    # None: a tracer (jax.jit, vmap) or an array sharded over several devices has no one device, and the
+    # tracer's computation puts a concrete operand where it runs: nothing to compare
+    if dev_g != dev_p and dev_g is not None and dev_p is not None:
+        raise ValueError(f"{what} is on device {dev_g} but param on {dev_p}")
 
 
 _HYPER_LABELS = {

@@ -324,3 +324,33 @@ def test_bad_grad_is_named():
     params = {"w": jnp.ones(W)}
     with pytest.raises(ValueError, match=r"grad shape \(12, 5\) differs from param shape \(5, 12\)"):
         tx.update({"w": jnp.ones((12, 5))}, tx.init(params), params)
+
+
+@pytest.mark.parametrize("transform", ["jit", "vmap", "nnx.jit"])
+@pytest.mark.parametrize("name", ["adamp", "sgdp"])
+def test_concrete_grads_beside_traced_params(name, transform):
+    """A grad that is a concrete array (a closure constant) beside traced params, and the reverse: a tracer
+    has no device of its own, so there is no device mismatch to refuse (optax.adamw takes both); the
+    update equals the eager one."""
+    make = {"adamp": lambda: adamp_optax.adamp(1e-2, weight_decay=1e-2),
+            "sgdp": lambda: adamp_optax.sgdp(1e-2, momentum=0.9, weight_decay=1e-2)}[name]
+    tx = make()
+    w = jnp.linspace(-1.0, 1.0, 12).reshape(4, 3)
+    g = jnp.full((4, 3), 0.1).at[0, 0].set(-0.3)
+    eager, _ = tx.update({"W": g}, tx.init({"W": w}), {"W": w})
+
+    def with_constant_grad(p):
+        return tx.update({"W": g}, tx.init({"W": p}), {"W": p})[0]["W"]
+
+    def with_constant_param(grad):
+        return tx.update({"W": grad}, tx.init({"W": w}), {"W": w})[0]["W"]
+
+    if transform == "jit":
+        got = [jax.jit(with_constant_grad)(w), jax.jit(with_constant_param)(g)]
+    elif transform == "vmap":
+        got = [jax.vmap(with_constant_grad)(w[None])[0], jax.vmap(with_constant_param)(g[None])[0]]
+    else:
+        nnx = pytest.importorskip("flax.nnx")
+        got = [nnx.jit(with_constant_grad)(w), nnx.jit(with_constant_param)(g)]
+    for u in got:
+        assert float(jnp.max(jnp.abs(u - eager["W"]))) <= 1e-6 * float(jnp.max(jnp.abs(eager["W"])))
