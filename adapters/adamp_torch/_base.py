@@ -79,8 +79,9 @@ class _GroupView:
     their :class:`adamp_core.dispatch.Tensor` (state created on first use, DTensors as their local rows) and
     the dispatcher's :class:`adamp_core.dispatch.Plans`. It holds while the group's params, their storage,
     grad objects, state dicts and state tensors are the same objects and its options the same
-    (:meth:`holds`); then a step does no per-tensor Python beyond reading the grads. New grad objects (the
-    default ``zero_grad(set_to_none=True)``) only replace the grads (:meth:`tensors_for`)."""
+    (:meth:`holds`); then a step does no per-tensor Python beyond reading the grads and the params' storage.
+    New grad objects (the default ``zero_grad(set_to_none=True)``) are handed to the dispatcher apart from
+    the kept tensors (:meth:`grads_for`)."""
 
     __slots__ = ("params", "grads", "ptrs", "states", "state_version", "tracked", "arrays", "owners", "tensors",
                  "plans", "devices", "options", "passes", "cacheable", "where")
@@ -137,8 +138,8 @@ class _GroupView:
             return False
         if [p.data_ptr() for p in self.owners] != self.ptrs:
             return False
-        # a param's state dict replaced (opt.state[p] = ...) counts in the version; an entry of one replaced
-        # (opt.state[p]["exp_avg"] = ...) shows in its values
+        # a param's state dict, or an entry of one, replaced (opt.state[p] = ..., opt.state[p]["exp_avg"] = ...)
+        # counts in the version; state dicts not of ours (a deep copy's) are compared entry by entry
         if getattr(opt.state, "version", None) != self.state_version:
             return False
         return self.tracked or all(map(operator.is_, _state_arrays(self.states), self.arrays))
