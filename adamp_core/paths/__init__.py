@@ -1,22 +1,23 @@
 """Execution paths: the same AdamP/SGDP update computed four ways, behind one protocol.
 
-Every path is one module here with the same four functions; :mod:`adamp_core.dispatch` offers a param
+Every path is one module here with the same five functions; :mod:`adamp_core.dispatch` offers a param
 group to them in its order (its policy) and caches what they build in a :class:`adamp_core.dispatch.Plans`:
 
 ``offered(options) -> bool``
     whether the adapter's options let the path run at all (and its library is installed);
-``claim(spec, tensors, idx, options) -> list[int]``
+``claim(spec, tensors, idx, hp, options) -> list[int]``
     the indices of ``idx`` whose tensors it takes, decided on metadata only (library, dtype, device,
-    strides, writability, row layout): never a value, never a sync;
-``plan(spec, tensors, taken, options) -> plan``
+    strides, writability, row layout, the hyperparameters' kinds): never a value, never a sync;
+``plan(spec, tensors, taken, hp, options) -> plan``
     what stays the same from step to step for the tensors it claimed: layouts, address tables, segment
     indices, scratch buffers, launch arguments. Built once, kept while the group's params, state arrays,
     shapes, dtypes, devices, options and hyperparameter kinds hold;
-``regrad(plan, tensors) -> plan | None``
-    the plan for the same params and states with new grad arrays (torch's ``zero_grad(set_to_none=True)``
-    gives new ones every step): only what depends on the grads is rebuilt (their addresses), or None where
-    a new grad no longer fits the path (the group is then claimed again);
-``run(plan, spec, tensors, hp, options, sink) -> list[int]``
+``regrad(plan, grads) -> plan | None``
+    the plan for the same params and states with new grad arrays (``grads``, index-aligned with the group's
+    tensors; torch's ``zero_grad(set_to_none=True)`` gives new ones every step): only what depends on the
+    grads is rebuilt (their addresses), or None where a new grad no longer fits the path (the group is then
+    claimed again);
+``run(plan, spec, tensors, grads, hp, options, sink) -> list[int]``
     one step: the launches, with hyperparameters packed once per change of their values. Each finished
     unit (a kernel call, a group, a tensor) goes to ``sink(indices, outcomes)``; returns the indices it
     handed back (the numba kernels' float64 range check), which the per-tensor step takes.
