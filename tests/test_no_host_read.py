@@ -49,7 +49,7 @@ def test_a_step_reads_no_device_value(cls, kw, monkeypatch):
     extra = {"momentum": 0.9} if cls is adamp_torch.SGDP else {}
     opt = cls(params, lr=lr, **kw, **extra)
     before = [p.detach().clone() for p in params]
-    for t in range(2):  # the first step builds state and plans, the second reuses them
+    for _ in range(2):  # the first step builds state and plans, the second reuses them
         for p in params:
             p.grad = torch.randn(p.shape, generator=gen)
         with NoHostRead():
