@@ -81,16 +81,15 @@ class OptimizerSpec:
 
     def checked(self, values: dict[str, Any]) -> Any:
         """The validated hyperparameters of ``values`` (a dict holding every official name; an absent option
-        takes its default). Values checked before are not checked again: a param group's hyperparameters
-        are validated once per change (an LR schedule: once per new lr), not once per step. The key holds
-        each value's type (``True`` and ``1`` are not the same flag) and arrays by identity (their checks read
-        metadata only, which an array keeps)."""
+        takes its default). Python numbers checked before are not checked again: a param group's
+        hyperparameters are validated once per change (an LR schedule: once per new lr), not once per step.
+        The key holds each value's type (``True`` and ``1`` are not the same flag); a group with an array or
+        any other object among its values is checked at every call."""
         kwargs = {n: values[n] for n in self.defaults} | {n: values.get(n, d) for n, d in self.options.items()}
-        try:
-            key = tuple(map(_typed, kwargs.values()))
-            hit = _CHECKED.get((self.name, key))
-        except TypeError:  # an unhashable value (a list of betas): checked every time
+        key = tuple(map(_typed, kwargs.values()))
+        if None in key:
             return self.check(**kwargs)
+        hit = _CHECKED.get((self.name, key))
         if hit is None:
             with warnings.catch_warnings(record=True) as caught:
                 warnings.simplefilter("always")
@@ -108,11 +107,13 @@ _CHECKED: dict[Any, Any] = {}  # (optimizer, typed values) -> validated hyperpar
 
 
 def _typed(v: Any) -> Any:
+    """``(type, value)`` of a plain Python value (a tuple of them: the same, nested); None for anything else."""
     if type(v) is tuple:
-        return (tuple, tuple(map(_typed, v)))
+        items = tuple(map(_typed, v))
+        return None if None in items else (tuple, items)
     if type(v) in (float, int, bool, str, type(None)):
         return (type(v), v)
-    return (type(v), id(v), v)  # arrays and other objects: by identity (kept alive by the key)
+    return None
 
 
 # Name, hyperparameters with their defaults (the official signature), check, state, init, state check, the

@@ -363,23 +363,21 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             view = None if traced else self._views.get(gi)
             if view is not None and not view.holds(self, group, params, grads):
                 view = None
-            devices = {} if view is None else view.devices
-            if view is None or not all(map(operator.is_, grads, view.grads)):  # else: checked when first seen
-                if view is None:
-                    devices = {}
-                    for pi, (p, g) in enumerate(zip(params, grads, strict=True)):
-                        if g is not None:
-                            self._check_grad(gi, pi, p, g)
-                            devices.setdefault(p.device, p)
-                else:  # the view's params were checked: new grads against them, the usual case in one test
-                    strided = _STRIDED
+            if view is None:
+                devices = {}
+                for pi, (p, g) in enumerate(zip(params, grads, strict=True)):
+                    if g is not None:
+                        self._check_grad(gi, pi, p, g)
+                        devices.setdefault(p.device, p)
+            else:  # the view's params were checked, and its grad objects when first seen: new grads only
+                devices, strided = view.devices, _STRIDED
+                if not all(map(operator.is_, grads, view.grads)):
                     for pi, (p, g, old) in enumerate(zip(params, grads, view.grads, strict=True)):
                         if g is None or g is old:
                             continue
                         if (g.dtype is not p.dtype or g.layout is not strided or g.shape != p.shape
-                                or g.device != p.device or old is None):
-                            self._check_grad(gi, pi, p, g)
-                            devices = {**devices, p.device: devices.get(p.device, p)}
+                                or g.device != p.device):
+                            self._check_grad(gi, pi, p, g)  # raises, naming what is wrong
             for p in devices.values():  # array hyperparameters, once per device of the group's params
                 try:
                     check_hyper_arrays(p, hp)
