@@ -37,7 +37,7 @@ from ._common import is_python_int
 from .optimizers import OptimizerSpec
 from .paths import Options, Outcome, Tensor, multi_tensor, numba_fused, per_tensor, triton_fused
 
-__all__ = ["ORDER", "Outcome", "Plans", "Tensor", "observing", "step"]
+__all__ = ["ORDER", "Outcome", "Plans", "Tensor", "observing", "prepare_traced", "step"]
 
 # The policy: the paths in the order they are offered a group (the per-tensor step takes the rest).
 ORDER = (triton_fused, numba_fused, multi_tensor, per_tensor)
@@ -168,6 +168,16 @@ def step(
         xp = per_tensor.namespace(tensors[i].param)
         sink([i], [per_tensor.step_one(spec, xp, tensors[i], grads[i], hp, skip_nonfinite)])
     return None
+
+
+def prepare_traced(spec: OptimizerSpec, fused: bool | str | None) -> None:
+    """Load what a traced step (``traced=True``) of ``spec`` with ``fused`` calls, before tracing starts: an
+    adapter calls it where its code runs eagerly at trace time (``adamp_torch``'s ``_init_group``), so that
+    no import, registration or lookup of a library happens inside the traced region."""
+    for path in ORDER:
+        prepare = getattr(path, "prepare_traced", None)
+        if prepare is not None:
+            prepare(spec, fused)
 
 
 _OBSERVERS: list[Callable[[list[Outcome]], None]] = []

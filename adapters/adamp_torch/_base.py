@@ -41,6 +41,12 @@ def no_grad_step(func: Callable[..., Any]) -> Callable[..., Any]:
 
     @functools.wraps(func)
     def step(self: Any, *args: Any, **kwargs: Any) -> Any:
+        # torch read as a local, as torch.optim's wrapper does: dynamo resumes a frame that reads the module
+        # global ``torch`` after a graph break only by giving the whole frame up (torch 2.13), and then every
+        # call below it would be compiled as a frame of its own. torch._dynamo is loaded here, on the first
+        # step, not at import (it loads triton).
+        import torch._dynamo
+
         prev = torch.is_grad_enabled()
         try:
             torch.set_grad_enabled(False)
@@ -68,6 +74,15 @@ _EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
 
 
 _STRIDED = torch.strided
+
+
+def _eager_group(opt: ProjectedOptimizer, gi: int) -> None:
+    """One group's eager step; a compiled step calls it through ``torch.compiler.disable`` (a graph break)."""
+    group = opt.param_groups[gi]
+    opt._step_group(gi, group, opt._check_hyper(group), [p.grad for p in group["params"]], None, False)
+
+
+_EAGER_GROUP: list[Any] = [None]  # _eager_group under torch.compiler.disable, made on first need
 
 
 def _label(gi: int, pi: int) -> str:
@@ -256,6 +271,12 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     _spec: OptimizerSpec
     _diagnostics: dict[torch.Tensor, Any] | None = None  # see record_diagnostics
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        spec = cls.__dict__.get("_spec")
+        if spec is not None:  # the NamedTuple of the spec's checked hyperparameters (built in a traced step)
+            cls._hyper = type(spec.check(**{**spec.all_defaults, "lr": 1e-3}))
+
     def __init__(self, params: Any, given: dict[str, Any]) -> None:
         """``given``: the subclass's arguments (its ``locals()``): the spec's hyperparameters and this
         adapter's options."""
@@ -443,11 +464,121 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        if torch.compiler.is_compiling():
+            self._traced_step()
+            return loss
         checked = self._check_grads()
-        traced = torch.compiler.is_compiling()  # the compiled graph fuses the per-tensor step itself
         for gi, (group, (hp, grads, view)) in enumerate(zip(self.param_groups, checked, strict=True)):
-            self._step_group(gi, group, hp, grads, view, traced)
+            self._step_group(gi, group, hp, grads, view, False)
         return loss
+
+    # -- the step inside torch.compile ------------------------------------------------------------
+    def _traced_step(self) -> None:
+        """``step`` as dynamo traces it (``torch.compile(opt.step)``): per group, :meth:`_init_group` runs
+        eagerly while tracing (dynamo calls an optimizer's ``_init_group`` with real tensors, as for
+        ``torch.optim``: checks, lazy state, the group's tensors as graph inputs with static addresses),
+        then the dispatcher's traced step (``traced=True``: the numba kernels as a torch operator on a CPU,
+        else the array-API maths for inductor to fuse) and the write-back are traced into the graph. No
+        view, plan or per-tensor Python value is kept: dynamo's guards are the only check at each call."""
+        spec = self._spec
+        fields, n_buf = spec.state._fields, len(spec.buffers)
+        for gi, group in enumerate(self.param_groups):
+            params: list[Any] = []
+            grads: list[Any] = []
+            steps: list[Any] = []
+            bufs: list[Any] = []
+            skips: list[Any] = []
+            how = self._init_group(group, params, grads, steps, bufs, skips)
+            if how == "none":
+                continue
+            if how == "eager":  # DTensors, a param listed twice: the eager step, outside the graph
+                _EAGER_GROUP[0](self, gi)
+                continue
+            hp = self._traced_hyper(group)
+            if group["maximize"]:
+                grads = torch._foreach_neg(grads)
+            tensors = []
+            for i, p in enumerate(params):
+                b = bufs[i * n_buf:(i + 1) * n_buf]
+                tensors.append(dispatch.Tensor(p, grads[i], spec.state(steps[i], *b) if steps else spec.state(*b)))
+            skip = group["skip_nonfinite"]
+
+            def sink(idx: list[int], outcomes: list[dispatch.Outcome], tensors: Any = tensors, skip: bool = skip,
+                     skips: list[Any] = skips) -> None:
+                for i, o in zip(idx, outcomes, strict=True):
+                    t = tensors[i]
+                    if o.param is not None:  # new arrays (the array-API step): into the params and state
+                        t.param.copy_(o.param)
+                        for f in fields:
+                            getattr(t.state, f).copy_(getattr(o.state, f))
+                    if skip and o.skips is not None:
+                        skips[i].add_(o.skips)
+                    elif skip and o.ok is not None:
+                        skips[i].add_(torch.logical_not(o.ok).to(torch.int64))
+
+            # foreach: not inside torch.compile (the docstrings say so): inductor fuses the per-tensor steps
+            # across tensors itself, and the multi-tensor step's grouping is Python over library objects
+            dispatch.step(spec, tensors, hp, skip_nonfinite=skip, fused=group["fused"], foreach=None, traced=True,
+                          sink=sink)
+
+    def _init_group(self, group: dict[str, Any], params: list[Any], grads: list[Any], steps: list[Any],
+                    bufs: list[Any], skips: list[Any]) -> str:
+        """Run eagerly by dynamo while it traces :meth:`_traced_step` (its ``OptimizerVariable`` calls an
+        optimizer's ``_init_group`` with the real group and empty lists, then makes what the lists hold
+        graph inputs): checks the group's hyperparameters and grads (before anything is written), creates
+        missing state, loads what the traced step calls (:func:`adamp_core.dispatch.prepare_traced`), and
+        fills the lists with the params that have a grad, their grads, step counts, state buffers (flat,
+        in the spec's order) and skip counters. Returns "none" (no grad), "eager" (DTensors or a param
+        listed twice: the eager step) or "traced"."""
+        gi = next(i for i, g in enumerate(self.param_groups) if g is group)
+        try:
+            hp = self._check_hyper(group)
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{exc} (param_groups[{gi}])") from None
+        owners = []
+        for pi, p in enumerate(group["params"]):
+            if p.grad is not None:
+                self._check_grad(gi, pi, p, p.grad)
+                owners.append(p)
+        if not owners:
+            return "none"
+        for p in {p.device: p for p in owners}.values():
+            try:
+                check_hyper_arrays(p, hp)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc} (param_groups[{gi}])") from None
+        if any(is_dtensor(p) for p in owners) or len({id(p) for p in owners}) != len(owners):
+            if _EAGER_GROUP[0] is None:  # made here, eagerly: torch.compiler.disable loads dynamo (and triton)
+                _EAGER_GROUP[0] = torch.compiler.disable(_eager_group)
+            return "eager"
+        dispatch.prepare_traced(self._spec, group["fused"])
+        skip = group["skip_nonfinite"]
+        for p in owners:
+            state = self.state[p]
+            if len(state) == 0:
+                state.update(self._new_state(group, p))
+            params.append(p)
+            grads.append(p.grad)
+            if self._has_step:
+                steps.append(state["step"])
+            bufs.extend(state[k] for k in self._state_keys)
+            if skip:
+                skips.append(self._skip_counter(p))
+        return "traced"
+
+    def _traced_hyper(self, group: dict[str, Any]) -> Any:
+        """The group's hyperparameters as the spec's NamedTuple, built while tracing (their checks ran
+        in :meth:`_init_group`): Python numbers become constants of the graph (a new float value is a
+        recompile, as for ``torch.optim``), a 0-d tensor is a graph input."""
+        values = {}
+        for name, default in self._spec.all_defaults.items():
+            v = group.get(name, default)
+            if type(v) is int:
+                v = float(v)
+            elif type(v) is list or type(v) is tuple:
+                v = tuple(float(x) if type(x) is int else x for x in v)
+            values[name] = v
+        return self._hyper(**values)
 
     def _step_group(self, gi: int, group: dict[str, Any], hp: Any, grads: list[Any], view: _GroupView | None,
                     traced: bool) -> None:

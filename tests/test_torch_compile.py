@@ -1,0 +1,207 @@
+"""``torch.compile(optimizer.step)`` on every setting (issue 24), compiled from the very first step, defaults
+included: the compiled step equals the eager one (float64 within 1e-12, float32 within 1e-5, relative), at most
+two graphs per param group, no graph break in our code, and no frame compiled again over 20 warm steps (with a
+constant float lr, and with a 0-d tensor lr that a scheduler changes).
+
+Most tests use a counting backend (dynamo's graph run as it is); ``aot_eager`` and inductor each in one
+small test (inductor builds C++: slow on a shared CPU).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import torch._dynamo  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from torch import nn  # noqa: E402
+from torch._dynamo.utils import counters  # noqa: E402
+
+import adamp_torch  # noqa: E402
+from adamp_core.paths import numba_fused  # noqa: E402
+
+KW = {"adamp": dict(lr=1e-2, weight_decay=0.1), "sgdp": dict(lr=0.05, momentum=0.9, weight_decay=1e-2)}
+CLASSES = {"adamp": adamp_torch.AdamP, "sgdp": adamp_torch.SGDP}
+TOL = {torch.float64: 1e-12, torch.float32: 1e-5}
+WARM = 20  # warm steps with error_on_recompile
+
+# (id, options): every path and option a compiled step may take
+SETTINGS = {
+    "defaults": {},
+    "fused=False": dict(fused=False),
+    "fused=True": dict(fused=True),
+    "foreach=True": dict(foreach=True),
+    "foreach=False": dict(foreach=False),
+    "fused=False,foreach=True": dict(fused=False, foreach=True),
+    "fused=False,foreach=False": dict(fused=False, foreach=False),
+    "caution": dict(caution=True),
+    "nesterov": dict(nesterov=True),
+    "skip_nonfinite": dict(skip_nonfinite=True),
+    "maximize": dict(maximize=True),
+    "no weight_decay": dict(weight_decay=0.0),
+}
+
+
+@pytest.fixture(autouse=True)
+def _fresh_dynamo():
+    torch._dynamo.reset()
+    counters.clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # profiler notices
+        yield
+    torch._dynamo.reset()
+
+
+def _net(dtype):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 4, 3, bias=False), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(64, 5)).to(dtype)
+
+
+def _groups(net, **kw):
+    """Two param groups (decay on the weights, none on biases and norms), as training recipes do."""
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    rest = [p for p in net.parameters() if p.ndim <= 1]
+    return [dict(params=decay), dict(params=rest, weight_decay=0.0)]
+
+
+def _batches(n, dtype, nonfinite_at=None):
+    gen = torch.Generator().manual_seed(1)
+    out = [(torch.randn(8, 3, 6, 6, generator=gen, dtype=dtype), torch.randint(0, 5, (8,), generator=gen))
+           for _ in range(n)]
+    if nonfinite_at is not None:
+        x, y = out[nonfinite_at]
+        out[nonfinite_at] = (x.clone().fill_(float("inf")), y)
+    return out
+
+
+class Graphs:
+    """A dynamo backend that counts the graphs it is given and runs each as traced."""
+
+    def __init__(self):
+        self.graphs = []
+
+    def __call__(self, gm, example_inputs):
+        self.graphs.append(gm)
+        return gm.forward
+
+
+def _run_pair(optimizer, options, dtype, *, backend=None, steps=6, warm=WARM, tensor_lr=False, scheduler=False,
+              nonfinite_at=None):
+    """An eager and a compiled optimizer (compiled from the first step) on two copies of one net; returns
+    (eager net, compiled net, eager opt, compiled opt, graphs, frames compiled during the warm steps)."""
+    kw = {**KW[optimizer], **options}
+    nets = [_net(dtype), _net(dtype)]
+    opts = []
+    for n in nets:
+        lr = torch.tensor(kw["lr"], dtype=torch.float64) if tensor_lr else kw["lr"]
+        opts.append(CLASSES[optimizer](_groups(n), **{**kw, "lr": lr}))
+    scheds = [torch.optim.lr_scheduler.StepLR(o, step_size=3, gamma=0.5) for o in opts] if scheduler else []
+    graphs = Graphs()
+    compiled = torch.compile(opts[1].step, backend=backend or graphs)
+    batches = _batches(steps + warm, dtype, nonfinite_at)
+    frames = None
+    for k, (x, y) in enumerate(batches):
+        if k == steps:  # warm: nothing may compile again from here on
+            frames = counters["stats"]["unique_graphs"]
+            ctx = torch._dynamo.config.patch(error_on_recompile=True)
+            ctx.__enter__()
+        for n, o, step in ((nets[0], opts[0], opts[0].step), (nets[1], opts[1], compiled)):
+            o.zero_grad()
+            F.cross_entropy(n(x), y).backward()
+            step()
+        for s in scheds:
+            s.step()
+    if warm:
+        ctx.__exit__(None, None, None)
+    new_frames = counters["stats"]["unique_graphs"] - (frames or 0)
+    return nets, opts, graphs.graphs, new_frames
+
+
+def _assert_equal(nets, opts, dtype):
+    tol = TOL[dtype]
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        scale = p.abs().max().clamp_min(1e-30)
+        assert ((p - q).abs().max() / scale).item() <= tol
+        for k, v in opts[0].state[p].items():
+            w = opts[1].state[q][k]
+            if v.dtype.is_floating_point:
+                assert ((v - w).abs().max() / v.abs().max().clamp_min(1e-30)).item() <= tol, k
+            else:
+                assert torch.equal(v, w), k
+
+
+def _breaks():
+    """Graph breaks other than torch.optim's own two (``_use_grad_for_differentiable``, ours mirrors it)."""
+    return {k: v for k, v in counters["graph_break"].items() if "torch._dynamo.graph_break()" not in k}
+
+
+@pytest.mark.parametrize("setting", list(SETTINGS))
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_compiled_step_equals_eager_without_recompiles(optimizer, setting):
+    options = SETTINGS[setting]
+    if options.get("fused") is True and not numba_fused.AVAILABLE:
+        pytest.skip("numba is not installed")
+    nonfinite_at = 2 if options.get("skip_nonfinite") else None
+    nets, opts, graphs, new_frames = _run_pair(optimizer, options, torch.float64, nonfinite_at=nonfinite_at)
+    assert new_frames == 0
+    assert 1 <= len(graphs) <= 2 * len(opts[1].param_groups)
+    assert not _breaks()
+    assert sum(node.op == "call_function" for g in graphs for node in g.graph.nodes) > 20, "no update in the graph"
+    _assert_equal(nets, opts, torch.float64)
+    if nonfinite_at is not None:
+        counts = [int(opts[1].state[p]["nonfinite_skips"]) for p in nets[1].parameters()]
+        assert counts == [int(opts[0].state[p]["nonfinite_skips"]) for p in nets[0].parameters()]
+        assert max(counts) == 1
+
+
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_tensor_lr_with_a_scheduler_compiles_once(optimizer):
+    """A 0-d tensor lr changed by a scheduler every 3 steps: a graph input, nothing compiled again."""
+    nets, opts, graphs, new_frames = _run_pair(optimizer, {}, torch.float64, tensor_lr=True, scheduler=True)
+    assert new_frames == 0
+    assert len(graphs) <= 2 * len(opts[1].param_groups)
+    assert torch.is_tensor(opts[1].param_groups[0]["lr"])
+    assert opts[1].param_groups[0]["lr"].item() < KW[optimizer]["lr"] / 2**5  # the schedule did run
+    _assert_equal(nets, opts, torch.float64)
+
+
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_float32_compiled_equals_eager(optimizer):
+    nets, opts, graphs, new_frames = _run_pair(optimizer, {}, torch.float32, warm=4)
+    assert new_frames == 0
+    _assert_equal(nets, opts, torch.float32)
+
+
+def test_aot_eager_backend():
+    """Through AOTAutograd (functionalization, the in-place epilogue), as inductor sees the graph."""
+    nets, opts, _, new_frames = _run_pair("adamp", dict(caution=True), torch.float64, backend="aot_eager", warm=3)
+    assert new_frames == 0
+    assert not _breaks()
+    _assert_equal(nets, opts, torch.float64)
+
+
+def test_a_float_lr_changed_by_a_scheduler_recompiles_as_torch_optim_does():
+    """A Python-float lr is a constant of the graph (as in torch.optim): a new value compiles again; README
+    recommends a 0-d tensor lr with a scheduler."""
+    with pytest.raises(Exception, match="[Rr]ecompil"):
+        _run_pair("adamp", {}, torch.float64, scheduler=True, steps=1, warm=4)
+
+
+def test_a_param_listed_twice_steps_eagerly_inside_the_compiled_step():
+    """A group listing a param twice (stepped twice, as adamp 0.3.0) takes the eager step through a graph
+    break; the result is the eager optimizer's."""
+    gen = torch.Generator().manual_seed(0)
+    ps = [[nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64))] for _ in range(2)]
+    ps[1][0].data.copy_(ps[0][0].data)
+    opts = [adamp_torch.AdamP([p[0], p[0]], lr=0.01) for p in ps]
+    compiled = torch.compile(opts[1].step, backend=Graphs())
+    for _ in range(3):
+        g = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+        for p, step in ((ps[0][0], opts[0].step), (ps[1][0], compiled)):
+            p.grad = g.clone()
+            step()
+    assert torch.equal(ps[0][0], ps[1][0])
+    assert int(opts[1].state[ps[1][0]]["step"]) == 6
