@@ -319,8 +319,31 @@ def run_batch(kernel: str, addresses: list[list[int]], params: list[Any], steps:
 # -- the path (adamp_core.paths): claim, plan, regrad, run ------------------------------------------------
 
 def offered(options: Any) -> bool:
-    """numba installed, ``fused`` not False, not inside a tracer."""
-    return AVAILABLE and options.fused is not False and not options.traced
+    """numba installed, ``fused`` not False; inside a tracer only once :func:`prepare_traced` registered the
+    kernels as a torch operator (a compiled torch step on a CPU, ``fused=True``; see :data:`TRACED_DEFAULT`)."""
+    if not AVAILABLE or options.fused is False:
+        return False
+    if options.traced:
+        return _TORCH_OP[0] is not None and (options.fused is True or TRACED_DEFAULT)
+    return True
+
+
+# Whether a compiled torch step on a CPU calls the kernels (as torch.ops.adamp_xp.numba_step) with the default
+# fused=None, rather than letting inductor generate the array-API step: chosen by measurement
+# (adamp_xp.bench.compiled: ResNet-50 shapes, float32, CPU). fused=True always calls them.
+TRACED_DEFAULT = True
+
+_TORCH_OP: list[Any] = [None]  # torch.ops.adamp_xp.numba_step once registered (prepare_traced)
+
+
+def prepare_traced(spec: Any, fused: Any) -> None:
+    """Before a torch step is traced (torch.compile): register the kernels as a torch operator
+    (:mod:`adamp_core.paths._torch_ops`), so that the traced step calls it. Nothing where ``fused`` is False
+    or numba is not installed; numba itself loads on the operator's first real call."""
+    if AVAILABLE and fused is not False and _TORCH_OP[0] is None:
+        from . import _torch_ops
+
+        _TORCH_OP[0] = _torch_ops
 
 
 def _count_view(step: Any) -> Any:
@@ -344,9 +367,32 @@ def _buffers(spec: Any, state: Any) -> list[Any]:
     return [getattr(state, f) for f in spec.buffers]
 
 
+def _traced_fits(spec: Any, t: Any, hp: Any) -> bool:
+    """Inside a torch trace (metadata of fake tensors only): plain CPU tensors of one float32/float64 dtype and
+    shape, contiguous, an int64 0-d CPU count; every hyperparameter a Python number but ``lr`` (a CPU tensor
+    lr is read by the operator: a host value)."""
+    torch = sys.modules.get("torch")
+    if torch is None or not t.writable or t.alone or t.rows is not None:
+        return False
+    first = t.param
+    if type(first) not in (torch.Tensor, torch.nn.Parameter) or first.dtype not in (torch.float32, torch.float64):
+        return False
+    for x in (first, t.grad, *_buffers(spec, t.state)):
+        if (x is not first and type(x) is not torch.Tensor) or x.dtype != first.dtype or x.shape != first.shape \
+                or x.device.type != "cpu" or not x.is_contiguous():
+            return False
+    if spec.has_step:
+        s = t.state.step
+        if type(s) is not torch.Tensor or s.dtype != torch.int64 or s.dim() != 0 or s.device.type != "cpu":
+            return False
+    return all(not hasattr(v, "shape") for v in hp[1:]) and (not hasattr(hp.lr, "shape") or hp.lr.device.type == "cpu")
+
+
 def claim(spec: Any, tensors: Any, idx: list[int], hp: Any, options: Any) -> list[int]:
     """Tensors whose param, grad and state are writeable C-contiguous float32/float64 host buffers of one
     dtype (:func:`host_addresses`), rows all here, and a step count the kernels can read and advance."""
+    if options.traced:
+        return [i for i in idx if _traced_fits(spec, tensors[i], hp)]
     taken = []
     for i in idx:
         t = tensors[i]
@@ -386,9 +432,20 @@ class Plan(NamedTuple):
     torch_threads: bool  # the tensors are torch's: torch.set_num_threads governs the kernels' threads
 
 
-def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Plan:
+class TracedPlan(NamedTuple):
+    """Inside a torch trace: the tensors of each dtype, stepped by one call of the torch operator."""
+
+    groups: list[list[int]]
+
+
+def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Plan | TracedPlan:
     """Address tables, kernel dims and step-count addresses of the batches (one per dtype), NumPy views of
-    the large tensors; built once."""
+    the large tensors; built once. Inside a torch trace, only the tensors of each dtype."""
+    if options.traced:
+        by_dtype: dict[Any, list[int]] = {}
+        for i in taken:
+            by_dtype.setdefault(tensors[i].param.dtype, []).append(i)
+        return TracedPlan(list(by_dtype.values()))
     small: dict[Any, list[int]] = {}
     bigs = []
     for i in taken:
@@ -461,6 +518,8 @@ def run(plan: Plan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, 
     the tensors handed back (:data:`FALLBACK`: float64 sums out of the kernels' range)."""
     from . import NUMBA, Outcome, written
 
+    if type(plan) is TracedPlan:
+        return _run_traced(plan, spec, tensors, grads, hp, options, sink)
     if plan.torch_threads:  # torch.set_num_threads governs the kernels too
         n = sys.modules["torch"].get_num_threads()
         if n != _THREADS[0]:
@@ -524,3 +583,24 @@ def run(plan: Plan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, 
                 big.count[()] += 1
             sink([big.i], [done])
     return rest
+
+
+def _run_traced(plan: TracedPlan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, sink: Any) -> list[int]:
+    """Inside a torch trace: one call of ``torch.ops.adamp_xp.numba_step`` per dtype (a node of the graph; it
+    writes params, state and counts in place and returns the skip flags)."""
+    from . import NUMBA, Outcome, written
+
+    op = _TORCH_OP[0]
+    lr, floats, flags = op.pack(hp)
+    skip, fields = options.skip_nonfinite, spec.buffers
+    for idx in plan.groups:
+        ts = [tensors[i] for i in idx]
+        bufs = [getattr(t.state, f) for t in ts for f in fields]
+        steps = [t.state.step for t in ts] if spec.has_step else []
+        skipped = op.step_op(spec.key, [t.param for t in ts], [grads[i] for i in idx], bufs, steps, lr, floats,
+                                flags, skip)
+        if skip:
+            sink(idx, [Outcome(NUMBA, skips=skipped[j]) for j in range(len(idx))])
+        else:
+            sink(idx, [written(NUMBA)] * len(idx))
+    return []
