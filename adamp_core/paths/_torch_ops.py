@@ -22,7 +22,7 @@ import torch
 from ..optimizers import ADAMP, SGDP
 from . import Options, Tensor, per_tensor
 
-__all__ = ["numba_step", "pack", "step_op"]
+__all__ = ["bind", "numba_step", "pack", "step_op"]
 
 _SPECS = {"adamp": ADAMP, "sgdp": SGDP}
 # One template of each optimizer's hyperparameters: the order and kind of the fields pack() flattens.
@@ -61,6 +61,14 @@ def _unpack(kind: str, lr: Any, floats: list[float], flags: list[bool]) -> Any:
     return type(template)(*values)
 
 
+_PATH: list[Any] = [None]  # adamp_core.paths.numba_fused, handed in by bind() (no import circle)
+
+
+def bind(path: Any) -> None:
+    """Give the operator the numba path's module (:mod:`adamp_core.paths.numba_fused` calls this)."""
+    _PATH[0] = path
+
+
 _PLANS: dict[Any, Any] = {}  # (kind, skip, state addresses) -> the numba path's plan, refreshed for new grads
 
 
@@ -71,8 +79,9 @@ def numba_step(kind: str, params: list[torch.Tensor], grads: list[torch.Tensor],
     """One step of ``kind`` ("adamp"/"sgdp") of every tensor, in place; ``bufs``: the state buffers, flat
     (``exp_avg, exp_avg_sq`` per tensor; ``momentum``), ``steps``: AdamP's 0-d int64 counts (advanced in
     place). Returns int64 flags, 1 where a non-finite grad skipped the tensor."""
-    from . import NUMBA, numba_fused
+    from . import NUMBA
 
+    numba_fused = _PATH[0]
     spec = _SPECS[kind]
     hp = _unpack(kind, lr, floats, flags)
     n, k = len(params), len(spec.buffers)

@@ -343,6 +343,7 @@ def prepare_traced(spec: Any, fused: Any) -> None:
     if AVAILABLE and fused is not False and _TORCH_OP[0] is None:
         from . import _torch_ops
 
+        _torch_ops.bind(sys.modules[__name__])
         _TORCH_OP[0] = _torch_ops
 
 
