@@ -229,3 +229,43 @@ def test_the_kernel_operator_hands_out_of_range_tensors_to_the_array_api_step():
     assert "numba_step" in graphs.graphs[0].code
     for a, b in zip(*ps, strict=True):
         assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-12
+
+
+# -- capturable (torch's name and meaning) ------------------------------------------------------------------
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_capturable_is_saved_and_old_checkpoints_load_without_it(optimizer):
+    cls = CLASSES[optimizer]
+    net = _net(torch.float64)
+    opt = cls(net.parameters(), **KW[optimizer], capturable=True)
+    assert opt.param_groups[0]["capturable"] is True
+    x, y = _batches(1, torch.float64)[0]
+    F.cross_entropy(net(x), y).backward()
+    opt.step()
+    sd = opt.state_dict()
+    assert sd["param_groups"][0]["capturable"] is True
+    for g in sd["param_groups"]:  # a checkpoint of an older version (or of adamp 0.3.0's keys and ours)
+        del g["capturable"]
+    fresh = cls(net.parameters(), **KW[optimizer])
+    fresh.load_state_dict(sd)
+    assert fresh.param_groups[0]["capturable"] is False
+    if optimizer == "adamp":
+        p = next(net.parameters())
+        assert fresh.state[p]["step"].device == p.device and fresh.state[p]["step"].dtype == torch.int64
+
+
+@pytest.mark.parametrize("bad", [1, None, "yes"])
+def test_capturable_must_be_a_bool(bad):
+    with pytest.raises(TypeError, match=rf"^Invalid capturable value: {bad!r} \(expected True or False\)$"):
+        adamp_torch.AdamP([nn.Parameter(torch.ones(2, 2))], capturable=bad)
+
+
+def test_capturable_refuses_a_host_tensor_lr_beside_device_params_before_any_write():
+    """A CPU 0-d lr beside params on another device (here "meta", standing for a GPU) would be read on the host
+    at every launch, and a CUDA graph would keep its value at capture: refused, naming it, nothing written."""
+    p = nn.Parameter(torch.ones(3, 2, device="meta"))
+    p.grad = torch.ones(3, 2, device="meta")
+    opt = adamp_torch.AdamP([p], lr=torch.tensor(0.01), capturable=True)
+    with pytest.raises(ValueError, match=r"Invalid learning rate: a tensor on cpu with capturable=True and params"
+                                         r" on meta .*\(param_groups\[0\]\)"):
+        opt.step()
+    assert len(opt.state[p]) == 0

@@ -24,7 +24,7 @@ __all__ = ["ArrayOptimizer"]
 
 # Group keys of adamp_torch's state dicts that adamp_array has as optimizer-wide options (or not at all):
 # a checkpoint of the torch adapter loads here (maximize must be False).
-_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
+_TORCH_GROUP_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach", "capturable")
 
 
 def _is_array(x: Any) -> bool:

@@ -70,10 +70,24 @@ def normalize_state_dtype(value: Any) -> torch.dtype | None:
 
 
 # Group keys that adamp 0.3.0 does not have.
-_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach")
+_EXTRA_KEYS = ("maximize", "state_dtype", "skip_nonfinite", "fused", "foreach", "capturable")
 
 
 _STRIDED = torch.strided
+
+
+def _check_capturable(p: torch.Tensor, hp: Any) -> None:
+    """With ``capturable=True``, a tensor hyperparameter must live on the params' device: a CPU scalar tensor
+    beside device params is read on the host by every kernel launch (a CUDA graph would keep the value it had
+    at capture)."""
+    if p.device.type == "cpu":
+        return
+    for name, value in zip(hp._fields, hp, strict=True):
+        for v in value if type(value) is tuple else (value,):
+            if torch.is_tensor(v) and v.device != p.device:
+                label = "learning rate" if name == "lr" else f"{name} value"
+                raise ValueError(f"Invalid {label}: a tensor on {v.device} with capturable=True and params on"
+                                 f" {p.device} (put it on {p.device})")
 
 
 def _eager_group(opt: ProjectedOptimizer, gi: int) -> None:
@@ -350,6 +364,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             group.setdefault("skip_nonfinite", False)
             group.setdefault("fused", None)
             group.setdefault("foreach", None)
+            group.setdefault("capturable", False)
         for name, default in self._spec.options.items():
             self.defaults.setdefault(name, default)
         self.defaults.setdefault("maximize", False)
@@ -357,6 +372,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         self.defaults.setdefault("skip_nonfinite", False)
         self.defaults.setdefault("fused", None)
         self.defaults.setdefault("foreach", None)
+        self.defaults.setdefault("capturable", False)
 
     # -- grads ------------------------------------------------------------------------------------
     @property
@@ -402,6 +418,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             for p in devices.values():  # array hyperparameters, once per device of the group's params
                 try:
                     check_hyper_arrays(p, hp)
+                    if group.get("capturable", False):
+                        _check_capturable(p, hp)
                 except (TypeError, ValueError) as exc:
                     raise type(exc)(f"{exc} (param_groups[{gi}])") from None
             out.append((hp, grads, view))
@@ -440,7 +458,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
     # -- non-finite gradients (skip_nonfinite=True) ----------------------------------------------
     @staticmethod
     def _check_flags(group: dict[str, Any]) -> None:
-        for name in ("maximize", "skip_nonfinite"):
+        for name in ("maximize", "skip_nonfinite", "capturable"):
             if not isinstance(group.get(name, False), bool):
                 raise TypeError(f"Invalid {name} value: {group[name]!r} (expected True or False)")
         check_fused(group.get("fused"))
@@ -545,6 +563,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         for p in {p.device: p for p in owners}.values():
             try:
                 check_hyper_arrays(p, hp)
+                if group.get("capturable", False):
+                    _check_capturable(p, hp)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{exc} (param_groups[{gi}])") from None
         if any(is_dtensor(p) for p in owners) or len({id(p) for p in owners}) != len(owners):

@@ -68,6 +68,12 @@ class AdamP(ProjectedOptimizer):
             non-contiguous, ``fused=False``) together with :mod:`adamp_core.paths.multi_tensor`: one set of kernels
             per group of equal row length, dtype and device instead of per tensor (the GPU path); False
             steps them one at a time. Not inside ``torch.compile`` or with diagnostics on.
+        capturable: torch's name and meaning: the step can be captured in a CUDA graph
+            (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``). Step counts always stay on the
+            param's device and no path reads a device value on the host, so the step is the same either way;
+            True also requires a tensor ``lr`` to be on the params' device (a CPU tensor would be read at
+            capture). Capture after one eager step (state, plans and kernel tables are made then) with grads
+            kept in the same tensors, as for ``torch.optim.AdamW(capturable=True)``.
 
     State per param: ``step`` (0-d int64 tensor on the param's device; a Python int in
     :meth:`state_dict`, as adamp 0.3.0 stores it), ``exp_avg``, ``exp_avg_sq``.
@@ -80,5 +86,5 @@ class AdamP(ProjectedOptimizer):
                  delta: float = 0.1, wd_ratio: float = 0.1, nesterov: bool = False, caution: bool = False, *,
                  maximize: bool = False,
                  state_dtype: torch.dtype | str | None = None, skip_nonfinite: bool = False, fused: bool | None = None,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, capturable: bool = False) -> None:
         super().__init__(params, locals())

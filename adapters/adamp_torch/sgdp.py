@@ -60,6 +60,7 @@ class SGDP(ProjectedOptimizer):
             :class:`adamp_torch.AdamP`.
         foreach: the multi-tensor step of :mod:`adamp_core.paths.multi_tensor` for the rest, as in
             :class:`adamp_torch.AdamP`.
+        capturable: the step can be captured in a CUDA graph, as in :class:`adamp_torch.AdamP`.
 
     State per param: ``momentum``, as adamp 0.3.0 names it.
     """
@@ -71,5 +72,5 @@ class SGDP(ProjectedOptimizer):
                  delta: float = 0.1, wd_ratio: float = 0.1, caution: bool = False, project_buffer: bool = True, *,
                  maximize: bool = False,
                  state_dtype: torch.dtype | str | None = None, skip_nonfinite: bool = False, fused: bool | None = None,
-                 foreach: bool | None = None) -> None:
+                 foreach: bool | None = None, capturable: bool = False) -> None:
         super().__init__(params, locals())
