@@ -13,7 +13,8 @@
 #
 # Environment: PYTHON (default python3); GPU_CHECK_BUDGET_S (default 570: no step starts or runs past
 # it); GPU_CHECK_ONLY="bench conformance" (run only these steps); GPU_CHECK_LIMITS="bench=150" (other
-# limits, seconds); XLA_PYTHON_CLIENT_PREALLOCATE (default false: JAX shares the GPU with torch, CuPy).
+# limits, seconds); XLA_PYTHON_CLIENT_PREALLOCATE (default false: JAX shares the GPU with torch, CuPy);
+# GPU_CHECK_CAPTURE=1 adds the step capture (scripts/gpu_capture_check.py; run it alone: GPU_CHECK_ONLY=capture).
 set -uo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.." || exit 2
@@ -24,7 +25,7 @@ OUT_DIR=""
 for arg in "$@"; do
     case "$arg" in
         --dry-run) DRY_RUN=1 ;;
-        -h | --help) sed -n '2,16p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        -h | --help) sed -n '2,17p' "${BASH_SOURCE[0]}" | sed 's/^# \{0,1\}//'; exit 0 ;;
         -*) echo "gpu_check: unknown option $arg" >&2; exit 2 ;;
         *) OUT_DIR=$arg ;;
     esac
@@ -93,6 +94,12 @@ add_step pytest-cuda 140 "$PYTHON" -m pytest "${PYTEST_OPTS[@]}" "${PYTEST_FILES
 # The fused Triton step (issue 18): against fused AdamW, adamp 0.3.0 and the multi-tensor step on ResNet-50
 # shapes and 2,000 small tensors, with memory and GPU launches, and a CUDA-graph capture of optimizer.step().
 add_step triton 100 "$PYTHON" scripts/gpu_triton_check.py "$OUT_DIR/triton.json"
+# Captured and compiled steps (issue 24): torch.cuda.graph and torch.compile(mode="reduce-overhead") of
+# optimizer.step() with capturable=True on each CUDA path, against eager and AdamW(fused=True, capturable=True).
+# The steps above spend the budget: a command of its own, GPU_CHECK_CAPTURE=1 GPU_CHECK_ONLY=capture.
+if [[ "${GPU_CHECK_CAPTURE:-0}" == 1 ]]; then
+    add_step capture 400 "$PYTHON" scripts/gpu_capture_check.py "$OUT_DIR/capture.json"
+fi
 add_step conformance 70 "$PYTHON" -m adamp_xp.cli conformance --device cuda --json "$OUT_DIR/conformance-cuda.json"
 add_step bench 90 "$PYTHON" -m adamp_xp.cli bench --device cuda --quick --json "$OUT_DIR/bench-cuda.json"
 add_step pytest-jax-gpu rest "$PYTHON" -m pytest "${PYTEST_OPTS[@]}" "${PYTEST_FILES[@]}" \
@@ -135,7 +142,8 @@ if [[ "$DRY_RUN" == 1 ]]; then
     for s in scripts/gpu_check.sh scripts/fetch_gpu_wheels.sh; do
         if bash -n "$s" 2>/dev/null; then check ok "bash -n $s"; else check ERROR "bash -n $s: syntax error"; fi
     done
-    for s in scripts/gpu_machine_info.py scripts/unpack_wheels.py scripts/gpu_triton_check.py; do
+    for s in scripts/gpu_machine_info.py scripts/unpack_wheels.py scripts/gpu_triton_check.py \
+        scripts/gpu_capture_check.py; do
         if [[ -f "$s" ]]; then check ok "$s present"; else check ERROR "$s missing"; fi
     done
     if [[ -d "$WHEEL_DIR" ]]; then check ok "$WHEEL_DIR/ present"; else check WARN "$WHEEL_DIR/ absent"; fi
