@@ -21,7 +21,7 @@ from torch import nn  # noqa: E402
 from torch._dynamo.utils import counters  # noqa: E402
 
 import adamp_torch  # noqa: E402
-from adamp_core.paths import numba_fused  # noqa: E402
+from adamp_core.paths import numba_fused, triton_fused  # noqa: E402
 
 KW = {"adamp": dict(lr=1e-2, weight_decay=0.1), "sgdp": dict(lr=0.05, momentum=0.9, weight_decay=1e-2)}
 CLASSES = {"adamp": adamp_torch.AdamP, "sgdp": adamp_torch.SGDP}
@@ -269,3 +269,31 @@ def test_capturable_refuses_a_host_tensor_lr_beside_device_params_before_any_wri
                                          r" on meta .*\(param_groups\[0\]\)"):
         opt.step()
     assert len(opt.state[p]) == 0
+
+
+# -- the Triton kernels as a torch operator (CPU tensors under Triton's interpreter) -------------------------
+TRITON = {"fused=triton": {}, "fused=triton,skip_nonfinite,caution": dict(skip_nonfinite=True, caution=True),
+          "fused=triton,nesterov,maximize": dict(nesterov=True, maximize=True)}
+
+
+@pytest.mark.parametrize("setting", list(TRITON))
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp"])
+def test_compiled_triton_step_calls_the_kernels_as_an_operator(optimizer, setting, monkeypatch):
+    """fused="triton": the compiled step calls torch.ops.adamp_xp.triton_step once per launch set (an opaque
+    operator, run here by Triton's interpreter on CPU tensors: on a GPU the same node launches the kernels and
+    a CUDA graph captures them, scripts/gpu_capture_check.py); equal to the eager Triton step, bit for bit."""
+    if not triton_fused.AVAILABLE:
+        pytest.skip("triton is not installed")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    options = {"fused": "triton", **TRITON[setting]}
+    nonfinite_at = 2 if options.get("skip_nonfinite") else None
+    nets, opts, graphs, new_frames = _run_pair(optimizer, options, torch.float32, steps=4, warm=3,
+                                               nonfinite_at=nonfinite_at)
+    assert new_frames == 0
+    assert not _breaks()
+    ops = [str(node.target) for g in graphs for node in g.graph.nodes if node.op == "call_function"]
+    assert ops.count("adamp_xp.triton_step.default") == len(opts[1].param_groups)
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(p, q)
+        for k, v in opts[0].state[p].items():
+            assert torch.equal(v, opts[1].state[q][k]), k

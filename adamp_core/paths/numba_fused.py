@@ -343,7 +343,7 @@ def prepare_traced(spec: Any, fused: Any) -> None:
     if AVAILABLE and fused is not False and _TORCH_OP[0] is None:
         from . import _torch_ops
 
-        _torch_ops.bind(sys.modules[__name__])
+        _torch_ops.bind("numba", sys.modules[__name__])
         _TORCH_OP[0] = _torch_ops
 
 
@@ -591,16 +591,9 @@ def _run_traced(plan: TracedPlan, spec: Any, tensors: Any, grads: Any, hp: Any, 
     writes params, state and counts in place and returns the skip flags)."""
     from . import NUMBA, Outcome, written
 
-    op = _TORCH_OP[0]
-    lr, floats, flags = op.pack(hp)
-    skip, fields = options.skip_nonfinite, spec.buffers
     for idx in plan.groups:
-        ts = [tensors[i] for i in idx]
-        bufs = [getattr(t.state, f) for t in ts for f in fields]
-        steps = [t.state.step for t in ts] if spec.has_step else []
-        skipped = op.step_op(spec.key, [t.param for t in ts], [grads[i] for i in idx], bufs, steps, lr, floats,
-                                flags, skip)
-        if skip:
+        skipped = _TORCH_OP[0].call("numba", spec, tensors, idx, grads, hp, options.skip_nonfinite)
+        if options.skip_nonfinite:
             sink(idx, [Outcome(NUMBA, skips=skipped[j]) for j in range(len(idx))])
         else:
             sink(idx, [written(NUMBA)] * len(idx))

@@ -550,8 +550,62 @@ class Plan(NamedTuple):
 
 
 def offered(options: Any) -> bool:
-    """Only with ``fused="triton"`` (opt-in), outside a tracer, Triton installed."""
-    return options.fused == "triton" and not options.traced and AVAILABLE
+    """Only with ``fused="triton"`` (opt-in), Triton installed; inside a tracer only once
+    :func:`prepare_traced` registered the kernels as a torch operator (a compiled torch step)."""
+    return options.fused == "triton" and AVAILABLE and (not options.traced or _TORCH_OP[0] is not None)
+
+
+_TORCH_OP: list[Any] = [None]  # adamp_core.paths._torch_ops once loaded (prepare_traced)
+
+
+def prepare_traced(spec: Any, fused: Any) -> None:
+    """Before a torch step is traced (torch.compile): register the kernels as a torch operator
+    (``torch.ops.adamp_xp.triton_step``, :mod:`adamp_core.paths._torch_ops`), so that the traced step calls
+    them (and a CUDA graph captures their launches). Only with ``fused="triton"``; triton itself loads on
+    the operator's first real call."""
+    if AVAILABLE and fused == "triton" and _TORCH_OP[0] is None:
+        from . import _torch_ops
+
+        _torch_ops.bind("triton", sys.modules[__name__])
+        _TORCH_OP[0] = _torch_ops
+    _TRACED_INTERPRET[0] = interpreting()  # read here, eagerly: no environment lookup inside the trace
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        _kinds(torch)  # filled here, not inside the trace
+
+
+_TRACED_INTERPRET = [False]
+
+
+def _traced_key(spec: Any, t: Any) -> Any:
+    """Inside a torch trace (metadata of fake tensors only, simpler than :func:`entry`): the launch-set key
+    (device, dtypes) of plain, contiguous tensors of one device, shape and dtype (state buffers of a kernel
+    dtype), a 0-d int64 count on the device; None where the kernels do not take it."""
+    torch = sys.modules["torch"]
+    if not t.writable or t.alone or t.rows is not None:
+        return None
+    p, plain = t.param, (torch.Tensor, torch.nn.Parameter)
+    kinds = _KINDS or _kinds(torch)
+    if type(p) not in plain or p.dtype not in kinds or not (p.is_cuda or (p.is_cpu and _TRACED_INTERPRET[0])):
+        return None
+    bufs = [getattr(t.state, f) for f in spec.buffers]
+    for x in (p, t.grad, *bufs):
+        if type(x) not in plain or x.device != p.device or x.shape != p.shape or not x.is_contiguous() \
+                or x.dtype not in kinds:
+            return None
+    if t.grad.dtype != p.dtype:
+        return None
+    if spec.has_step:
+        s = t.state.step
+        if type(s) is not torch.Tensor or s.dtype != torch.int64 or s.dim() != 0 or s.device != p.device:
+            return None
+    return (p.device, p.dtype, *(b.dtype for b in bufs))
+
+
+class TracedPlan(NamedTuple):
+    """Inside a torch trace: the tensors of each key (device, storage kinds), one operator call each."""
+
+    groups: list[list[int]]
 
 
 def claim(spec: Any, tensors: Any, idx: list[int], hp: Any, options: Any) -> list[int]:
@@ -559,13 +613,20 @@ def claim(spec: Any, tensors: Any, idx: list[int], hp: Any, options: Any) -> lis
     hyperparameter is a Python number (:func:`supports_hyperparams`)."""
     if not supports_hyperparams(hp):
         return []
+    if options.traced:
+        return [i for i in idx if _traced_key(spec, tensors[i]) is not None]
     interpret = interpreting()
     return [i for i in idx if tensors[i].writable and not tensors[i].alone and tensors[i].rows is None
             and entry(spec, tensors[i].param, tensors[i].grad, tensors[i].state, interpret) is not None]
 
 
-def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Plan:
-    """One :class:`GroupPlan` per key (device and storage kinds)."""
+def plan(spec: Any, tensors: Any, taken: list[int], hp: Any, options: Any) -> Plan | TracedPlan:
+    """One :class:`GroupPlan` per key (device and storage kinds); inside a torch trace, the indices per key."""
+    if options.traced:
+        keys: dict[Any, list[int]] = {}
+        for i in taken:
+            keys.setdefault(_traced_key(spec, tensors[i]), []).append(i)
+        return TracedPlan(list(keys.values()))
     interpret = interpreting()
     by_key: dict[Any, list[tuple[int, Entry]]] = {}
     for i in taken:
@@ -608,6 +669,12 @@ def run(plan: Plan, spec: Any, tensors: Any, grads: Any, hp: Any, options: Any, 
     from . import TRITON, Outcome, written
 
     skip = options.skip_nonfinite
+    if type(plan) is TracedPlan:  # inside a torch trace: one operator call per key (a node of the graph)
+        for idx in plan.groups:
+            skipped = _TORCH_OP[0].call("triton", spec, tensors, idx, grads, hp, skip)
+            sink(idx, [Outcome(TRITON, skips=skipped[j]) for j in range(len(idx))] if skip else
+                 [written(TRITON)] * len(idx))
+        return []
     for g in plan.groups:
         ok, skips = run_group(spec, g, hp, skip, None if g.rows is not None else
                               [tensors[i].state.step for i in g.idx])
