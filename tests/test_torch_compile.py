@@ -297,3 +297,40 @@ def test_compiled_triton_step_calls_the_kernels_as_an_operator(optimizer, settin
         assert torch.equal(p, q)
         for k, v in opts[0].state[p].items():
             assert torch.equal(v, opts[1].state[q][k]), k
+
+
+# -- inductor (slow on a shared CPU: one small case each way) -------------------------------------------------
+@pytest.mark.parametrize("fused", [None, False], ids=["numba-operator", "inductor-maths"])
+def test_inductor_compiled_step_equals_eager(fused):
+    """backend="inductor": the default CPU step (the numba operator, which inductor calls in place) and
+    fused=False (inductor's own C++ for the array-API maths), on a conv weight and a bias, float32."""
+    if fused is None and not numba_fused.AVAILABLE:
+        pytest.skip("numba is not installed")
+    gen = torch.Generator().manual_seed(0)
+    data = [torch.randn(4, 3, 3, 3, generator=gen), torch.randn(4, generator=gen)]
+    ps = [[nn.Parameter(d.clone()) for d in data] for _ in range(2)]
+    opts = [adamp_torch.AdamP(p, lr=0.01, weight_decay=0.1, fused=fused) for p in ps]
+    compiled = torch.compile(opts[1].step, backend="inductor")
+    for k in range(5):
+        gs = [torch.randn(d.shape, generator=gen) for d in data]
+        with torch._dynamo.config.patch(error_on_recompile=k > 0):
+            for p, step in ((ps[0], opts[0].step), (ps[1], compiled)):
+                for q, g in zip(p, gs, strict=True):
+                    q.grad = g.clone()
+                step()
+    for a, b in zip(*ps, strict=True):
+        assert ((a - b).abs().max() / a.abs().max()).item() <= 1e-5
+    assert int(opts[1].state[ps[1][0]]["step"]) == 5
+
+
+def test_bench_compiled_rows():
+    """adamp_xp.bench.compiled: every row, one run (dynamo's eager backend, the small workload: the table's
+    shape, not its times)."""
+    from adamp_xp.bench import compiled
+
+    rows = compiled.run("small", ("adamp", "sgdp"), steps=1, repeats=1, backend="eager", scale=0.01)
+    assert [r.name for r in rows][:3] == ["AdamP() compiled", "AdamP(fused=False) compiled",
+                                          "AdamW(foreach=True) compiled"]
+    assert len(rows) == 10 and all(r.step_ms > 0 for r in rows)
+    assert all((r.compile_s is not None) == r.compiled for r in rows)
+    assert "ms/step" in compiled.format_rows(rows)
