@@ -26,6 +26,10 @@ up to the order of the row and layer sums (float64 within 1e-12, float32 within 
 everything stays sync-free. The concatenation costs a copy of params, grads and state, so a group holds
 at most :data:`GROUP_MAX_ELEMENTS` elements (a tensor above it is stepped alone), which bounds the step's
 extra memory whatever the model's size.
+
+torch tensors that may be written in place (outside a tracer) take torch's own multi-tensor step instead,
+:mod:`adamp_core.paths._multi_tensor_torch` (the same maths in a fixed number of operators per group, any
+row lengths together, written in place); every other library keeps the array-API code here.
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ from typing import Any, NamedTuple
 
 from .._common import finite_flag, is_python_int, keep_if_finite
 from ..adamp import AdamPState, adamp_update
-from ..arrays import check_array, device, is_host
+from ..arrays import check_array, device, is_host, namespace_name
 from ..rows import RowReduce, channel_shape
 from ..sgdp import SGDPState, sgdp_update
 from . import MULTI_TENSOR, Options, Outcome, per_tensor
@@ -350,7 +354,15 @@ def claim(spec: Any, tensors: Sequence[Any], idx: list[int], hp: Any, options: O
 
 def plan(spec: Any, tensors: Sequence[Any], taken: list[int], hp: Any, options: Options) -> Plan:
     """Groups of one library, dtype, device, state dtypes and row bucket (:func:`group_indices`), each with
-    its :class:`SegmentRows` built once."""
+    its :class:`SegmentRows` built once. Torch tensors that may be written in place (outside a tracer) take
+    torch's own multi-tensor step instead (:mod:`adamp_core.paths._multi_tensor_torch`): groups of one
+    dtype, device, state dtypes and kind of step count, any row lengths, in a fixed number of operators."""
+    native = [] if options.traced else [i for i in taken if tensors[i].writable and namespace_name(tensors[i].param)
+                                        == "torch"]
+    groups = _native_groups(spec, tensors, native, options) if native else []
+    if native:
+        chosen = set(native)
+        taken = [i for i in taken if i not in chosen]
     keys, shapes = [], []
     for i in taken:
         t = tensors[i]
@@ -358,13 +370,39 @@ def plan(spec: Any, tensors: Sequence[Any], taken: list[int], hp: Any, options: 
         keys.append((xp, t.param.dtype, device(t.param), tuple(getattr(t.state, f).dtype for f in spec.buffers)))
         shapes.append(tuple(t.param.shape))
     on_host = all(is_host(tensors[i].param) for i in taken)
-    groups = []
     for members in group_indices(keys, shapes, on_host=on_host, host_max_elements=options.host_tensor_max_elements):
         chosen = [taken[j] for j in members]
         xp = keys[members[0]][0]
         layout = None if len(chosen) == 1 else _plan(xp, [tensors[i].param for i in chosen])
         groups.append((chosen, xp, layout))
     return Plan(groups)
+
+
+def _native_groups(spec: Any, tensors: Sequence[Any], idx: list[int], options: Options) -> list[tuple[Any, ...]]:
+    """The torch tensors' groups (:func:`adamp_core.paths._multi_tensor_torch.group_tensors`), each with its
+    :class:`adamp_core.paths._multi_tensor_torch.TorchGroup` (a tensor alone: None, the per-tensor step)."""
+    from . import _multi_tensor_torch as native
+
+    keys, shapes = [], []
+    for i in idx:
+        t = tensors[i]
+        step = getattr(t.state, "step", None) if spec.has_step else None
+        count = "int" if is_python_int(step) else (None if step is None else (step.dtype, step.device))
+        keys.append((t.param.dtype, t.param.device, tuple(getattr(t.state, f).dtype for f in spec.buffers), count))
+        shapes.append(tuple(t.param.shape))
+    on_host = all(is_host(tensors[i].param) for i in idx)
+    largest = min(native.MAX_ELEMENTS, options.host_tensor_max_elements) if on_host else native.MAX_ELEMENTS
+    groups: list[tuple[Any, ...]] = []
+    for members in native.group_tensors(keys, shapes, on_host=on_host,
+                                        host_max_elements=options.host_tensor_max_elements):
+        chosen = [idx[j] for j in members]
+        xp = check_array(tensors[chosen[0]].param)
+        size = math.prod(shapes[members[0]])
+        alone = len(chosen) == 1 and (size == 0 or size > largest)  # empty or too large: the per-tensor step
+        layout = None if alone else native.TorchGroup(spec, xp, [tensors[i] for i in chosen],
+                                                      len(shapes[members[0]]) > 1)
+        groups.append((chosen, xp, layout))
+    return groups
 
 
 def regrad(plan: Plan, grads: Sequence[Any]) -> Plan:
@@ -374,11 +412,15 @@ def regrad(plan: Plan, grads: Sequence[Any]) -> Plan:
 
 def run(plan: Plan, spec: Any, tensors: Sequence[Any], grads: Sequence[Any], hp: Any, options: Options,
         sink: Any) -> list[int]:
-    """One step of every group: new arrays (``Outcome.param``) for the adapter to write back."""
+    """One step of every group: new arrays (``Outcome.param``) for the adapter to write back, or, for torch's
+    own step, written in place."""
     update, skip = _UPDATE_GROUP[spec.key], options.skip_nonfinite
     for chosen, xp, layout in plan.groups:
         if layout is None:
             sink(chosen, [per_tensor.step_one(spec, xp, tensors[chosen[0]], grads[chosen[0]], hp, skip)])
+            continue
+        if getattr(layout, "native", False):
+            sink(chosen, layout.run([tensors[i] for i in chosen], [grads[i] for i in chosen], hp, skip))
             continue
         ts = [tensors[i] for i in chosen]
         new_p, new_s, ok = update(xp, [t.param for t in ts], [grads[i] for i in chosen], [t.state for t in ts], hp,
