@@ -5,11 +5,13 @@ core state, row layout, whether its arrays may be written in place), the checked
 options and, to reuse what the paths built, the group's :class:`Plans`. The policy offers the group to the
 execution paths of :mod:`adamp_core.paths` in this order, each taking what it claims of what is left:
 
-0. **Triton kernels** (:mod:`adamp_core.paths.triton_fused`; only with ``fused="triton"``, not traced):
+0. **Triton kernels** (:mod:`adamp_core.paths.triton_fused`; only with ``fused="triton"``; traced by
+   ``torch.compile``: as the operator ``torch.ops.adamp_xp.triton_step``):
    torch tensors (CuPy arrays through DLPack) on a CUDA device (CPU tensors under ``TRITON_INTERPRET=1``)
    with Python-number hyperparameters; each group of one device and dtypes in a constant number of
    launches, written in place on the device. Opt-in until a GPU has run them (README).
-1. **numba kernels** (:mod:`adamp_core.paths.numba_fused`; ``fused`` not False, not traced): writeable,
+1. **numba kernels** (:mod:`adamp_core.paths.numba_fused`; ``fused`` not False; traced by ``torch.compile``:
+   as the operator ``torch.ops.adamp_xp.numba_step``, one graph node per dtype): writeable,
    C-contiguous float32/float64 host buffers (NumPy arrays, plain CPU torch tensors) whose rows are all
    here; small ones in one batched call per dtype, larger ones one row-parallel call each, in place. A
    tensor whose float64 sums leave the kernels' range is handed back to the per-tensor step.
@@ -18,7 +20,10 @@ execution paths of :mod:`adamp_core.paths` in this order, each taking what it cl
    bucket, stepped together (on a host device only tensors below ``host_tensor_max_elements``).
 3. **per-tensor array-API step** (:mod:`adamp_core.paths.per_tensor`): everything else, including shards
    whose rows span processes (``rows``), tensors the adapter marks ``alone`` and, by default, everything
-   inside a tracer (``torch.compile``, ``jax.jit``: it fuses each step itself).
+   else inside a tracer (``torch.compile``, ``jax.jit``: it fuses each step itself).
+
+A traced torch step calls the kernels' operators only once :func:`prepare_traced` registered them (the
+adapter calls it where its code runs eagerly at trace time: no import inside the traced region).
 
 Each :class:`Outcome` names the path that ran. What the paths build (claims, layouts, address tables,
 segment indices, scratch buffers) is kept in :class:`Plans` and reused while the tensors' params, states,
@@ -132,8 +137,8 @@ def step(
     ``fused`` / ``foreach``: the adapters' options (None: where they apply and pay; True: ``fused`` as None,
     ``foreach`` also inside a tracer; False: never; ``fused="triton"``: the Triton kernels first, for every
     tensor they take, then the paths of None for the rest). ``traced``: inside a tracer that fuses each
-    tensor's step itself (``torch.compile``, ``jax.jit``): no kernels, and the multi-tensor step only if
-    asked for. ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group.
+    tensor's step itself (``torch.compile``, ``jax.jit``): the kernels only as torch operators (after
+    :func:`prepare_traced`), and the multi-tensor step only if asked for. ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group.
     ``plans``: the group's :class:`Plans`, to reuse across steps (None: built for this call only).
     ``grads``: this step's grads, index-aligned with ``tensors``, when they are not the tensors' own (an
     adapter that keeps its tensors between steps and only swaps the grads: no new Tensor per step).

@@ -334,3 +334,23 @@ def test_bench_compiled_rows():
     assert len(rows) == 10 and all(r.step_ms > 0 for r in rows)
     assert all((r.compile_s is not None) == r.compiled for r in rows)
     assert "ms/step" in compiled.format_rows(rows)
+
+
+def test_diagnostics_inside_a_compiled_step_are_recorded_by_the_eager_step():
+    """record_diagnostics() on: the group steps eagerly behind a graph break, and the records are those of the
+    eager optimizer."""
+    gen = torch.Generator().manual_seed(0)
+    ps = [[nn.Parameter(torch.randn(4, 3, generator=gen, dtype=torch.float64))] for _ in range(2)]
+    ps[1][0].data.copy_(ps[0][0].data)
+    opts = [adamp_torch.AdamP(p, lr=0.01) for p in ps]
+    for o in opts:
+        o.record_diagnostics()
+    compiled = torch.compile(opts[1].step, backend=Graphs())
+    for _ in range(2):
+        g = torch.randn(4, 3, generator=gen, dtype=torch.float64)
+        for p, step in ((ps[0][0], opts[0].step), (ps[1][0], compiled)):
+            p.grad = g.clone()
+            step()
+    assert torch.equal(ps[0][0], ps[1][0])
+    a, b = opts[0].diagnostics[ps[0][0]], opts[1].diagnostics[ps[1][0]]
+    assert all(torch.equal(torch.as_tensor(x), torch.as_tensor(y)) for x, y in zip(a, b, strict=True))

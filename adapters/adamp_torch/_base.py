@@ -389,7 +389,6 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         Returns per group ``(hyperparameters, grads, view)``: ``view`` is the last step's
         :class:`_GroupView` where it still holds (then only new grad objects are checked)."""
         out = []
-        traced = torch.compiler.is_compiling()  # a compiled step is guarded by dynamo: no view of ours
         for gi, group in enumerate(self.param_groups):
             try:  # a group edited after construction (group["lr"] = ...) is checked here, before any write
                 hp = self._check_hyper(group)
@@ -397,7 +396,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 raise type(exc)(f"{exc} (param_groups[{gi}])") from None
             params = group["params"]
             grads = [p.grad for p in params]
-            view = None if traced else self._views.get(gi)
+            view = self._views.get(gi)
             if view is not None and not view.holds(self, group, params, grads):
                 view = None
             if view is None:
@@ -546,8 +545,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
         graph inputs): checks the group's hyperparameters and grads (before anything is written), creates
         missing state, loads what the traced step calls (:func:`adamp_core.dispatch.prepare_traced`), and
         fills the lists with the params that have a grad, their grads, step counts, state buffers (flat,
-        in the spec's order) and skip counters. Returns "none" (no grad), "eager" (DTensors or a param
-        listed twice: the eager step) or "traced"."""
+        in the spec's order) and skip counters. Returns "none" (no grad), "eager" (DTensors, a param
+        listed twice, diagnostics on: the eager step, behind a graph break) or "traced"."""
         gi = next(i for i, g in enumerate(self.param_groups) if g is group)
         try:
             hp = self._check_hyper(group)
@@ -567,7 +566,8 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                     _check_capturable(p, hp)
             except (TypeError, ValueError) as exc:
                 raise type(exc)(f"{exc} (param_groups[{gi}])") from None
-        if any(is_dtensor(p) for p in owners) or len({id(p) for p in owners}) != len(owners):
+        if (any(is_dtensor(p) for p in owners) or len({id(p) for p in owners}) != len(owners)
+                or self._diagnostics is not None):
             if _EAGER_GROUP[0] is None:  # made here, eagerly: torch.compiler.disable loads dynamo (and triton)
                 _EAGER_GROUP[0] = torch.compiler.disable(_eager_group)
             return "eager"

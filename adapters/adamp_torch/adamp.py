@@ -62,8 +62,10 @@ class AdamP(ProjectedOptimizer):
         fused: None (default) updates plain contiguous float32/float64 CPU tensors with the fused kernels
             of :mod:`adamp_core.paths.numba_fused` (two passes over memory, tested against the array-API step) when
             numba is installed, and everything else with the array-API step; False always takes the
-            array-API step; True is None but requires numba. Inside ``torch.compile`` the array-API
-            step always runs (it traces into one graph).
+            array-API step; True is None but requires numba. Inside ``torch.compile(opt.step)`` a CPU
+            step calls the same kernels as one operator (``torch.ops.adamp_xp.numba_step``; faster than
+            inductor's code for the array-API step, adamp_xp/bench/compiled.py); False lets inductor
+            compile the array-API step; ``"triton"`` calls the Triton kernels' operator.
         foreach: None (default) or True updates the tensors that take the array-API step (CUDA, 16-bit,
             non-contiguous, ``fused=False``) together with :mod:`adamp_core.paths.multi_tensor`: one set of kernels
             per group of equal row length, dtype and device instead of per tensor (the GPU path); False
