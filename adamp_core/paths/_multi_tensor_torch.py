@@ -8,9 +8,11 @@ copy of many tensors into one buffer, reductions over rows of different lengths)
 own operators, as array-api-extra delegates to a library's native function:
 
 - the group's tensors (one dtype, device, state dtypes and kind of step count; all projected or none) are
-  laid out back to back, unpadded, in one flat buffer per array (param, grad, each state array) owned by
-  the plan, with a view of it shaped like each tensor built once; a step copies them in with one
-  ``torch._foreach_copy_`` and writes params and state back with another (in place: ``written``);
+  laid out back to back, unpadded: the grads are copied with one ``torch._foreach_copy_`` into a flat buffer
+  the plan owns (views of it shaped like each tensor, built once); params and state arrays are read with one
+  ``torch.cat`` of their flat views (built once) and written back in place with one
+  ``torch.split_with_sizes_copy`` each (``written``). (A group with a non-contiguous param or state array
+  keeps a flat buffer for each array instead, read and written with one ``_foreach_copy_``.)
 - a tensor owns ``C_i`` consecutive rows of ``L_i`` entries (its channel view); per-row sums, maxima and
   minima are ``torch.segment_reduce`` over element offsets, per-tensor ones (the layer view, the max row
   cosine, the min row scale) ``segment_reduce`` over row offsets, and a per-row (per-tensor) value reaches
@@ -26,8 +28,10 @@ magnitudes), torch's cosine clamping of each norm at ``eps``, the channel then l
 the step with ``wd_ratio`` when projected, nesterov, SGDP's dampening and projected buffer, ``caution`` and
 ``skip_nonfinite``; results agree with it up to the order of the sums (tested).
 
-Memory: the plan holds ``2 + len(state)`` flat buffers of the group's size in the compute dtype (param,
-grad, state) and an int32 index per entry; a step allocates about four more flat temporaries.
+Memory (measured, float32, ResNet-50 shapes): between steps the plan holds the grads' flat buffer and an
+int32 row index per entry (2x the params); a step allocates at most 3 flat temporaries more (params, one
+state array or the update, one product or broadcast; 4.3 with ``caution``), each freed as soon as it is
+written back.
 """
 
 from __future__ import annotations
@@ -95,11 +99,13 @@ def _offsets(sizes: Sequence[int], dev: torch.device) -> torch.Tensor:
 
 
 class TorchGroup:
-    """The plan of one group: flat buffers and their per-tensor views, segment offsets and indices.
+    """The plan of one group: its flat layout, segment offsets and indices, the grads' buffer.
 
-    ``buf`` is ``(2 + len(state), N)`` in the compute dtype: row 0 the params, row 1 the grads, then the
-    state arrays, each tensor ``i`` at ``[off_i, off_i + size_i)`` in its logical (row-major) order; its
-    channel view's rows are ``C_i`` consecutive segments of ``L_i`` entries."""
+    Every flat array holds tensor ``i`` at ``[off_i, off_i + size_i)`` in its logical (row-major) order; its
+    channel view's rows are ``C_i`` consecutive segments of ``L_i`` entries. ``buf`` (compute dtype) is
+    ``(1, N)``, the grads, when every param and state array is contiguous (``lean``: they are read with
+    ``torch.cat`` of flat views and written with ``split_with_sizes_copy``), else ``(2 + len(state), N)``:
+    row 0 the params, row 1 the grads, then the state arrays."""
 
     native = True  # what multi_tensor.run tells apart from its generic layouts
 
@@ -115,7 +121,16 @@ class TorchGroup:
         sizes = [c * n for c, n in layouts]
         self.k, self.r, self.n = len(params), sum(self.counts), sum(sizes)
         self.fields = spec.buffers
-        self.buf = torch.empty((2 + len(self.fields), self.n), dtype=self.cdt, device=dev)
+        self.params = params
+        self.state_arrays = [[getattr(t.state, f) for t in tensors] for f in self.fields]
+        arrays = [params, *self.state_arrays]
+        # Contiguous params and state (the usual case): the plan holds only the grads' buffer; a step reads
+        # params and state with one torch.cat of their flat views each, and writes them back with one
+        # split_with_sizes_copy. Otherwise it holds a buffer for each (row 0 params, 1 grads, then the state).
+        self.lean = all(x.is_contiguous() for arrs in arrays for x in arrs)
+        self.sizes_list = sizes
+        self.flat = [[x.view(-1) for x in arrs] for arrs in arrays] if self.lean else None
+        self.buf = torch.empty((1 if self.lean else 2 + len(self.fields), self.n), dtype=self.cdt, device=dev)
         views = []
         for row in range(self.buf.shape[0]):
             start, vs = 0, []
@@ -124,14 +139,13 @@ class TorchGroup:
                 start += size
             views.append(vs)
         self.views = views
-        self.params = params
-        self.state_arrays = [[getattr(t.state, f) for t in tensors] for f in self.fields]
-        # what one _foreach_copy_ reads in (grads apart: new objects every step) and writes back
-        self.in_dst = views[0] + [v for vs in views[2:] for v in vs]
-        self.in_src = params + [a for arrs in self.state_arrays for a in arrs]
-        self.out_dst = self.in_src
-        self.out_src = self.in_dst
-        self.grad_dst = views[1]
+        if self.lean:
+            self.grad_dst, self.in_dst, self.in_src = views[0], [], []
+        else:  # what one _foreach_copy_ reads in (grads apart: new objects every step) and writes back
+            self.in_dst = views[0] + [v for vs in views[2:] for v in vs]
+            self.in_src = params + [a for arrs in self.state_arrays for a in arrs]
+            self.grad_dst = views[1]
+        self.all_dst = self.in_dst + self.grad_dst
         self.python_steps = spec.has_step and is_python_int(tensors[0].state.step)
         self.steps = [t.state.step for t in tensors] if spec.has_step and not self.python_steps else None
         rows_per_entry = [n for c, n in layouts for _ in range(c)]
@@ -193,13 +207,39 @@ class TorchGroup:
             hit = self._consts[value] = torch.full((), value, dtype=self.cdt, device=self.dev)
         return hit
 
+    def load(self, j: int, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Array ``j`` (0: the params, 1...: the state arrays) of every tensor, flat, in the compute dtype: a new
+        array (lean plans: one ``cat``), or the plan's row (read in at the start of the step)."""
+        if not self.lean:
+            if out is not None:  # read in again
+                torch._foreach_copy_(self.views[0 if j == 0 else j + 1], [self.params, *self.state_arrays][j])
+            return self.buf[0 if j == 0 else j + 1]
+        if out is None and self.flat[j][0].dtype == self.cdt:
+            return torch.cat(self.flat[j])
+        if out is None:
+            out = torch.empty(self.n, dtype=self.cdt, device=self.dev)
+        return torch.cat(self.flat[j], out=out)
+
+    def store(self, j: int, x: torch.Tensor) -> None:
+        """Write the flat ``x`` (what :meth:`load` gave, changed) into array ``j`` of every tensor: one
+        ``split_with_sizes_copy`` (lean plans) or one ``_foreach_copy_`` from the plan's row. ``x`` may be
+        overwritten afterwards."""
+        if self.lean:
+            dtype = self.flat[j][0].dtype
+            torch.split_with_sizes_copy(x if x.dtype == dtype else x.to(dtype), self.sizes_list, out=self.flat[j])
+        else:
+            torch._foreach_copy_([self.params, *self.state_arrays][j], self.views[0 if j == 0 else j + 1])
+
+    def grad_row(self) -> torch.Tensor:
+        return self.buf[0 if self.lean else 1]
+
     # -- one step --------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, tensors: Sequence[Any], grads: Sequence[Any], hp: Any, skip: bool) -> list[Outcome]:
         """One step of every tensor of the group, written in place (no autograd record of the writes); the
         outcomes in the group's order."""
-        torch._foreach_copy_(self.in_dst + self.grad_dst, self.in_src + list(grads))
-        w, g = self.buf[0], self.buf[1]
+        torch._foreach_copy_(self.all_dst, self.in_src + list(grads))
+        g = self.grad_row()
         ok = ok_e = None
         if skip:  # per tensor: every grad entry finite (rows, then tensors); nothing else reads the flags
             fin = self.tensor_reduce(self.row_sum(torch.isfinite(g).to(self.cdt)), "sum")
@@ -209,13 +249,13 @@ class TorchGroup:
         if self.spec.has_step:
             if self.python_steps:
                 counts = [t.state.step for t in tensors]
-            new_w = self._adamp(w, g, hp, ok_e, counts)
+            w, new_w = self._adamp(g, hp, ok_e, counts, grads)
         else:
-            new_w = self._sgdp(w, g, hp, ok_e)
-        if ok_e is not None:
-            new_w = torch.where(ok_e, new_w, w)
-        w.copy_(new_w)
-        torch._foreach_copy_(self.out_dst, self.out_src)
+            w, new_w = self._sgdp(g, hp, ok_e, grads)
+        if ok_e is not None:  # else written in the param row already
+            w.copy_(torch.where(ok_e, new_w, w))
+        del new_w
+        self.store(0, w)
         return self._outcomes(tensors, ok, counts)
 
     def _outcomes(self, tensors: Sequence[Any], ok: Any, counts: list[int] | None) -> list[Outcome]:
@@ -254,72 +294,103 @@ class TorchGroup:
         return tuple(torch.stack([torch.as_tensor(p[j], dtype=cdt, device=self.dev) for p in pairs])
                      for j in range(2))
 
-    def _adamp(self, w: torch.Tensor, g: torch.Tensor, hp: Any, ok_e: Any, counts: list[int] | None) -> torch.Tensor:
+    def _adamp(self, g: torch.Tensor, hp: Any, ok_e: Any, counts: list[int] | None, grads: Sequence[Any]
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(params, new params)``, flat: the moments written, the params not yet (``run`` does)."""
         cdt = self.cdt
-        m, v = self.buf[2], self.buf[3]
+        m, v = self.load(1), self.load(2)
         eps = _sc(hp.eps, cdt)
         beta1, beta2 = (_sc(b, cdt) for b in hp.betas)
         step_size, sqrt_bc2 = self._bias(hp, counts)
-        if ok_e is None:  # in the plan's buffers
+        # In place, rounded as the lone step rounds them (no fused multiply-add: a 16-bit param would round
+        # differently now and then).
+        if ok_e is None:
             m.mul_(beta1).add_((1 - beta1) * g)  # Alg. 2 line 2
-            v.mul_(beta2).add_((1 - beta2) * g * g)  # Alg. 2 line 3
+            t = (1 - beta2) * g
+            v.mul_(beta2).add_(t.mul_(g))  # Alg. 2 line 3
+            del t
         else:  # a skipped tensor keeps its moments
             m.copy_(torch.where(ok_e, beta1 * m + (1 - beta1) * g, m))
             v.copy_(torch.where(ok_e, beta2 * v + (1 - beta2) * g * g, v))
+        self.store(1, m)
+        self.store(2, v)
         # Alg. 2 line 4, bias-corrected as adamp 0.3.0 (per tensor: its own count)
-        denom = torch.sqrt(v) / self.per_entry(self.per_row(sqrt_bc2)) + eps
-        u = (beta1 * m + (1 - beta1) * g) / denom if hp.nesterov else m / denom
-        del denom
-        u, ratio = self._project(w, g, u, hp)
+        denom = v.sqrt_()  # (v is written: its buffer is free)
+        denom.div_(self.per_entry(self.per_row(sqrt_bc2))).add_(eps)
+        if hp.nesterov:
+            num = beta1 * m
+            num.add_((1 - beta1) * g)
+            u = torch.div(num, denom, out=denom)
+            del num
+        else:
+            u = torch.div(m, denom, out=denom)
+        del m, v  # (lean plans: freed before the params are read)
+        w = self.load(0)
+        if self.projected:
+            _, u, ratio = self._project_parts(w, g, u, hp, grads)
+        else:
+            u, ratio = self._caution_plain(u, g, hp), 1.0
+        decay = None
         if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
             decay = 1 - _sc(hp.lr, cdt) * _sc(hp.weight_decay, cdt) * ratio  # decoupled, before the step
-            w = w * self.per_entry(self.per_row(decay))
-        return w + self.per_entry(self.per_row(-step_size)) * u
+        return w, self._apply(w, decay, -step_size, u, ok_e)
 
-    def _sgdp(self, w: torch.Tensor, g: torch.Tensor, hp: Any, ok_e: Any) -> torch.Tensor:
+    def _sgdp(self, g: torch.Tensor, hp: Any, ok_e: Any, grads: Sequence[Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(params, new params)``, flat: the buffers written, the params not yet (``run`` does)."""
         cdt = self.cdt
-        buf = self.buf[2]
+        buf = self.load(1)
         lr, mu = _sc(hp.lr, cdt), _sc(hp.momentum, cdt)
         # Alg. 1 line 2 (torch SGD form); without dampening 1 * g == g exactly
         damped = g if isinstance(hp.dampening, float) and hp.dampening == 0.0 else (1 - _sc(hp.dampening, cdt)) * g
-        new_b = mu * buf + damped
+        new_b = buf.mul_(mu).add_(damped) if ok_e is None else mu * buf + damped  # (skip: the old one kept)
+        del damped
         d_p = g + mu * new_b if hp.nesterov else new_b
         store = new_b
+        w = self.load(0)
         if self.projected:
-            q, d_p, ratio = self._project_parts(w, g, d_p, hp)
+            if d_p is new_b and not hp.project_buffer:  # the projection writes d_p: keep the buffer apart
+                d_p = new_b.clone()
+            q, d_p, ratio = self._project_parts(w, g, d_p, hp, grads)
             if not hp.nesterov and hp.project_buffer:
                 store = q  # adamp 0.3.0 projects the buffer itself (unmasked)
         else:
             d_p, ratio = self._caution_plain(d_p, g, hp), 1.0
         if ok_e is not None:
             store = torch.where(ok_e, store, buf)
-        buf.copy_(store)
-        del store, new_b
+        if store is not buf:
+            buf.copy_(store)
+        self.store(1, buf)
+        del store, new_b, buf
+        decay = None
         if not (isinstance(hp.weight_decay, float) and hp.weight_decay == 0.0):
             # decoupled decay scaled by 1 / (1 - momentum), before the step (official sgdp.py)
             decay = 1 - lr * _sc(hp.weight_decay, cdt) * ratio / (1 - mu)
-            w = w * self.per_entry(self.per_row(decay))
-        return w + (-lr) * d_p
+        return w, self._apply(w, decay, -lr, d_p, ok_e)
+
+    def _apply(self, w: torch.Tensor, decay: Any, neg_step: Any, d: torch.Tensor, ok_e: Any) -> torch.Tensor:
+        """``w * decay + neg_step * d`` (decay and step size per tensor, or one for all): in the param row
+        itself, or with ``skip_nonfinite`` in a copy (the row keeps the old params for the skipped tensors)."""
+        out = w if ok_e is None else w.clone()
+        if decay is not None:
+            out.mul_(self.per_entry(self.per_row(decay)))
+        # the product rounded, then the sum (as the lone step; no fused multiply-add)
+        if isinstance(neg_step, numbers.Real) or neg_step.ndim == 0:
+            return out.add_(neg_step * d)
+        return out.add_(self.per_entry(self.per_row(neg_step)).mul_(d))
 
     # -- the projection (adamp_core.projection, per tensor through the segments) ----------------------------
-    def _project(self, w: torch.Tensor, g: torch.Tensor, u: torch.Tensor, hp: Any) -> tuple[torch.Tensor, Any]:
-        if not self.projected:
-            return self._caution_plain(u, g, hp), 1.0
-        _, u, ratio = self._project_parts(w, g, u, hp)
-        return u, ratio
-
     def _caution_plain(self, u: torch.Tensor, g: torch.Tensor, hp: Any) -> torch.Tensor:
         """A param the projection does not handle: masked against ``g`` (:func:`adamp_core.caution.cautious`)."""
         if not hp.caution:
             return u
-        return u * self._caution_factor(u, g)
+        return self._caution_factor(u, g).mul_(u)
 
     def _caution_factor(self, q: torch.Tensor, ref: torch.Tensor) -> torch.Tensor:
         """:func:`adamp_core.caution.caution_factor` per tensor: ``[q ref > 0] / max(mean, 1e-3)``."""
         agree = q * ref > 0
         mean = self.tensor_reduce(self.row_sum(agree.to(q.dtype)), "sum") / self.sizes
         scale = self.per_entry(self.per_row(1.0 / torch.clamp(mean, min=CAUTION_MIN_FRACTION)))
-        return torch.where(agree, scale, torch.zeros_like(scale))
+        return torch.where(agree, scale, 0.0)
 
     def _pow2(self, x: torch.Tensor) -> torch.Tensor:
         """Per row ``2**-floor(log2(max|x_r|))`` in the normal range (:func:`adamp_core.projection._pow2_scale`)."""
@@ -330,18 +401,19 @@ class TorchGroup:
         m = torch.where(m <= 1.0 / tiny, m, 1.0 / tiny)
         return 0.5 ** torch.floor(torch.log2(m))
 
-    def _project_parts(self, w: torch.Tensor, g: torch.Tensor, u: torch.Tensor, hp: Any
+    def _project_parts(self, w: torch.Tensor, g: torch.Tensor, u: torch.Tensor, hp: Any, grads: Sequence[Any]
                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(Pi(u), update, wd ratio (K,))`` as :func:`adamp_core.projection.project_update_parts` gives them
-        tensor by tensor: the scale-invariance test on the channel view, then the layer view."""
+        tensor by tensor: the scale-invariance test on the channel view, then the layer view. Works in place:
+        ``u`` becomes ``Pi(u)``, the plan's param and grad rows their scaled rows; the param row is read in
+        again at the end (and the grad row with ``caution``), so no flat temporary outlives a line."""
         cdt = self.cdt
         eps = _sc(hp.eps, cdt)
         sw, sg = self._pow2(w), self._pow2(g)  # per-row powers of two: exact scaling, no overflow
-        ws = w * self.per_entry(sw)
-        gs = g * self.per_entry(sg)
+        ws = w.mul_(self.per_entry(sw))  # ~w = s w, exact
+        gs = g.mul_(self.per_entry(sg))
         # per-row statistics of the channel view (one product at a time: one flat temporary)
         wg, ww, gg, wu = (self.row_sum(a * b) for a, b in ((ws, gs), (ws, ws), (gs, gs), (ws, u)))
-        del gs
         # layer view: the rows rescaled to the tensor's smallest scale (rho, sig: exact powers of two <= 1)
         mins = self.tensor_reduce(torch.stack([sw, sg], 1), "min")
         s_l, t_l = mins[:, 0], mins[:, 1]
@@ -360,21 +432,26 @@ class TorchGroup:
         n_l = self.per_row(torch.sqrt(ww_l) + eps * s_l)
         zero = self.const(0.0)
 
-        def radial(wx: torch.Tensor) -> torch.Tensor:
-            """The radial part on the chosen view, from the per-row ``~w_r . x_r``."""
+        def remove_radial(x: torch.Tensor, wx: torch.Tensor) -> torch.Tensor:
+            """``x`` minus its radial part on the chosen view (0 where none is), from the per-row ``~w_r . x_r``;
+            in place."""
             wx_l = self.per_row(self.tensor_reduce(wx * rho, "sum"))
             coef_l = rho * (wx_l / n_l / n_l)
             coef = torch.where(channel_r, wx / n_c / n_c, torch.where(layer_r, coef_l, zero))
-            return ws * self.per_entry(coef)
+            return x.sub_(self.per_entry(coef).mul_(ws))  # the product rounded, then the difference
 
-        q = u - radial(wu)
         projected = torch.logical_or(channel, layer)
         ratio = torch.where(projected, self.const(hp.wd_ratio), self.const(1.0))
         if not hp.caution:
+            q = remove_radial(u, wu)
+            self.load(0, out=w)  # the params unscaled again
             return q, q, ratio
+        q = remove_radial(u, wu)
+        torch._foreach_copy_(self.grad_dst, list(grads))  # the grad row unscaled again: Pi(g)
         # ~w_r . g_r = (~w_r . ~g_r) / t_r exactly: Pi(g) without another pass over g
-        ref = g - radial(wg / sg)
-        masked = q * self._caution_factor(q, ref)
-        del ref
+        ref = remove_radial(g, wg / sg)
+        masked = self._caution_factor(q, ref).mul_(q)
         # projected again (timm): the mask breaks the orthogonality to w
-        return q, masked - radial(self.row_sum(ws * masked)), ratio
+        update = remove_radial(masked, self.row_sum(ws * masked))
+        self.load(0, out=w)
+        return q, update, ratio
