@@ -30,7 +30,7 @@ from .runners import (
 )
 from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 
-__all__ = ["add_arguments", "format_table", "run", "run_host", "run_launches"]
+__all__ = ["add_arguments", "format_table", "run", "run_compiled", "run_host", "run_launches", "run_ops"]
 
 QUICK_SCALE = 0.05
 # --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
@@ -84,6 +84,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no timing: count the kernel launches of one step of adamp_torch's fused='triton' path "
                    "(on a CPU under Triton's interpreter, every dimension capped at "
                    f"{LAUNCH_DIM_CAP}: the count does not depend on sizes; default workloads: resnet50, small)")
+    p.add_argument("--ops", action="store_true",
+                   help="no timing: the torch operators one warm step dispatches (what a GPU step launches), "
+                   "AdamP/SGDP(fused=False, foreach=True) beside AdamW/SGD(foreach=True), tiny tensors "
+                   "(default workloads: resnet50, small)")
+    p.add_argument("--compiled", action="store_true",
+                   help="torch.compile(optimizer.step) of AdamP/SGDP on each path beside compiled AdamW/SGD and "
+                   "the eager rows, with the compile time (default workload: resnet50; --scale, --threads)")
 
 
 def _positive(value: Any, name: str, kind: type) -> Any:
@@ -323,12 +330,59 @@ def run_host(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
+def _named_workloads(args: argparse.Namespace, default: list[str]) -> list[str]:
+    names = args.workload or default
+    return list(WORKLOAD_NAMES) if "all" in names else list(dict.fromkeys(names))
+
+
+def run_ops(args: argparse.Namespace) -> int:
+    """``adamp-xp bench --ops``: torch operators per warm step (:mod:`adamp_xp.bench.ops`)."""
+    from .host import DIM_CAP
+    from .ops import format_ops, op_rows
+
+    print(f"adamp-xp bench --ops: aten operators dispatched by one warm step, torch "
+          f"{_versions().get('torch', '?')}, new grads, every dimension capped at {DIM_CAP}", flush=True)
+    results = op_rows(tuple(_named_workloads(args, ["resnet50", "small"])))
+    print(format_ops(results))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"versions": _versions(), "dim_cap": DIM_CAP}, "results": results}, f, indent=2)
+    return 0 if results else 1
+
+
+def run_compiled(args: argparse.Namespace) -> int:
+    """``adamp-xp bench --compiled``: compiled steps beside eager ones, with compile time
+    (:mod:`adamp_xp.bench.compiled`)."""
+    from .compiled import format_rows
+    from .compiled import run as compiled_rows
+
+    if args.threads is not None:
+        configure_threads("cpu", _positive(args.threads, "--threads", int))
+    optimizers = ("adamp", "sgdp") if args.optimizer == "all" else (args.optimizer,)
+    scale = _positive(args.scale, "--scale", float)
+    results: list[dict[str, Any]] = []
+    for name in _named_workloads(args, ["resnet50"]):
+        print(f"adamp-xp bench --compiled: {name}, torch {_versions().get('torch', '?')}, inductor, float32, "
+              f"load average {_load()}", flush=True)
+        rows = compiled_rows(name, optimizers, repeats=args.repeats or 3, scale=scale)
+        print(format_rows(rows), flush=True)
+        results += [dict(r._asdict(), workload=name) for r in rows]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"versions": _versions()}, "results": results}, f, indent=2)
+    return 0 if results else 1
+
+
 def run(args: argparse.Namespace) -> int:
     """The ``bench`` subcommand: print one table per workload and optimizer; 0 when rows ran."""
     if getattr(args, "host", False):
         return run_host(args)
     if getattr(args, "launches", False):
         return run_launches(args)
+    if getattr(args, "ops", False):
+        return run_ops(args)
+    if getattr(args, "compiled", False):
+        return run_compiled(args)
     s = _settings(args)
     configure_threads(s["device"], s["threads"])
     rows = impl_rows(s["device"], s["impls"], s["backends"])
