@@ -3,8 +3,8 @@ beside compiled ``torch.optim.AdamW`` / ``SGD`` and the eager rows, in one run, 
 
 Every row steps the same workload (``adamp_xp.bench.workloads``: params and grads made once; each optimizer
 gets fresh copies). A compiled row's first call compiles (its time is ``compile_s``: the first step, state
-creation included); then ``steps`` warm steps are timed (median of ``repeats`` blocks), with the grads kept
-(as after ``loss.backward()`` into existing ``.grad``). Rows:
+creation included); then ``steps`` warm steps are timed (median of ``repeats`` rounds, the rows of one
+optimizer interleaved), with the grads kept (as after ``loss.backward()`` into existing ``.grad``). Rows:
 
 - ``adamp_torch.AdamP()`` compiled: on a CPU its default (``fused=None``) calls the numba kernels as one
   operator (``torch.ops.adamp_xp.numba_step``); ``fused=False`` lets inductor generate the array-API step.
@@ -61,7 +61,9 @@ def _rows_for(optimizer: str) -> list[tuple[str, bool, Any, str]]:
 
 def run(workload: str = "resnet50", optimizers: tuple[str, ...] = ("adamp", "sgdp"), steps: int = 20,
         repeats: int = 3, backend: str = "inductor", scale: float | None = None) -> list[Row]:
-    """Time every row (see the module docstring) on ``workload``; returns the rows."""
+    """Time every row (see the module docstring) on ``workload``; returns the rows. An optimizer's rows are
+    built (and compiled) first, then timed in interleaved rounds (``repeats`` rounds of ``steps`` steps of
+    each row, the median round kept), so that a busy machine slows every row alike."""
     import torch
     import torch._dynamo
 
@@ -71,12 +73,12 @@ def run(workload: str = "resnet50", optimizers: tuple[str, ...] = ("adamp", "sgd
     params_np, grads_np = host_data(wl)
     rows = []
     for optimizer in optimizers:
+        built = []
         for name, compiled, make, path in _rows_for(optimizer):
             params = [torch.nn.Parameter(torch.from_numpy(p.copy())) for p in params_np]
             for p, g in zip(params, grads_np, strict=True):
                 p.grad = torch.from_numpy(g.copy())
             opt = make(params)
-            torch._dynamo.reset()
             step = torch.compile(opt.step, backend=backend) if compiled else opt.step
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
@@ -84,13 +86,18 @@ def run(workload: str = "resnet50", optimizers: tuple[str, ...] = ("adamp", "sgd
                 step()
                 first = time.perf_counter() - t0
                 step()
-                times = []
-                for _ in range(repeats):
+            built.append((name, compiled, first, path, step, []))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for _ in range(repeats):
+                for *_, step, times in built:
                     t0 = time.perf_counter()
                     for _ in range(steps):
                         step()
                     times.append((time.perf_counter() - t0) / steps)
-            rows.append(Row(name, compiled, first if compiled else None, 1e3 * statistics.median(times), path))
+        rows += [Row(name, compiled, first if compiled else None, 1e3 * statistics.median(times), path)
+                 for name, compiled, first, path, _, times in built]
+        del built
     torch._dynamo.reset()
     return rows
 
