@@ -12,7 +12,8 @@ optimizer interleaved), with the grads kept (as after ``loss.backward()`` into e
   default; the same for SGDP beside ``torch.optim.SGD``.
 
 ``python -m adamp_xp.bench.compiled [--workload resnet50] [--steps 20] [--optimizer adamp,sgdp]
-[--backend inductor] [--threads N]`` prints the table.
+[--backend inductor] [--threads N] [--warm-cache]`` prints the table (compile times cold: a fresh inductor
+cache folder, unless ``--warm-cache``).
 """
 
 from __future__ import annotations
@@ -119,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", default="inductor")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--scale", type=float, default=None)
+    ap.add_argument("--warm-cache", action="store_true",
+                    help="keep inductor's on-disk caches (default: a fresh cache folder, so compile_s is cold)")
     args = ap.parse_args(argv)
+    if not args.warm_cache:  # before torch._inductor reads it
+        import os
+        import tempfile
+
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="adamp-xp-bench-inductor-")
     if args.threads is not None:
         import torch
 
