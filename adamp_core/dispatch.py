@@ -138,7 +138,8 @@ def step(
     ``foreach`` also inside a tracer; False: never; ``fused="triton"``: the Triton kernels first, for every
     tensor they take, then the paths of None for the rest). ``traced``: inside a tracer that fuses each
     tensor's step itself (``torch.compile``, ``jax.jit``): the kernels only as torch operators (after
-    :func:`prepare_traced`), and the multi-tensor step only if asked for. ``host_tensor_max_elements``: the largest host tensor that joins a multi-tensor group.
+    :func:`prepare_traced`), and the multi-tensor step only if asked for. ``host_tensor_max_elements``: the
+    largest host tensor that joins a multi-tensor group.
     ``plans``: the group's :class:`Plans`, to reuse across steps (None: built for this call only).
     ``grads``: this step's grads, index-aligned with ``tensors``, when they are not the tensors' own (an
     adapter that keeps its tensors between steps and only swaps the grads: no new Tensor per step).
