@@ -9,6 +9,7 @@ small test (inductor builds C++: slow on a shared CPU).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import pytest
@@ -102,19 +103,17 @@ def _run_pair(optimizer, options, dtype, *, backend=None, steps=6, warm=WARM, te
     compiled = torch.compile(opts[1].step, backend=backend or graphs)
     batches = _batches(steps + warm, dtype, nonfinite_at)
     frames = None
-    for k, (x, y) in enumerate(batches):
-        if k == steps:  # warm: nothing may compile again from here on
-            frames = counters["stats"]["unique_graphs"]
-            ctx = torch._dynamo.config.patch(error_on_recompile=True)
-            ctx.__enter__()
-        for n, o, step in ((nets[0], opts[0], opts[0].step), (nets[1], opts[1], compiled)):
-            o.zero_grad()
-            F.cross_entropy(n(x), y).backward()
-            step()
-        for s in scheds:
-            s.step()
-    if warm:
-        ctx.__exit__(None, None, None)
+    with contextlib.ExitStack() as stack:  # error_on_recompile is undone however the loop ends
+        for k, (x, y) in enumerate(batches):
+            if k == steps:  # warm: nothing may compile again from here on
+                frames = counters["stats"]["unique_graphs"]
+                stack.enter_context(torch._dynamo.config.patch(error_on_recompile=True))
+            for n, o, step in ((nets[0], opts[0], opts[0].step), (nets[1], opts[1], compiled)):
+                o.zero_grad()
+                F.cross_entropy(n(x), y).backward()
+                step()
+            for s in scheds:
+                s.step()
     new_frames = counters["stats"]["unique_graphs"] - (frames or 0)
     return nets, opts, graphs.graphs, new_frames
 

@@ -67,8 +67,8 @@ class AdamP(ProjectedOptimizer):
             inductor's code for the array-API step, adamp_xp/bench/compiled.py); False lets inductor
             compile the array-API step; ``"triton"`` calls the Triton kernels' operator.
         foreach: None (default) or True updates the tensors that take the array-API step (CUDA, 16-bit,
-            non-contiguous, ``fused=False``) together with :mod:`adamp_core.paths.multi_tensor`: one set of kernels
-            per group of equal row length, dtype and device instead of per tensor (the GPU path); False
+            non-contiguous, ``fused=False``) together with :mod:`adamp_core.paths.multi_tensor`: a fixed number of
+            operators per group of one dtype and device, whatever its number of tensors (the GPU path); False
             steps them one at a time. Not inside ``torch.compile`` or with diagnostics on.
         capturable: torch's name and meaning: the step can be captured in a CUDA graph
             (``torch.cuda.graph``, ``torch.compile(mode="reduce-overhead")``). Step counts always stay on the
