@@ -206,3 +206,32 @@ class AdapterGPUMemory(_GPUMemory, AdapterSetup):
         if device == "cpu":
             raise NotImplementedError("GPU memory: CPU device")
         super().setup(device, workload, adapter)
+
+
+# -- operators per step and XLA's view of a jitted step (issue 26) -------------------------------------------
+
+
+class OpsPerStep(Benchmark):
+    """aten operators one warm step dispatches on tiny tensors, every tensor in a multi-tensor group (what a
+    GPU step launches; ``adamp_xp.bench.ops``, ``adamp-xp bench --ops``), beside torch's foreach optimizers."""
+
+    param_names = ("workload", "row")
+    params = (["resnet50", "small"], ["AdamW(foreach=True)", "AdamP(fused=False, foreach=True)",
+                                      "SGD(foreach=True, momentum=0.9)",
+                                      "SGDP(fused=False, foreach=True, momentum=0.9)"])
+
+    def setup(self, workload: str, row: str) -> None:
+        try:
+            self.ops = tools("bench.ops")
+        except ImportError as exc:
+            raise NotImplementedError(f"adamp_xp.bench.ops is not in this version of adamp-xp ({exc})") from None
+        try:
+            import torch  # noqa: F401
+        except ImportError:
+            raise NotImplementedError("torch is not installed") from None
+
+    def track_ops(self, workload: str, row: str) -> int:
+        (result,) = self.ops.op_rows((workload,), (row,))
+        return result["ops"] + result["views"]
+
+    track_ops.unit = "ops"
