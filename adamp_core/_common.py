@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-from .arrays import check_array, check_grad, check_hyper_arrays, dtype_is
+from .arrays import check_array, check_grad, check_hyper_arrays, dtype_is, namespace_name
 from .hyperparams import check_flag
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "finite_flag",
     "host_bias_correction",
     "is_python_int",
+    "reread",
     "keep_if_finite",
     "scalar",
     "state_zeros",
@@ -55,6 +56,22 @@ def host_bias_correction(beta: float, t: int) -> float:
     """:func:`bias_correction`'s array formula, ``-expm1(t log beta)``, in Python floats (a checked
     ``beta`` in [0, 1)): what the fused kernels (:mod:`adamp_core.paths.numba_fused`) take, computed on the host."""
     return -math.expm1(t * math.log(beta)) if beta > 0 else 1.0
+
+
+def reread(xp: Any, *xs: Any) -> tuple[Any, ...] | None:
+    """Under JAX, ``xs`` again behind an optimization barrier (the same buffers at run time), else None.
+
+    A step reduces over an expression of its arrays (the update direction, from the new moments) and also
+    uses it elementwise; XLA then writes the expression to memory once and reads it back twice. Rebuilt
+    from these arrays for the reductions, it is a second expression XLA cannot merge with the first, so
+    each fusion computes it from the arrays it reads anyway: one array fewer written and read per step.
+    Pass the *new* state (the reductions then run after it is written, in place in a donated buffer;
+    reading the old state there would make XLA copy it first)."""
+    if not xs or namespace_name(xs[0]) != "jax":
+        return None
+    from jax import lax
+
+    return tuple(lax.optimization_barrier(tuple(xs)))
 
 
 def state_zeros(xp: Any, param: Any, state_dtype: Any) -> Any:

@@ -24,6 +24,7 @@ from ._common import (
     check_step_count,
     checked_step,
     is_python_int,
+    reread,
     scalar,
     state_zeros,
 )
@@ -111,19 +112,23 @@ def adamp_update(
     bc1 = bias_correction(xp, beta1, step, cdt)
     bc2 = bias_correction(xp, beta2, step, cdt)
 
+    sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else xp.sqrt(bc2)
+
     m = beta1 * m + (1 - beta1) * g  # Alg. 2 line 2
     v = beta2 * v + (1 - beta2) * g * g  # Alg. 2 line 3
-    sqrt_bc2 = math.sqrt(bc2) if isinstance(bc2, float) else xp.sqrt(bc2)
-    denom = xp.sqrt(v) / sqrt_bc2 + eps  # Alg. 2 line 4, bias-corrected as adamp 0.3.0
-    if hp.nesterov:
-        u = (beta1 * m + (1 - beta1) * g) / denom
-    else:
-        u = m / denom
+
+    def direction(g: Any, m: Any, v: Any) -> Any:
+        denom = xp.sqrt(v) / sqrt_bc2 + eps  # Alg. 2 line 4, bias-corrected as adamp 0.3.0
+        return ((beta1 * m + (1 - beta1) * g) if hp.nesterov else m) / denom
+
+    u = direction(g, m, v)
     step_size = lr / bc1
 
     ratio: Any = 1.0
     if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 2 lines 5-9)
-        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows, caution=hp.caution)
+        again = reread(xp, g, m, v)  # JAX: u computed again inside the reductions, not stored
+        u, projected, _ = project_update(xp, w, g, u, hp.delta, eps, rows, caution=hp.caution,
+                                         u_stats=None if again is None else direction(*again))
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
         ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.paths.multi_tensor)

@@ -31,6 +31,11 @@ reductions each row of :math:`w` and :math:`g` is multiplied by a power of two
 :math:`\epsilon s_r`). Scaling by a power of two is exact, so in the normal range the results are
 bit for bit those of the unscaled formulas (and of ``adamp==0.3.0``); float32 weights or gradients
 near :math:`10^{19}` or :math:`10^{-20}` keep exact cosines and projections instead of ``inf``/``nan``.
+
+Under JAX each group of reductions is one variadic XLA reduction (:func:`adamp_core.rows.fused_reduce`):
+the max-abs of ``w`` and ``g`` in one pass, the four row dot products (``u`` computed inside) in a second,
+then the update in one elementwise pass; the scaled rows are never written to memory. The results are
+those of the separate reductions (tests/test_xla_step.py), which every other library runs.
 """
 
 from __future__ import annotations
@@ -38,9 +43,11 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
+from array_api_compat import is_jax_array
+
 from .arrays import device, is_numpy
 from .caution import caution_factor
-from .rows import RowReduce, channel_shape, per_row
+from .rows import RowReduce, channel_shape, fused_reduce, per_row
 from .rows import rows_of as _rows
 
 __all__ = ["RowStats", "ViewDecision", "RowReduce", "channel_shape", "row_stats", "decide_view", "project_update",
@@ -86,12 +93,23 @@ def _pow2_scale(xp: Any, rows: Any) -> Any:
     """Per row, the power of two ``s_r = 2**-floor(log2(max|x_r|))`` (so ``s_r x_r`` has its largest
     entry in [1, 2)), kept within the normal range (``s_r`` and ``1/s_r`` normal numbers); 1 for a row
     that is all zero, subnormal or NaN (a NaN row is never projected: its statistics are NaN)."""
-    tiny = float(xp.finfo(rows.dtype).smallest_normal)  # 2**-126 (float32), 2**-1022 (float64)
-    m = xp.maximum(xp.max(rows, axis=1), -xp.min(rows, axis=1))  # max |x_r| without an |x| temporary
+    return _pow2_of(xp, _row_absmax(xp, rows)[0])
+
+
+def _pow2_of(xp: Any, m: Any) -> Any:
+    """:func:`_pow2_scale` from the rows' largest magnitudes ``m`` (shape ``(rows,)``)."""
+    tiny = float(xp.finfo(m.dtype).smallest_normal)  # 2**-126 (float32), 2**-1022 (float64)
     # Python scalars only in operators and where(): torch.compile traces them without recompiling.
     m = xp.where(m >= tiny, m, 1.0)
     m = xp.where(m <= 1.0 / tiny, m, 1.0 / tiny)  # inf and the top binade: s = 2**-126 (float32)
     return 0.5 ** xp.floor(xp.log2(m))  # exact: an integer power of two, in the normal range
+
+
+def _row_absmax(xp: Any, *rows: Any) -> tuple[Any, ...]:
+    """``max_i |x_ri|`` of each ``(rows, length)`` array, per row (NaN where a row holds one)."""
+    if rows and is_jax_array(rows[0]):
+        return fused_reduce(xp, ("max",) * len(rows), tuple(xp.abs(r) for r in rows), 1)
+    return tuple(xp.maximum(xp.max(r, axis=1), -xp.min(r, axis=1)) for r in rows)  # no |x| temporary
 
 
 def _rowdot(xp: Any, a: Any, b: Any) -> Any:
@@ -104,15 +122,23 @@ def _rowdot(xp: Any, a: Any, b: Any) -> Any:
     return xp.sum(a * b, axis=-1)
 
 
+def _rowdots(xp: Any, *pairs: tuple[Any, Any]) -> tuple[Any, ...]:
+    """:func:`_rowdot` of each pair; under JAX all in one reduction (:func:`adamp_core.rows.fused_reduce`)."""
+    if pairs and is_jax_array(pairs[0][0]):
+        return fused_reduce(xp, ("+",) * len(pairs), tuple(a * b for a, b in pairs), 1)
+    return tuple(_rowdot(xp, a, b) for a, b in pairs)
+
+
 def row_stats(xp: Any, w: Any, g: Any, u: Any | None = None) -> RowStats:
     """One set of reductions over the rows of the channel view of ``w``, ``g`` (and ``u``), on the
-    rows scaled by powers of two (one max-abs reduction per array first)."""
+    rows scaled by powers of two (one max-abs reduction of both arrays first)."""
     wr, gr = _rows(xp, w), _rows(xp, g)
-    sw, sg = _pow2_scale(xp, wr), _pow2_scale(xp, gr)
+    sw, sg = (_pow2_of(xp, m) for m in _row_absmax(xp, wr, gr))
     # Exact scaling: the largest entry of each row is in [1, 2), so |~w_r|^2 <= 4 * row length.
     wr, gr = wr * xp.reshape(sw, (-1, 1)), gr * xp.reshape(sg, (-1, 1))
-    wu = None if u is None else _rowdot(xp, wr, _rows(xp, u))
-    return RowStats(_rowdot(xp, wr, gr), _rowdot(xp, wr, wr), _rowdot(xp, gr, gr), wu, sw, sg, wr)
+    pairs = ((wr, gr), (wr, wr), (gr, gr)) + (() if u is None else ((wr, _rows(xp, u)),))
+    wg, ww, gg, *wu = _rowdots(xp, *pairs)
+    return RowStats(wg, ww, gg, wu[0] if wu else None, sw, sg, wr)
 
 
 def _cosine(xp: Any, wg: Any, ww: Any, gg: Any, eps_w: Any, eps_g: Any) -> Any:
@@ -129,28 +155,29 @@ class _Layer(NamedTuple):
     rho: Any  # per row s_r -> S: S / s_r (<= 1, a power of two)
     sw: Any  # S = min_r s_r
     sg: Any  # T = min_r t_r
-
-
-def _layer(xp: Any, stats: RowStats, rows: RowReduce) -> _Layer:
-    if stats.sw is None:
-        one = xp.ones((), dtype=stats.ww.dtype, device=device(stats.ww))
-        return _Layer(*rows.sum(xp, stats.ww, stats.wg, stats.gg), one, one, one)
-    sw, sg = rows.min(xp, stats.sw, stats.sg)
-    rho, sig = sw / stats.sw, sg / stats.sg  # exact powers of two <= 1: rows far below the largest vanish
-    ww, wg, gg = rows.sum(xp, stats.ww * (rho * rho), stats.wg * (rho * sig), stats.gg * (sig * sig))
-    return _Layer(ww, wg, gg, rho, sw, sg)
+    wx: tuple[Any, ...] = ()  # S (w . x) for each per-row ~w_r . x_r asked of _decide (radial parts)
 
 
 def _decide(
-    xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: RowReduce = _LOCAL_ROWS
+    xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: RowReduce = _LOCAL_ROWS, wx: tuple[Any, ...] = ()
 ) -> tuple[ViewDecision, _Layer]:
+    """The test on both views, and the layer view's sums (with those of the per-row ``wx``, ~w_r . x_r):
+    two reductions over rows in all (a max, then sums), each of several arrays at once."""
     thr_c, thr_l = rows.thresholds(xp, w, delta, stats.ww.dtype)
-    lay = _layer(xp, stats, rows)
     if stats.sw is None:
-        eps_cw = eps_cg = eps
+        (cos_c,) = rows.max(xp, _cosine(xp, stats.wg, stats.ww, stats.gg, eps, eps))
+        one = xp.ones((), dtype=stats.ww.dtype, device=device(stats.ww))
+        ww, wg, gg, *wx_l = rows.sum(xp, stats.ww, stats.wg, stats.gg, *wx)
+        lay = _Layer(ww, wg, gg, one, one, one, tuple(wx_l))
     else:
-        eps_cw, eps_cg = eps * stats.sw, eps * stats.sg
-    (cos_c,) = rows.max(xp, _cosine(xp, stats.wg, stats.ww, stats.gg, eps_cw, eps_cg))
+        cos_r = _cosine(xp, stats.wg, stats.ww, stats.gg, eps * stats.sw, eps * stats.sg)
+        # S = min_r s_r as 1 / max_r (1/s_r): exact (powers of two, normal), and one max for all three.
+        cos_c, inv_sw, inv_sg = rows.max(xp, cos_r, 1.0 / stats.sw, 1.0 / stats.sg)
+        sw, sg = 1.0 / inv_sw, 1.0 / inv_sg
+        rho, sig = sw / stats.sw, sg / stats.sg  # exact powers of two <= 1: rows far below the largest vanish
+        ww, wg, gg, *wx_l = rows.sum(xp, stats.ww * (rho * rho), stats.wg * (rho * sig), stats.gg * (sig * sig),
+                                     *(x * rho for x in wx))
+        lay = _Layer(ww, wg, gg, rho, sw, sg, tuple(wx_l))
     cos_l = _cosine(xp, lay.wg, lay.ww, lay.gg, eps * lay.sw, eps * lay.sg)
     channel = cos_c < thr_c
     layer = xp.logical_and(xp.logical_not(channel), cos_l < thr_l)
@@ -168,7 +195,8 @@ def decide_view(xp: Any, w: Any, stats: RowStats, delta: Any, eps: Any, rows: Ro
 
 
 def project_update(
-    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None, *, caution: bool = False
+    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None, *, caution: bool = False,
+    u_stats: Any = None
 ) -> tuple[Any, Any, ViewDecision | None]:
     """Return ``(Pi(u), projected, decision)`` for a weight ``w`` with ``ndim > 1``.
 
@@ -177,13 +205,15 @@ def project_update(
     0-d boolean array. Arrays of size 0 are returned unchanged (the official code fails on them).
     ``rows`` (default: ``w`` holds every row) says how to reduce over rows when ``w``, ``g`` and ``u``
     hold only some of them; see :class:`RowReduce`. ``caution``: the cautious update instead
-    (:mod:`adamp_core.caution`), masked against ``Pi(g)`` and projected again.
+    (:mod:`adamp_core.caution`), masked against ``Pi(g)`` and projected again. ``u_stats``: the same
+    ``u`` as the reductions read it (default ``u``); see :func:`adamp_core._common.reread`.
     """
-    return project_update_parts(xp, w, g, u, delta, eps, rows, caution=caution)[1:]
+    return project_update_parts(xp, w, g, u, delta, eps, rows, caution=caution, u_stats=u_stats)[1:]
 
 
 def project_update_parts(
-    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None, *, caution: bool = False
+    xp: Any, w: Any, g: Any, u: Any, delta: Any, eps: Any, rows: RowReduce | None = None, *, caution: bool = False,
+    u_stats: Any = None
 ) -> tuple[Any, Any, Any, ViewDecision | None]:
     """:func:`project_update` as ``(Pi(u), update, projected, decision)``: ``update`` is ``Pi(u)`` itself,
     or with ``caution`` the cautious update made from it (SGDP stores ``Pi(u)``, unmasked, as its buffer)."""
@@ -192,18 +222,24 @@ def project_update_parts(
     if math.prod(w.shape if rows.shape is None else rows.shape) == 0:  # static; every shard agrees
         return u, u, xp.asarray(False, device=dev), None
     eps_a = xp.asarray(eps, dtype=w.dtype, device=dev)
-    stats = row_stats(xp, w, g, u)
-    dec, lay = _decide(xp, w, stats, delta, eps_a, rows)
+    stats = row_stats(xp, w, g, u if u_stats is None else u_stats)
+    # ~w_r . g_r = (~w_r . ~g_r) / t_r, exactly (t_r a power of two): Pi(g) (caution) needs no other pass.
+    wg_r = stats.wg / stats.sg if caution else None
+    dec, lay = _decide(xp, w, stats, delta, eps_a, rows, (stats.wu,) + ((wg_r,) if caution else ()))
     # sum_row(w_n * x) * w_n = w * (w.x) / (|w| + eps)^2, per row (channel) or for the whole tensor (layer).
     # In scaled terms (~w = s w): ~w * (~w.x) / (|~w| + eps s)^2, the same number exactly.
     n_c = xp.sqrt(stats.ww) + eps_a * stats.sw
     n_l = xp.sqrt(lay.ww) + eps_a * lay.sw
     zero = xp.zeros((), dtype=w.dtype, device=dev)
-    w_s = xp.reshape(stats.w_scaled, w.shape)
+    # ~w in w's shape. Under JAX made again inside the final elementwise pass, indexed like w: through the
+    # rows view (a reshape) XLA would not write the new param in place of a donated one but copy it.
+    w_s = w * per_row(xp, stats.sw, w) if is_jax_array(w) else xp.reshape(stats.w_scaled, w.shape)
 
-    def radial(wx: Any) -> Any:
-        """The radial part of ``x`` on the chosen view (0 where none is), from its per-row ``~w_r . x_r``."""
-        (wx_l,) = rows.sum(xp, wx * lay.rho)
+    def radial(wx: Any, wx_l: Any = None) -> Any:
+        """The radial part of ``x`` on the chosen view (0 where none is), from its per-row ``~w_r . x_r``
+        (and its layer sum ``S w.x``, when known)."""
+        if wx_l is None:
+            (wx_l,) = rows.sum(xp, wx * lay.rho)
         coef_l = lay.rho * (wx_l / n_l / n_l)  # row r: ~w_r * rho_r = S w_r
         coef = xp.where(dec.channel, wx / n_c / n_c, xp.where(dec.layer, coef_l, zero))
         return w_s * per_row(xp, coef, w)
@@ -212,11 +248,10 @@ def project_update_parts(
     # Where nothing is projected coef is 0 and u - w * 0 == u exactly for finite w. (An infinite weight
     # entry, never projected as its cosines are NaN, gives NaN there where adamp 0.3.0 keeps +-inf: an
     # xp.where on the whole tensor to match that would cost a full pass on every step.)
-    q = u - radial(stats.wu)
+    q = u - radial(stats.wu, lay.wx[0])
     if not caution:
         return q, q, projected, dec
-    # ~w_r . g_r = (~w_r . ~g_r) / t_r, exactly (t_r a power of two): Pi(g) needs no other pass over g.
-    ref = g - radial(stats.wg / stats.sg)
+    ref = g - radial(wg_r, lay.wx[1])
     masked = q * caution_factor(xp, q, ref, rows, w)
     # Projected again (timm): the mask breaks the orthogonality to w. Identity where nothing is projected.
     return q, masked - radial(_rowdot(xp, stats.w_scaled, _rows(xp, masked))), projected, dec

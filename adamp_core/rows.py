@@ -8,7 +8,31 @@ from __future__ import annotations
 import math
 from typing import Any
 
-__all__ = ["RowReduce", "channel_shape", "per_row", "rows_of"]
+from array_api_compat import is_jax_array
+
+__all__ = ["RowReduce", "channel_shape", "fused_reduce", "per_row", "rows_of"]
+
+_IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
+
+
+def fused_reduce(xp: Any, kinds: tuple[str, ...], xs: tuple[Any, ...], axis: int) -> tuple[Any, ...] | None:
+    """Under JAX, every array of ``xs`` (one shape, one dtype) reduced along ``axis`` in one variadic XLA
+    reduction, ``kinds[i]`` (``"+"``, ``"max"``, ``"min"``) saying how: one loop that reads each input
+    once, with the elementwise work that makes the inputs fused into it, where separate ``jnp.sum`` /
+    ``jnp.max`` calls are separate reductions (on CPU, library kernels whose inputs are materialized
+    first), each a pass over memory and a launch. Maxima and minima propagate NaN as ``jnp.max`` does.
+    None for every other library (and for no arrays): the caller reduces them one by one."""
+    if not xs or not is_jax_array(xs[0]):
+        return None
+    from jax import lax
+
+    ops = {"+": lax.add, "max": lax.max, "min": lax.min}
+
+    def combine(a: tuple[Any, ...], b: tuple[Any, ...]) -> tuple[Any, ...]:
+        return tuple(ops[k](x, y) for k, x, y in zip(kinds, a, b, strict=True))
+
+    inits = tuple(xp.asarray(_IDENTITY[k], dtype=x.dtype) for k, x in zip(kinds, xs, strict=True))
+    return tuple(lax.reduce(tuple(xs), inits, combine, (axis,)))
 
 
 def channel_shape(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -46,20 +70,28 @@ class RowReduce:
         rows, length = channel_shape(w.shape if self.shape is None else self.shape)
         return delta / math.sqrt(length), delta / math.sqrt(rows * length)
 
+    # Under JAX the arrays of one call are reduced together (one XLA reduction: fused_reduce).
     def sum(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
-        return tuple(xp.sum(x) for x in xs)
+        return _together(xp, "+", xs) or tuple(xp.sum(x) for x in xs)
 
     def max(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
-        return tuple(xp.max(x) for x in xs)
+        return _together(xp, "max", xs) or tuple(xp.max(x) for x in xs)
 
     def min(self, xp: Any, *xs: Any) -> tuple[Any, ...]:
-        return tuple(xp.min(x) for x in xs)
+        return _together(xp, "min", xs) or tuple(xp.min(x) for x in xs)
 
     def tensor_mean(self, xp: Any, row_sums: Any, w: Any) -> Any:
         """The mean over the whole tensor of an entrywise quantity, from its per-row sums ``(rows,)``
         (through :meth:`sum`, so shards combine theirs): a 0-d array."""
         (total,) = self.sum(xp, row_sums)
         return total / math.prod(w.shape if self.shape is None else self.shape)
+
+
+def _together(xp: Any, kind: str, xs: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """:func:`fused_reduce` of several 1-d arrays of one shape and dtype to 0-d ones (None otherwise)."""
+    if len(xs) < 2 or any(x.ndim != 1 or x.shape != xs[0].shape or x.dtype != xs[0].dtype for x in xs):
+        return None
+    return fused_reduce(xp, (kind,) * len(xs), xs, 0)
 
 
 def per_row(xp: Any, x: Any, w: Any) -> Any:

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-from ._common import check_state_arrays, checked_step, scalar, state_zeros
+from ._common import check_state_arrays, checked_step, reread, scalar, state_zeros
 from .arrays import check_array, compute_dtype, device
 from .caution import cautious
 from .hyperparams import SGDPHyperparams, check_sgdp
@@ -91,12 +91,18 @@ def sgdp_update(
     # Alg. 1 line 2 (torch SGD form); without dampening (the default) 1 * g == g exactly: skip that pass.
     damped = g if isinstance(hp.dampening, float) and hp.dampening == 0.0 else (1 - scalar(xp, hp.dampening, cdt)) * g
     buf = mu * buf + damped
-    d_p = g + mu * buf if hp.nesterov else buf
+
+    def direction(g: Any, buf: Any) -> Any:
+        return g + mu * buf if hp.nesterov else buf
+
+    d_p = direction(g, buf)
 
     ratio: Any = 1.0
     if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
+        again = reread(xp, g, buf)  # JAX: d_p computed again inside the reductions, not stored
         q, d_p, projected, _ = project_update_parts(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows,
-                                                    caution=hp.caution)
+                                                    caution=hp.caution,
+                                                    u_stats=None if again is None else direction(*again))
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
         ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.paths.multi_tensor)
