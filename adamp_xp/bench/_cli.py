@@ -7,6 +7,7 @@ itself (rows built once, then timed round-robin, interleaved) is :mod:`adamp_xp.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
 import json
 import math
@@ -30,7 +31,7 @@ from .runners import (
 )
 from .workloads import ENV_SCALE, WORKLOAD_NAMES, bench_scale, get_workload
 
-__all__ = ["add_arguments", "format_table", "run", "run_compiled", "run_host", "run_launches", "run_ops"]
+__all__ = ["add_arguments", "format_table", "run", "run_compiled", "run_host", "run_launches", "run_ops", "run_xla"]
 
 QUICK_SCALE = 0.05
 # --quick's scale per workload where it differs: 40 of the 2,000 small tensors (still 40 tensors' worth of
@@ -88,6 +89,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="no timing: the torch operators one warm step dispatches (what a GPU step launches), "
                    "AdamP/SGDP(fused=False, foreach=True) beside AdamW/SGD(foreach=True), tiny tensors "
                    "(default workloads: resnet50, small)")
+    p.add_argument("--xla", action="store_true",
+                   help="what XLA makes of one jax.jit step: bytes and flops per param element, fusions, compile "
+                   "and step times of adamp_optax.adamp/sgdp beside optax.adamw/sgd (default workload: resnet50)")
     p.add_argument("--compiled", action="store_true",
                    help="torch.compile(optimizer.step) of AdamP/SGDP on each path beside compiled AdamW/SGD and "
                    "the eager rows, with the compile time (default workload: resnet50; --scale, --threads)")
@@ -350,6 +354,28 @@ def run_ops(args: argparse.Namespace) -> int:
     return 0 if results else 1
 
 
+def run_xla(args: argparse.Namespace) -> int:
+    """``adamp-xp bench --xla``: XLA's cost analysis and times of a jitted step (:mod:`adamp_xp.bench.xla`)."""
+    configure_threads("cpu", _positive(args.threads, "--threads", int))  # before JAX is imported
+    from .xla import format_table as format_xla
+    from .xla import measure as xla_rows
+
+    optimizers = ("adamp", "sgdp") if args.optimizer == "all" else (args.optimizer,)
+    results: list[dict[str, Any]] = []
+    for name in _named_workloads(args, ["resnet50"]):
+        print(f"adamp-xp bench --xla: {name}, jax {_versions().get('jax', '?')}, float32, params and state "
+              f"donated, load average {_load()}", flush=True)
+        rows = xla_rows(name, optimizers=optimizers, repeats=args.repeats or 5,
+                        scale=_positive(args.scale, "--scale", float))
+        print(format_xla(rows), flush=True)
+        results += [dict(dataclasses.asdict(r), compile_plus_first_s=r.compile_plus_first_s, workload=name)
+                    for r in rows]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": {"versions": _versions()}, "results": results}, f, indent=2)
+    return 0 if results else 1
+
+
 def run_compiled(args: argparse.Namespace) -> int:
     """``adamp-xp bench --compiled``: compiled steps beside eager ones, with compile time
     (:mod:`adamp_xp.bench.compiled`)."""
@@ -383,6 +409,8 @@ def run(args: argparse.Namespace) -> int:
         return run_ops(args)
     if getattr(args, "compiled", False):
         return run_compiled(args)
+    if getattr(args, "xla", False):
+        return run_xla(args)
     s = _settings(args)
     configure_threads(s["device"], s["threads"])
     rows = impl_rows(s["device"], s["impls"], s["backends"])

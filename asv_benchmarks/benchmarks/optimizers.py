@@ -235,3 +235,34 @@ class OpsPerStep(Benchmark):
         return result["ops"] + result["views"]
 
     track_ops.unit = "ops"
+
+
+class XLAStep(Benchmark):
+    """What XLA makes of one ``jax.jit`` step (``adamp_xp.bench.xla``, ``adamp-xp bench --xla``): bytes accessed
+    per param element (XLA's cost analysis) and lowering + compile time, ours beside optax's."""
+
+    param_names = ("workload", "row")
+    params = (["resnet50", "small"], ["adamp_optax.adamp", "optax.adamw", "adamp_optax.sgdp", "optax.sgd(momentum)"])
+    timeout = 1800.0
+
+    def setup(self, workload: str, row: str) -> None:
+        try:
+            xla = tools("bench.xla")
+        except ImportError as exc:
+            raise NotImplementedError(f"adamp_xp.bench.xla is not in this version of adamp-xp ({exc})") from None
+        optimizer = "adamp" if "adam" in row else "sgdp"
+        try:
+            rows = xla.measure(workload, optimizers=(optimizer,), repeats=1)
+        except ImportError as exc:
+            raise NotImplementedError(f"jax or optax is not installed ({exc})") from None
+        (self.row,) = [r for r in rows if r.label == row]
+
+    def track_bytes_per_element(self, workload: str, row: str) -> float:
+        return self.row.bytes_per_element
+
+    track_bytes_per_element.unit = "bytes"
+
+    def track_compile_seconds(self, workload: str, row: str) -> float:
+        return self.row.lower_s + self.row.compile_s
+
+    track_compile_seconds.unit = "seconds"
