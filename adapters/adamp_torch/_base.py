@@ -414,15 +414,20 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                         if (g.dtype is not p.dtype or g.layout is not strided or g.shape != p.shape
                                 or g.device != p.device):
                             self._check_grad(gi, pi, p, g)  # raises, naming what is wrong
-            for p in devices.values():  # array hyperparameters, once per device of the group's params
-                try:
-                    check_hyper_arrays(p, hp)
-                    if group.get("capturable", False):
-                        _check_capturable(p, hp)
-                except (TypeError, ValueError) as exc:
-                    raise type(exc)(f"{exc} (param_groups[{gi}])") from None
+            self._check_hyper_arrays(gi, group, hp, devices.values())
             out.append((hp, grads, view))
         return out
+
+    @staticmethod
+    def _check_hyper_arrays(gi: int, group: dict[str, Any], hp: Any, params: Any) -> None:
+        """Array hyperparameters against one param per device of the group (and, with ``capturable``, on it)."""
+        for p in params:
+            try:
+                check_hyper_arrays(p, hp)
+                if group.get("capturable", False):
+                    _check_capturable(p, hp)
+            except (TypeError, ValueError) as exc:
+                raise type(exc)(f"{exc} (param_groups[{gi}])") from None
 
     def _check_grad(self, gi: int, pi: int, p: torch.Tensor, g: torch.Tensor) -> None:
         """One grad against its param; the error names what is wrong."""
@@ -559,13 +564,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
                 owners.append(p)
         if not owners:
             return "none"
-        for p in {p.device: p for p in owners}.values():
-            try:
-                check_hyper_arrays(p, hp)
-                if group.get("capturable", False):
-                    _check_capturable(p, hp)
-            except (TypeError, ValueError) as exc:
-                raise type(exc)(f"{exc} (param_groups[{gi}])") from None
+        self._check_hyper_arrays(gi, group, hp, {p.device: p for p in owners}.values())
         if (any(is_dtensor(p) for p in owners) or len({id(p) for p in owners}) != len(owners)
                 or self._diagnostics is not None):
             if _EAGER_GROUP[0] is None:  # made here, eagerly: torch.compiler.disable loads dynamo (and triton)
