@@ -21,7 +21,7 @@ from array_api_compat import (
 from array_api_compat import device as _compat_device
 
 __all__ = ["check_array", "check_grad", "check_hyper_arrays", "compute_dtype", "device", "dtype_is", "is_host",
-           "is_numpy", "namespace_name"]
+           "is_jax", "is_numpy", "namespace_name"]
 
 
 def _torch_tensor() -> Any:
@@ -58,6 +58,16 @@ def is_host(x: Any) -> bool:
 def is_numpy(x: Any) -> bool:
     """Whether ``x`` is a NumPy array (without array-api-compat's dispatch)."""
     return type(x) is _ndarray()
+
+
+def is_jax(x: Any) -> bool:
+    """Whether ``x`` is a JAX array or tracer: a torch tensor is answered first and ``jax.Array`` is only looked
+    at once JAX is loaded (array-api-compat's ``is_jax_array`` goes through an ``lru_cache``, which
+    ``torch.compile`` warns about inside a traced step)."""
+    if _is_torch(x):
+        return False
+    jax = sys.modules.get("jax")
+    return jax is not None and isinstance(x, jax.Array)
 
 
 _NAMESPACES: dict[str, Any] = {}  # array-api-compat's wrapped namespaces, imported once (a dict, not a cache)

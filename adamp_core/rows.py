@@ -1,14 +1,14 @@
 """The row layout of a tensor's channel view, and the reductions over its rows (the seam for layouts whose
 rows are not all in one array: FSDP2 shards, concatenated groups). Imported by the projection
 (:mod:`adamp_core.projection`), the cautious mask (:mod:`adamp_core.caution`) and the execution paths;
-imports nothing of the core."""
+imports only :mod:`adamp_core.arrays` (a leaf) of the core."""
 
 from __future__ import annotations
 
 import math
 from typing import Any
 
-from array_api_compat import is_jax_array
+from .arrays import is_jax
 
 __all__ = ["RowReduce", "channel_shape", "fused_reduce", "per_row", "rows_of"]
 
@@ -22,7 +22,7 @@ def fused_reduce(xp: Any, kinds: tuple[str, ...], xs: tuple[Any, ...], axis: int
     ``jnp.max`` calls are separate reductions (on CPU, library kernels whose inputs are materialized
     first), each a pass over memory and a launch. Maxima and minima propagate NaN as ``jnp.max`` does.
     None for every other library (and for no arrays): the caller reduces them one by one."""
-    if not xs or not is_jax_array(xs[0]):
+    if not xs or not is_jax(xs[0]):
         return None
     from jax import lax
 
