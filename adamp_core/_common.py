@@ -6,7 +6,7 @@ import math
 import numbers
 from typing import Any
 
-from .arrays import check_array, check_grad, check_hyper_arrays, dtype_is, namespace_name
+from .arrays import check_array, check_grad, check_hyper_arrays, dtype_is, is_jax_traced
 from .hyperparams import check_flag
 
 __all__ = [
@@ -59,7 +59,8 @@ def host_bias_correction(beta: float, t: int) -> float:
 
 
 def reread(xp: Any, *xs: Any) -> tuple[Any, ...] | None:
-    """Under JAX, ``xs`` again behind an optimization barrier (the same buffers at run time), else None.
+    """Under ``jax.jit`` (tracers), ``xs`` again behind an optimization barrier (the same buffers at run
+    time), else None.
 
     A step reduces over an expression of its arrays (the update direction, from the new moments) and also
     uses it elementwise; XLA then writes the expression to memory once and reads it back twice. Rebuilt
@@ -67,7 +68,7 @@ def reread(xp: Any, *xs: Any) -> tuple[Any, ...] | None:
     each fusion computes it from the arrays it reads anyway: one array fewer written and read per step.
     Pass the *new* state (the reductions then run after it is written, in place in a donated buffer;
     reading the old state there would make XLA copy it first)."""
-    if not xs or namespace_name(xs[0]) != "jax":
+    if not xs or not is_jax_traced(xs[0]):
         return None
     from jax import lax
 

@@ -21,7 +21,7 @@ from array_api_compat import (
 from array_api_compat import device as _compat_device
 
 __all__ = ["check_array", "check_grad", "check_hyper_arrays", "compute_dtype", "device", "dtype_is", "is_host",
-           "is_jax", "is_numpy", "namespace_name"]
+           "is_jax_traced", "is_numpy", "namespace_name"]
 
 
 def _torch_tensor() -> Any:
@@ -60,14 +60,15 @@ def is_numpy(x: Any) -> bool:
     return type(x) is _ndarray()
 
 
-def is_jax(x: Any) -> bool:
-    """Whether ``x`` is a JAX array or tracer: a torch tensor is answered first and ``jax.Array`` is only looked
-    at once JAX is loaded (array-api-compat's ``is_jax_array`` goes through an ``lru_cache``, which
-    ``torch.compile`` warns about inside a traced step)."""
+def is_jax_traced(x: Any) -> bool:
+    """Whether ``x`` is a JAX tracer (inside ``jax.jit``, ``vmap``, ``grad``): where XLA compiles the whole step,
+    so a formulation that fuses pays (:func:`adamp_core.rows.fused_reduce`); op by op it only compiles more.
+    A torch tensor is answered first and JAX is only looked at once loaded (array-api-compat's
+    ``is_jax_array`` goes through an ``lru_cache``, which ``torch.compile`` warns about in a traced step)."""
     if _is_torch(x):
         return False
     jax = sys.modules.get("jax")
-    return jax is not None and isinstance(x, jax.Array)
+    return jax is not None and isinstance(x, jax.core.Tracer)
 
 
 _NAMESPACES: dict[str, Any] = {}  # array-api-compat's wrapped namespaces, imported once (a dict, not a cache)

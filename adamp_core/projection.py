@@ -43,7 +43,7 @@ from __future__ import annotations
 import math
 from typing import Any, NamedTuple
 
-from .arrays import device, is_jax, is_numpy
+from .arrays import device, is_jax_traced, is_numpy
 from .caution import caution_factor
 from .rows import RowReduce, channel_shape, fused_reduce, per_row
 from .rows import rows_of as _rows
@@ -105,7 +105,7 @@ def _pow2_of(xp: Any, m: Any) -> Any:
 
 def _row_absmax(xp: Any, *rows: Any) -> tuple[Any, ...]:
     """``max_i |x_ri|`` of each ``(rows, length)`` array, per row (NaN where a row holds one)."""
-    if rows and is_jax(rows[0]):
+    if rows and is_jax_traced(rows[0]):
         return fused_reduce(xp, ("max",) * len(rows), tuple(xp.abs(r) for r in rows), 1)
     return tuple(xp.maximum(xp.max(r, axis=1), -xp.min(r, axis=1)) for r in rows)  # no |x| temporary
 
@@ -122,7 +122,7 @@ def _rowdot(xp: Any, a: Any, b: Any) -> Any:
 
 def _rowdots(xp: Any, *pairs: tuple[Any, Any]) -> tuple[Any, ...]:
     """:func:`_rowdot` of each pair; under JAX all in one reduction (:func:`adamp_core.rows.fused_reduce`)."""
-    if pairs and is_jax(pairs[0][0]):
+    if pairs and is_jax_traced(pairs[0][0]):
         return fused_reduce(xp, ("+",) * len(pairs), tuple(a * b for a, b in pairs), 1)
     return tuple(_rowdot(xp, a, b) for a, b in pairs)
 
@@ -231,7 +231,7 @@ def project_update_parts(
     zero = xp.zeros((), dtype=w.dtype, device=dev)
     # ~w in w's shape. Under JAX made again inside the final elementwise pass, indexed like w: through the
     # rows view (a reshape) XLA would not write the new param in place of a donated one but copy it.
-    w_s = w * per_row(xp, stats.sw, w) if is_jax(w) else xp.reshape(stats.w_scaled, w.shape)
+    w_s = w * per_row(xp, stats.sw, w) if is_jax_traced(w) else xp.reshape(stats.w_scaled, w.shape)
 
     def radial(wx: Any, wx_l: Any = None) -> Any:
         """The radial part of ``x`` on the chosen view (0 where none is), from its per-row ``~w_r . x_r``

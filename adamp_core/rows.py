@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .arrays import is_jax
+from .arrays import is_jax_traced
 
 __all__ = ["RowReduce", "channel_shape", "fused_reduce", "per_row", "rows_of"]
 
@@ -16,13 +16,13 @@ _IDENTITY = {"+": 0.0, "max": -math.inf, "min": math.inf}
 
 
 def fused_reduce(xp: Any, kinds: tuple[str, ...], xs: tuple[Any, ...], axis: int) -> tuple[Any, ...] | None:
-    """Under JAX, every array of ``xs`` (one shape, one dtype) reduced along ``axis`` in one variadic XLA
-    reduction, ``kinds[i]`` (``"+"``, ``"max"``, ``"min"``) saying how: one loop that reads each input
+    """Under ``jax.jit`` (tracers), every array of ``xs`` (one shape, one dtype) reduced along ``axis`` in one
+    variadic XLA reduction, ``kinds[i]`` (``"+"``, ``"max"``, ``"min"``) saying how: one loop that reads each input
     once, with the elementwise work that makes the inputs fused into it, where separate ``jnp.sum`` /
     ``jnp.max`` calls are separate reductions (on CPU, library kernels whose inputs are materialized
     first), each a pass over memory and a launch. Maxima and minima propagate NaN as ``jnp.max`` does.
     None for every other library (and for no arrays): the caller reduces them one by one."""
-    if not xs or not is_jax(xs[0]):
+    if not xs or not is_jax_traced(xs[0]):
         return None
     from jax import lax
 

@@ -31,14 +31,15 @@ def test_fused_reduce_equals_separate_reductions(dtype):
     rng = np.random.default_rng(0)
     xs = [rng.standard_normal((7, 33)).astype(dtype) for _ in range(3)]
     xs[1][2, 5] = np.nan  # a NaN propagates through max and min as jnp.max does
-    got = fused_reduce(jnp, ("+", "max", "min"), tuple(jnp.asarray(x) for x in xs), 1)
+    assert fused_reduce(jnp, ("+",), (jnp.asarray(xs[0]),), 1) is None  # op by op: the separate reductions
+    got = jax.jit(lambda *a: fused_reduce(jnp, ("+", "max", "min"), a, 1))(*(jnp.asarray(x) for x in xs))
     np.testing.assert_allclose(_np(got[0]), xs[0].sum(axis=1), rtol=1e-12 if dtype == "float64" else 1e-5)
     np.testing.assert_array_equal(_np(got[1]), xs[1].max(axis=1))
     np.testing.assert_array_equal(_np(got[2]), xs[2].min(axis=1))
     assert all(r.dtype == jnp.dtype(dtype) and r.shape == (7,) for r in got)
     # Over a 1-d axis to 0-d, as RowReduce reduces per-row arrays.
     v = tuple(jnp.asarray(x[:, 0]) for x in xs)
-    s, mx, mn = fused_reduce(jnp, ("+", "max", "min"), v, 0)
+    s, mx, mn = jax.jit(lambda *a: fused_reduce(jnp, ("+", "max", "min"), a, 0))(*v)
     assert s.shape == () and float(mx) == xs[1][:, 0].max() and float(mn) == xs[2][:, 0].min()
     assert fused_reduce(np, ("+",), (xs[0],), 1) is None  # other libraries: the caller reduces
 
