@@ -169,9 +169,9 @@ def _decide(
         lay = _Layer(ww, wg, gg, one, one, one, tuple(wx_l))
     else:
         cos_r = _cosine(xp, stats.wg, stats.ww, stats.gg, eps * stats.sw, eps * stats.sg)
-        # S = min_r s_r as 1 / max_r (1/s_r): exact (powers of two, normal), and one max for all three.
-        cos_c, inv_sw, inv_sg = rows.max(xp, cos_r, 1.0 / stats.sw, 1.0 / stats.sg)
-        sw, sg = 1.0 / inv_sw, 1.0 / inv_sg
+        # S = min_r s_r as -max_r (-s_r): one max for all three, and no division (XLA: no kernels of their own).
+        cos_c, neg_sw, neg_sg = rows.max(xp, cos_r, -stats.sw, -stats.sg)
+        sw, sg = -neg_sw, -neg_sg
         rho, sig = sw / stats.sw, sg / stats.sg  # exact powers of two <= 1: rows far below the largest vanish
         ww, wg, gg, *wx_l = rows.sum(xp, stats.ww * (rho * rho), stats.wg * (rho * sig), stats.gg * (sig * sig),
                                      *(x * rho for x in wx))

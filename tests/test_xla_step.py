@@ -204,3 +204,107 @@ def test_xla_bytes_per_element_near_optax():
                                     shape) / _bytes_per_element(sgd, shape)
     assert ratio_adamp <= 1.75, ratio_adamp
     assert ratio_sgdp <= 1.5, ratio_sgdp
+
+
+# -- one trace per tensor signature (adamp_core.paths._jax_once) ---------------------------------------
+
+_SHARED_SHAPES = [(8, 3, 3, 3), (16,), (8, 3, 3, 3), (16,), (12, 8), (8, 3, 3, 3)]
+
+
+def _optax_step(tx):
+    import optax
+
+    def step(params, state, grads):
+        updates, state = tx.update(grads, state, params)
+        return optax.apply_updates(params, updates), state
+
+    return step
+
+
+def _leaves(seed, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return [jnp.asarray(rng.standard_normal(s).astype(dtype)) for s in _SHARED_SHAPES]
+
+
+def _inner_steps(jaxpr, name):
+    """The nested-jit equations of ``jaxpr`` named ``name`` (the shared per-tensor steps)."""
+    return [e for e in jaxpr.eqns if e.primitive.name in ("pjit", "jit") and e.params.get("name") == name]
+
+
+@pytest.mark.parametrize("opt", ["adamp", "sgdp"])
+def test_jitted_step_traces_each_signature_once(opt):
+    """Under jax.jit each leaf's step is a call of a nested jit, traced once per (shape, dtype): 6 leaves of 3
+    shapes record 6 calls of 3 jaxprs (the tracing time of a model's step follows its shapes, not its leaves)."""
+    adamp_optax = pytest.importorskip("adamp_optax")
+    tx = adamp_optax.adamp(1e-2, weight_decay=1e-2) if opt == "adamp" else adamp_optax.sgdp(0.1, momentum=0.9)
+    params, grads = _leaves(0), _leaves(1)
+    closed = jax.make_jaxpr(_optax_step(tx))(params, tx.init(params), grads)
+    calls = _inner_steps(closed.jaxpr, f"{opt}_step")
+    assert len(calls) == len(_SHARED_SHAPES)
+    assert len({id(e.params["jaxpr"]) for e in calls}) == len(set(_SHARED_SHAPES))
+
+
+@pytest.mark.parametrize("opt", ["adamp", "sgdp"])
+def test_shared_traces_compile_to_the_per_leaf_program(opt, monkeypatch):
+    """XLA inlines the nested calls: the compiled step, its results (bit for bit, 3 steps, a scheduled lr
+    among the hyperparameters) and its cost are those of the step traced leaf by leaf."""
+    import optax
+
+    adamp_optax = pytest.importorskip("adamp_optax")
+    from adamp_core.paths import _jax_once
+
+    lr = optax.exponential_decay(1e-2, 1, 0.5)
+    tx = adamp_optax.adamp(lr, weight_decay=1e-2, nesterov=True) if opt == "adamp" else adamp_optax.sgdp(
+        lr, momentum=0.9, weight_decay=1e-4, nesterov=True)
+
+    def run():
+        step = jax.jit(_optax_step(tx))
+        params, state = _leaves(2), tx.init(_leaves(2))
+        for t in range(3):
+            params, state = step(params, state, _leaves(10 + t))
+        cost = step.lower(params, state, params).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return params, state, (cost or {}).get("bytes accessed")
+
+    shared = run()
+    monkeypatch.setattr(_jax_once, "shared", lambda t: False)  # the step traced leaf by leaf
+    alone = run()
+    for a, b in zip(jax.tree_util.tree_leaves(shared[:2]), jax.tree_util.tree_leaves(alone[:2]), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert shared[2] == alone[2]
+
+
+def test_shared_traces_keep_each_hyperparameter_value():
+    """A trace is reused only for the same hyperparameter values (types and signs included): two learning
+    rates, and 0.0 against -0.0, each step as the eager NumPy step does."""
+    from adamp_core.paths import _jax_once
+
+    w = np.random.default_rng(4).standard_normal((6, 5)).astype(np.float32)
+    g = np.random.default_rng(5).standard_normal((6, 5)).astype(np.float32)
+    for lr in (0.1, 0.2, 0.1):
+        want, _ = ac.sgdp_step(w, g, ac.sgdp_init(w), lr=lr, momentum=0.9)
+        adamp_optax = pytest.importorskip("adamp_optax")
+        tx = adamp_optax.sgdp(lr, momentum=0.9)
+        got, _ = jax.jit(_optax_step(tx))([jnp.asarray(w)], tx.init([jnp.asarray(w)]), [jnp.asarray(g)])
+        np.testing.assert_allclose(np.asarray(got[0]), want, rtol=1e-6, atol=1e-7)
+    from adamp_core.optimizers import ADAMP
+
+    def fn(**hp):  # past the checks (which make every number a float): the cache itself
+        return _jax_once.traced_step(ADAMP, ADAMP.checked(ADAMP.all_defaults)._replace(**hp), False,
+                                     _jax_once.shared)[0]
+
+    assert fn(weight_decay=0.0) is fn(weight_decay=0.0)
+    assert fn(weight_decay=0.0) is not fn(weight_decay=-0.0)
+    assert fn(lr=1) is not fn(lr=1.0)
+
+
+def test_only_whole_tensors_with_array_counts_share_a_trace():
+    """A shard's layout (rows spanning processes) or a Python-int step count (advanced on the host) keep the
+    step traced where it is."""
+    from adamp_core.paths import Tensor, _jax_once
+
+    w = jnp.zeros((2, 3))
+    state = ac.adamp_init(w)
+    assert _jax_once.shared(Tensor(w, w, state))
+    assert not _jax_once.shared(Tensor(w, w, state._replace(step=3)))
+    assert not _jax_once.shared(Tensor(w, w, state, rows=RowReduce((4, 3))))

@@ -8,8 +8,8 @@ from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from .._common import finite_flag, keep_if_finite
-from ..arrays import check_array
-from . import PER_TENSOR, Options, Outcome
+from ..arrays import check_array, is_jax_traced
+from . import PER_TENSOR, Options, Outcome, _jax_once
 
 __all__ = ["claim", "offered", "plan", "regrad", "run", "step_one"]
 
@@ -45,13 +45,26 @@ def run(plan: Plan, spec: Any, tensors: Sequence[Any], grads: Sequence[Any], hp:
 
 def step_one(spec: Any, xp: Any, t: Any, grad: Any, hp: Any, skip: bool) -> Outcome:
     """One tensor's step with ``grad`` (``t.rows``: a shard's layout); with ``skip`` the non-finite guard of
-    :mod:`adamp_core._common` (every shard of a param decides alike)."""
-    new_p, new_s = spec.update(xp, t.param, grad, t.state, hp, t.rows)
-    if not skip:
-        return Outcome(PER_TENSOR, new_p, new_s)
-    ok = finite_flag(xp, grad, t.rows)
-    new_p, new_s = keep_if_finite(xp, ok, new_p, new_s, t.param, t.state)
+    :mod:`adamp_core._common` (every shard of a param decides alike). Under ``jax.jit`` traced once per
+    signature (:mod:`adamp_core.paths._jax_once`)."""
+    if is_jax_traced(t.param) and _jax_once.shared(t):
+        fn, arrays = _jax_once.traced_step(spec, hp, skip, _update)
+        new_p, new_s, ok = fn(t.param, grad, t.state, arrays)
+    else:
+        new_p, new_s, ok = _update(spec, t.param, grad, t.state, hp, skip, xp, t.rows)
     return Outcome(PER_TENSOR, new_p, new_s, ok)
+
+
+def _update(spec: Any, param: Any, grad: Any, state: Any, hp: Any, skip: bool, xp: Any = None,
+            rows: Any = None) -> tuple[Any, Any, Any]:
+    """``(new param, new state, ok)``: the update, and with ``skip`` the guard (``ok`` None without)."""
+    xp = check_array(param) if xp is None else xp
+    new_p, new_s = spec.update(xp, param, grad, state, hp, rows)
+    if not skip:
+        return new_p, new_s, None
+    ok = finite_flag(xp, grad, rows)
+    new_p, new_s = keep_if_finite(xp, ok, new_p, new_s, param, state)
+    return new_p, new_s, ok
 
 
 namespace = check_array  # the array namespace of a param (checked)
