@@ -86,23 +86,29 @@ def sgdp_update(
     # Half-precision params and state are promoted: all maths and reductions in float32.
     w = xp.astype(param, cdt, copy=False)
     g = xp.astype(grad, cdt, copy=False)
-    buf = xp.astype(state.momentum, cdt, copy=False)
+    old_buf = xp.astype(state.momentum, cdt, copy=False)
+    no_damping = isinstance(hp.dampening, float) and hp.dampening == 0.0
 
-    # Alg. 1 line 2 (torch SGD form); without dampening (the default) 1 * g == g exactly: skip that pass.
-    damped = g if isinstance(hp.dampening, float) and hp.dampening == 0.0 else (1 - scalar(xp, hp.dampening, cdt)) * g
-    buf = mu * buf + damped
+    def momentum(g: Any, buf: Any) -> Any:
+        # Alg. 1 line 2 (torch SGD form); without dampening (the default) 1 * g == g exactly: skip that pass.
+        return mu * buf + (g if no_damping else (1 - scalar(xp, hp.dampening, cdt)) * g)
 
     def direction(g: Any, buf: Any) -> Any:
         return g + mu * buf if hp.nesterov else buf
 
+    buf = momentum(g, old_buf)
     d_p = direction(g, buf)
 
     ratio: Any = 1.0
     if projects(rows, param.ndim):  # static: projection only for ndim > 1 (Alg. 1 lines 3-7)
-        again = reread(xp, g, buf)  # JAX: d_p computed again inside the reductions, not stored
+        # JAX: d_p computed again inside the reductions, not stored: from the new buffer where it is stored as it
+        # is, from the old one where the stored buffer is the projected d_p (which the reductions decide).
+        stored_as_is = hp.nesterov or not hp.project_buffer
+        again = reread(xp, g, buf if stored_as_is else old_buf)
+        u_stats = None if again is None else direction(*again) if stored_as_is else direction(again[0],
+                                                                                              momentum(*again))
         q, d_p, projected, _ = project_update_parts(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows,
-                                                    caution=hp.caution,
-                                                    u_stats=None if again is None else direction(*again))
+                                                    caution=hp.caution, u_stats=u_stats)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),
                          xp.asarray(1.0, dtype=cdt, device=device(w)))
         ratio = per_row(xp, ratio, w)  # one ratio per tensor, or per row for a group (adamp_core.paths.multi_tensor)
