@@ -88,8 +88,8 @@ def projects(rows: RowReduce | None, ndim: int) -> bool:
 
 
 def _pow2_scale(xp: Any, rows: Any) -> Any:
-    """Per row, the power of two ``s_r = 2**-floor(log2(max|x_r|))`` (so ``s_r x_r`` has its largest
-    entry in [1, 2)), kept within the normal range (``s_r`` and ``1/s_r`` normal numbers); 1 for a row
+    """Per row, the power of two ``s_r = 2**-k_r``, ``2**k_r <= max|x_r| < 2**(k_r+1)`` (so ``s_r x_r`` has its
+    largest entry in [1, 2)), kept within the normal range (``s_r`` and ``1/s_r`` normal numbers); 1 for a row
     that is all zero, subnormal or NaN (a NaN row is never projected: its statistics are NaN)."""
     return _pow2_of(xp, _row_absmax(xp, rows)[0])
 
@@ -100,7 +100,23 @@ def _pow2_of(xp: Any, m: Any) -> Any:
     # Python scalars only in operators and where(): torch.compile traces them without recompiling.
     m = xp.where(m >= tiny, m, 1.0)
     m = xp.where(m <= 1.0 / tiny, m, 1.0 / tiny)  # inf and the top binade: s = 2**-126 (float32)
-    return 0.5 ** xp.floor(xp.log2(m))  # exact: an integer power of two, in the normal range
+    if is_jax_traced(m):
+        return _pow2_from_exponent(m)
+    # Exact: an integer power of two, in the normal range. (log2 may round up just below a power of two, giving
+    # s_r x_r in [1/2, 1): every formula scales exactly, so the results are the same.)
+    return 0.5 ** xp.floor(xp.log2(m))
+
+
+def _pow2_from_exponent(m: Any) -> Any:
+    """Under JAX, :func:`_pow2_of` from the exponent bits of ``m`` (normal numbers): integer operations that XLA
+    fuses into the kernels reading ``s``, where ``log2`` and ``pow`` are kernels of their own (4 per projected
+    tensor, each compiled apart)."""
+    import jax.numpy as jnp
+    from jax import lax
+
+    bits, mantissa, bias = (jnp.uint32, 23, 127) if m.dtype == jnp.float32 else (jnp.uint64, 52, 1023)
+    exponent = lax.shift_right_logical(lax.bitcast_convert_type(m, bits), bits(mantissa))  # k + bias
+    return lax.bitcast_convert_type(lax.shift_left(bits(2 * bias) - exponent, bits(mantissa)), m.dtype)  # 2**-k
 
 
 def _row_absmax(xp: Any, *rows: Any) -> tuple[Any, ...]:
