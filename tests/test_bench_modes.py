@@ -50,12 +50,15 @@ def test_bench_xla_reports_cost_analysis_beside_optax(tmp_path, capsys):
     text = capsys.readouterr().out
     assert "adamp_optax.sgdp" in text and "optax.sgd(momentum)" in text and "B/elem" in text
     rows = {r["label"]: r for r in json.loads(out.read_text())["results"]}
-    assert set(rows) == {"adamp_optax.sgdp", "optax.sgd(momentum)"}
+    # sgdp: the bench's hyperparameters beside optax's with the same, and SGDP's defaults beside plain momentum SGD
+    assert set(rows) == {"adamp_optax.sgdp", "optax.sgd(momentum)", "adamp_optax.sgdp()", "optax.sgd(momentum=0.9)"}
     for r in rows.values():
         assert r["bytes_per_element"] > 0 and r["compile_s"] > 0 and r["step_ms"] > 0 and r["fusions"] > 0
     # Two passes over memory: above optax's one (an SGD step reads and writes more than nothing), within 2x.
     ratio = rows["adamp_optax.sgdp"]["bytes_per_element"] / rows["optax.sgd(momentum)"]["bytes_per_element"]
     assert 1.0 < ratio < 2.0
+    plain = rows["adamp_optax.sgdp()"]["bytes_per_element"] / rows["optax.sgd(momentum=0.9)"]["bytes_per_element"]
+    assert 1.0 < plain <= 2.05  # optax: 24 B per element
 
 
 @pytest.fixture

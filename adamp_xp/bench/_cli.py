@@ -360,7 +360,11 @@ def run_xla(args: argparse.Namespace) -> int:
     from .xla import format_table as format_xla
     from .xla import measure as xla_rows
 
-    optimizers = ("adamp", "sgdp") if args.optimizer == "all" else (args.optimizer,)
+    from .xla import OPTIMIZERS as XLA_OPTIMIZERS
+
+    # all: with the pair of SGDP's defaults beside plain momentum SGD; sgdp: that pair too
+    optimizers = XLA_OPTIMIZERS if args.optimizer == "all" else tuple(o for o in XLA_OPTIMIZERS
+                                                                       if o.split("-")[0] == args.optimizer)
     results: list[dict[str, Any]] = []
     for name in _named_workloads(args, ["resnet50"]):
         print(f"adamp-xp bench --xla: {name}, jax {_versions().get('jax', '?')}, float32, params and state "

@@ -14,8 +14,9 @@ the params and the optimizer state donated (the same for every row), and reports
 * ``step_ms``: the median of ``repeats`` further calls, each ``block_until_ready``.
 
 The hyperparameters are the bench's (:data:`adamp_xp.bench.runners.HYPERPARAMS`); optax's SGD baseline
-gets the same weight decay through ``optax.add_decayed_weights`` (as the bench's ``optax+jit`` row).
-``python -m adamp_xp.bench.xla [workload] [--repeats N] [--only adamp|sgdp]`` prints the table.
+gets the same weight decay through ``optax.add_decayed_weights`` (as the bench's ``optax+jit`` row). A last
+pair, :data:`SGDP_DEFAULTS`, is SGDP's defaults with momentum 0.9 beside plain ``optax.sgd(momentum=0.9)``.
+``python -m adamp_xp.bench.xla [workload] [--repeats N] [--only adamp|sgdp|sgdp-defaults]`` prints the table.
 """
 
 from __future__ import annotations
@@ -30,15 +31,22 @@ from typing import Any
 from .runners import HYPERPARAMS
 from .workloads import get_workload, host_data
 
-__all__ = ["XlaRow", "main", "measure", "transformation", "format_table", "hlo_text"]
+__all__ = ["OPTIMIZERS", "ROWS", "SGDP_DEFAULTS", "XlaRow", "main", "measure", "transformation", "format_table",
+           "hlo_text"]
 
+SGDP_DEFAULTS = "sgdp-defaults"
 # (label, optimizer, ours) in the order of the table; a reference row follows each of ours.
 ROWS: tuple[tuple[str, str, bool], ...] = (
     ("adamp_optax.adamp", "adamp", True),
     ("optax.adamw", "adamp", False),
     ("adamp_optax.sgdp", "sgdp", True),
     ("optax.sgd(momentum)", "sgdp", False),
+    # SGDP's defaults but momentum (no weight decay, no Nesterov, the stored buffer projected) beside plain
+    # momentum SGD: the reference the issue's table used.
+    ("adamp_optax.sgdp()", SGDP_DEFAULTS, True),
+    ("optax.sgd(momentum=0.9)", SGDP_DEFAULTS, False),
 )
+OPTIMIZERS = ("adamp", "sgdp", SGDP_DEFAULTS)
 
 
 @dataclass
@@ -65,6 +73,13 @@ def transformation(optimizer: str, ours: bool, **overrides: Any) -> Any:
     hyperparameters (``overrides`` replace some, e.g. ``caution=True`` for ours)."""
     import optax
 
+    if optimizer == SGDP_DEFAULTS:
+        lr = HYPERPARAMS["sgdp"]["lr"]
+        if ours:
+            import adamp_optax
+
+            return adamp_optax.sgdp(learning_rate=lr, momentum=0.9, **overrides)
+        return optax.sgd(learning_rate=lr, momentum=0.9)
     hp = {**HYPERPARAMS[optimizer], **overrides}
     if ours:
         import adamp_optax
@@ -147,7 +162,7 @@ def _one(label: str, optimizer: str, ours: bool, params_h: list[Any], grads_h: l
                   t3 - t2, 1e3 * statistics.median(times))
 
 
-def measure(workload: str = "resnet50", *, optimizers: tuple[str, ...] = ("adamp", "sgdp"), repeats: int = 5,
+def measure(workload: str = "resnet50", *, optimizers: tuple[str, ...] = OPTIMIZERS, repeats: int = 5,
             scale: float | None = None, seed: int = 0, **overrides: Any) -> list[XlaRow]:
     """One :class:`XlaRow` per row of :data:`ROWS` whose optimizer is in ``optimizers``, on ``workload``'s
     shapes (float32; ``scale``: see :func:`adamp_xp.bench.workloads.bench_scale`). ``overrides`` go to
@@ -160,7 +175,7 @@ def measure(workload: str = "resnet50", *, optimizers: tuple[str, ...] = ("adamp
 
 def format_table(rows: list[XlaRow]) -> str:
     """A plain-text table: each of our rows followed by its optax reference, with ratios to it."""
-    head = (f"{'row':<22}{'B/elem':>9}{'x':>6}{'flop/elem':>11}{'fusions':>9}{'step ms':>10}{'x':>6}"
+    head = (f"{'row':<24}{'B/elem':>9}{'x':>6}{'flop/elem':>11}{'fusions':>9}{'step ms':>10}{'x':>6}"
             f"{'lower s':>9}{'compile s':>11}{'+1st s':>8}{'x':>6}")
     lines = [head, "-" * len(head)]
     ref = {r.optimizer: r for r in rows if not r.label.startswith("adamp_optax")}
@@ -170,7 +185,7 @@ def format_table(rows: list[XlaRow]) -> str:
         def ratio(a: float, c: float | None) -> str:
             return f"{a / c:6.2f}" if c else f"{'':6}"
 
-        lines.append(f"{r.label:<22}{r.bytes_per_element:9.1f}{ratio(r.bytes_per_element, b and b.bytes_per_element)}"
+        lines.append(f"{r.label:<24}{r.bytes_per_element:9.1f}{ratio(r.bytes_per_element, b and b.bytes_per_element)}"
                      f"{r.flops_per_element:11.1f}{r.fusions:9d}{r.step_ms:10.2f}{ratio(r.step_ms, b and b.step_ms)}"
                      f"{r.lower_s:9.2f}{r.compile_s:11.2f}{r.compile_plus_first_s:8.2f}"
                      f"{ratio(r.compile_plus_first_s, b and b.compile_plus_first_s)}")
@@ -181,11 +196,11 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m adamp_xp.bench.xla", description=__doc__.split("\n\n")[0])
     p.add_argument("workload", nargs="?", default="resnet50")
     p.add_argument("--repeats", type=int, default=5)
-    p.add_argument("--only", choices=("adamp", "sgdp"), default=None)
+    p.add_argument("--only", choices=OPTIMIZERS, default=None)
     p.add_argument("--caution", action="store_true", help="our rows with caution=True")
     p.add_argument("--json", action="store_true", help="print the rows as JSON instead")
     a = p.parse_args(argv)
-    opts = (a.only,) if a.only else ("adamp", "sgdp")
+    opts = (a.only,) if a.only else OPTIMIZERS
     rows = measure(a.workload, optimizers=opts, repeats=a.repeats, **({"caution": True} if a.caution else {}))
     if a.json:
         import json

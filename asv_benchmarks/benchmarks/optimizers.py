@@ -242,7 +242,8 @@ class XLAStep(Benchmark):
     per param element (XLA's cost analysis) and lowering + compile time, ours beside optax's."""
 
     param_names = ("workload", "row")
-    params = (["resnet50", "small"], ["adamp_optax.adamp", "optax.adamw", "adamp_optax.sgdp", "optax.sgd(momentum)"])
+    params = (["resnet50", "small"], ["adamp_optax.adamp", "optax.adamw", "adamp_optax.sgdp", "optax.sgd(momentum)",
+                                      "adamp_optax.sgdp()", "optax.sgd(momentum=0.9)"])
     timeout = 1800.0
 
     def setup(self, workload: str, row: str) -> None:
@@ -250,7 +251,9 @@ class XLAStep(Benchmark):
             xla = tools("bench.xla")
         except ImportError as exc:
             raise NotImplementedError(f"adamp_xp.bench.xla is not in this version of adamp-xp ({exc})") from None
-        optimizer = "adamp" if "adam" in row else "sgdp"
+        # the row's optimizer (xla.ROWS; versions without it had only the adamp and sgdp pairs)
+        optimizer = {label: opt for label, opt, _ in getattr(xla, "ROWS", ())}.get(row) or (
+            "adamp" if "adam" in row else "sgdp")
         try:
             rows = xla.measure(workload, optimizers=(optimizer,), repeats=1)
         except ImportError as exc:
