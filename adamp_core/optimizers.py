@@ -18,8 +18,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass
-from functools import cached_property
+from dataclasses import dataclass, field
 from typing import Any
 
 from . import hyperparams
@@ -53,31 +52,24 @@ class OptimizerSpec:
     key: str  # "adamp" / "sgdp": how each execution path names its kernels for this optimizer
     options: dict[str, Any]  # hyperparameters beyond the official signature (caution...), with their defaults
 
-    @cached_property
-    def official(self) -> tuple[str, ...]:
-        """The official ``adamp==0.3.0`` hyperparameters, in its signature's order (what every saved group has)."""
-        return tuple(self.defaults)
+    # Derived once here, as plain attributes: Python 3.11's cached_property takes a lock, which a compiled
+    # step's trace (torch.compile) cannot enter, and a failed trace runs the whole frame eagerly.
+    official: tuple[str, ...] = field(init=False, compare=False)  # adamp 0.3.0's hyperparameters, in its order
+    names: tuple[str, ...] = field(init=False, compare=False)  # every hyperparameter: official, then options
+    all_defaults: dict[str, Any] = field(init=False, compare=False)  # {name: default} of names, in order
+    has_step: bool = field(init=False, compare=False)  # the state counts steps (AdamP's bias corrections)
+    buffers: tuple[str, ...] = field(init=False, compare=False)  # the state's arrays, shaped like the param
 
-    @cached_property
-    def names(self) -> tuple[str, ...]:
-        """Every hyperparameter: the official ones in their order, then the options (a group or a checkpoint
-        without an option means its default)."""
-        return (*self.defaults, *self.options)
-
-    @cached_property
-    def all_defaults(self) -> dict[str, Any]:
-        """``{name: default}`` of :attr:`names`, in order."""
-        return {**self.defaults, **self.options}
-
-    @cached_property
-    def has_step(self) -> bool:
-        """Whether the state counts steps (AdamP's bias corrections); its other fields are arrays."""
-        return "step" in self.state._fields
-
-    @cached_property
-    def buffers(self) -> tuple[str, ...]:
-        """The state's arrays, shaped like the param (``exp_avg``, ``exp_avg_sq``; ``momentum``)."""
-        return tuple(f for f in self.state._fields if f != "step")
+    def __post_init__(self) -> None:
+        derived = {
+            "official": tuple(self.defaults),
+            "names": (*self.defaults, *self.options),
+            "all_defaults": {**self.defaults, **self.options},
+            "has_step": "step" in self.state._fields,
+            "buffers": tuple(f for f in self.state._fields if f != "step"),
+        }
+        for name, value in derived.items():
+            object.__setattr__(self, name, value)
 
     def checked(self, values: dict[str, Any]) -> Any:
         """The validated hyperparameters of ``values`` (a dict holding every official name; an absent option

@@ -17,6 +17,7 @@ it imports torch; numba and triton load on an operator's first real call).
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
@@ -72,7 +73,8 @@ def bind(name: str, path: Any) -> None:
     _PATHS[name] = path
 
 
-_PLANS: dict[Any, Any] = {}  # (path, kind, skip, state addresses) -> the path's plan, refreshed for new grads
+# (path, kind, skip, state addresses) -> (the path's plan, the grads it holds), refreshed for new grad objects
+_PLANS: dict[Any, Any] = {}
 
 
 def _step(name: str, kind: str, params: list[torch.Tensor], grads: list[torch.Tensor], bufs: list[torch.Tensor],
@@ -89,13 +91,14 @@ def _step(name: str, kind: str, params: list[torch.Tensor], grads: list[torch.Te
                for i, (p, g) in enumerate(zip(params, grads, strict=True))]
     options = Options(skip_nonfinite, "triton" if name == "triton" else True)
     key = (name, kind, skip_nonfinite, *(x.data_ptr() for x in (*params, *bufs, *steps)))
-    plan = _PLANS.get(key)
-    plan = path.regrad(plan, grads) if plan is not None else None
+    plan, planned_grads = _PLANS.get(key, (None, None))
+    if plan is not None and not all(map(operator.is_, grads, planned_grads)):  # new grad objects: refreshed
+        plan = path.regrad(plan, grads)
     if plan is None:
         if len(_PLANS) >= 64:
             _PLANS.clear()
         plan = path.plan(spec, tensors, list(range(n)), hp, options)
-    _PLANS[key] = plan
+    _PLANS[key] = (plan, grads)
     flags_out: list[Any] = [None] * n
     outs: list[Any] = []
 
