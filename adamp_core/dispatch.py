@@ -176,10 +176,14 @@ def step(
     return None
 
 
-def prepare_traced(spec: OptimizerSpec, fused: bool | str | None) -> None:
+def prepare_traced(spec: OptimizerSpec, fused: bool | str | None, like: Any = None) -> None:
     """Load what a traced step (``traced=True``) of ``spec`` with ``fused`` calls, before tracing starts: an
     adapter calls it where its code runs eagerly at trace time (``adamp_torch``'s ``_init_group``), so that
-    no import, registration or lookup of a library happens inside the traced region."""
+    no import, registration or lookup of a library happens inside the traced region (dynamo gives up a frame
+    that imports a module, and runs it eagerly at every call). ``like``: an array of the step, whose
+    array-API namespace is resolved here."""
+    if like is not None:
+        per_tensor.namespace(like)
     for path in ORDER:
         prepare = getattr(path, "prepare_traced", None)
         if prepare is not None:

@@ -570,7 +570,7 @@ class ProjectedOptimizer(torch.optim.Optimizer):
             if _EAGER_GROUP[0] is None:  # made here, eagerly: torch.compiler.disable loads dynamo (and triton)
                 _EAGER_GROUP[0] = torch.compiler.disable(_eager_group)
             return "eager"
-        dispatch.prepare_traced(self._spec, group["fused"])
+        dispatch.prepare_traced(self._spec, group["fused"], owners[0])
         skip = group["skip_nonfinite"]
         for p in owners:
             state = self.state[p]
