@@ -105,8 +105,10 @@ def sgdp_update(
         # is, from the old one where the stored buffer is the projected d_p (which the reductions decide).
         stored_as_is = hp.nesterov or not hp.project_buffer
         again = reread(xp, g, buf if stored_as_is else old_buf)
-        u_stats = None if again is None else direction(*again) if stored_as_is else direction(again[0],
-                                                                                              momentum(*again))
+        u_stats = None
+        if again is not None:
+            g_again, buf_again = again if stored_as_is else (again[0], momentum(*again))
+            u_stats = direction(g_again, buf_again)
         q, d_p, projected, _ = project_update_parts(xp, w, g, d_p, hp.delta, scalar(xp, hp.eps, cdt), rows,
                                                     caution=hp.caution, u_stats=u_stats)
         ratio = xp.where(projected, xp.asarray(hp.wd_ratio, dtype=cdt, device=device(w)),

@@ -388,6 +388,7 @@ def test_warm_compiled_step_runs_no_python_of_ours_but_the_kernels(cls, fused):
     operator calls (``fused=False``: none). Two things made dynamo give the step's frame up and run it, with the
     dispatcher and the checks, eagerly at every call: Python 3.11's cached_property (on the spec) takes a lock,
     and the array namespace was imported on first use (now resolved by ``dispatch.prepare_traced``)."""
+    import ast
     import subprocess
     import sys
 
@@ -398,7 +399,7 @@ def test_warm_compiled_step_runs_no_python_of_ours_but_the_kernels(cls, fused):
     assert out.returncode == 0, out.stderr[-3000:]
     lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if line.startswith(("UNIMPLEMENTED", "OURS")))
     assert lines["UNIMPLEMENTED"] == "0"
-    ours = eval(lines["OURS"])  # noqa: S307 (our own subprocess's repr of a list of str)
+    ours = ast.literal_eval(lines["OURS"])
     # the operator's body (the numba path: plan, launches, counts) and the compiled frame of step(); never
     # _traced_step, _init_group, the checks or the dispatcher
     allowed = ("paths/_torch_ops.py:", "paths/numba_fused.py:", "paths/_numba_kernels.py:", "paths/__init__.py:",

@@ -35,9 +35,9 @@ def _is_array(x: Any) -> bool:
 
 
 def traced_step(spec: Any, hp: Any, skip: bool, step: Any) -> Any:
-    """``step(spec, param, grad, state, hp, skip) -> (param, state, ok)`` as a ``jax.jit`` function of
-    ``(param, grad, state, arrays)``, ``arrays`` being ``hp``'s array leaves (the rest is fixed in it);
-    one per optimizer, hyperparameter values and ``skip`` (the last :data:`KEPT` of them are kept)."""
+    """``(fn, arrays)``: ``step(spec, param, grad, state, hp, skip) -> (param, state, ok)`` as a ``jax.jit``
+    function ``fn(param, grad, state, arrays)``, ``arrays`` being ``hp``'s array leaves (the rest is fixed in
+    it); one per optimizer, hyperparameter values and ``skip`` (the last :data:`KEPT` of them are kept)."""
     import jax
 
     leaves, tree = jax.tree_util.tree_flatten(hp)
