@@ -61,6 +61,23 @@ def test_bench_xla_reports_cost_analysis_beside_optax(tmp_path, capsys):
     assert 1.0 < plain <= 2.05  # optax: 24 B per element
 
 
+@pytest.mark.parametrize("optimizer", ["adamp", "sgdp", "sgdp-defaults"])
+def test_bench_xla_rows_take_our_options(optimizer, monkeypatch):
+    """Overrides that are options of ours (not the bench's hyperparameters) reach our transformation: a row
+    with ``foreach=True`` is not silently the default one; hyperparameters still replace the bench's."""
+    pytest.importorskip("optax")
+    import adamp_optax
+
+    from adamp_xp.bench import xla
+
+    seen = {}
+    name = "adamp" if optimizer == "adamp" else "sgdp"
+    monkeypatch.setattr(adamp_optax, name, lambda **kw: seen.update(kw))
+    xla.transformation(optimizer, True, foreach=True, caution=True, eps=1e-6)
+    assert seen["foreach"] is True and seen["caution"] is True and seen["eps"] == 1e-6
+    assert "lr" not in seen  # the bench's learning rate is passed as optax's learning_rate
+
+
 @pytest.fixture
 def asv_suite(monkeypatch):
     monkeypatch.setenv(ENV_SCALE, "0.002")

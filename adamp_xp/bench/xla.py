@@ -70,7 +70,7 @@ class XlaRow:
 
 def transformation(optimizer: str, ours: bool, **overrides: Any) -> Any:
     """The optax transformation of a row: ours (``adamp_optax``) or the optax reference, with the bench's
-    hyperparameters (``overrides`` replace some, e.g. ``caution=True`` for ours)."""
+    hyperparameters (``overrides`` replace some, or add options of ours: ``caution=True``, ``foreach=True``)."""
     import optax
 
     if optimizer == SGDP_DEFAULTS:
@@ -84,13 +84,14 @@ def transformation(optimizer: str, ours: bool, **overrides: Any) -> Any:
     if ours:
         import adamp_optax
 
+        options = {k: v for k, v in overrides.items() if k not in HYPERPARAMS[optimizer]}  # caution, foreach, ...
         if optimizer == "adamp":
             return adamp_optax.adamp(learning_rate=hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"],
                                      weight_decay=hp["weight_decay"], delta=hp["delta"], wd_ratio=hp["wd_ratio"],
-                                     nesterov=hp["nesterov"], caution=hp.get("caution", False))
+                                     nesterov=hp["nesterov"], **options)
         return adamp_optax.sgdp(learning_rate=hp["lr"], momentum=hp["momentum"], dampening=hp["dampening"],
                                 weight_decay=hp["weight_decay"], nesterov=hp["nesterov"], eps=hp["eps"],
-                                delta=hp["delta"], wd_ratio=hp["wd_ratio"], caution=hp.get("caution", False))
+                                delta=hp["delta"], wd_ratio=hp["wd_ratio"], **options)
     if optimizer == "adamp":
         return optax.adamw(learning_rate=hp["lr"], b1=hp["betas"][0], b2=hp["betas"][1], eps=hp["eps"],
                            weight_decay=hp["weight_decay"])
