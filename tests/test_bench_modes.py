@@ -73,9 +73,9 @@ def test_bench_xla_rows_take_our_options(optimizer, monkeypatch):
     seen = {}
     name = "adamp" if optimizer == "adamp" else "sgdp"
     monkeypatch.setattr(adamp_optax, name, lambda **kw: seen.update(kw))
-    xla.transformation(optimizer, True, foreach=True, caution=True, eps=1e-6)
+    xla.transformation(optimizer, True, foreach=True, caution=True, eps=1e-6, lr=0.25)
     assert seen["foreach"] is True and seen["caution"] is True and seen["eps"] == 1e-6
-    assert "lr" not in seen  # the bench's learning rate is passed as optax's learning_rate
+    assert seen["learning_rate"] == 0.25 and "lr" not in seen  # the bench's lr is optax's learning_rate
 
 
 @pytest.fixture

@@ -74,11 +74,12 @@ def transformation(optimizer: str, ours: bool, **overrides: Any) -> Any:
     import optax
 
     if optimizer == SGDP_DEFAULTS:
-        lr = HYPERPARAMS["sgdp"]["lr"]
+        options = dict(overrides)
+        lr = options.pop("lr", HYPERPARAMS["sgdp"]["lr"])
         if ours:
             import adamp_optax
 
-            return adamp_optax.sgdp(learning_rate=lr, momentum=0.9, **overrides)
+            return adamp_optax.sgdp(learning_rate=lr, **{"momentum": 0.9, **options})
         return optax.sgd(learning_rate=lr, momentum=0.9)
     hp = {**HYPERPARAMS[optimizer], **overrides}
     if ours:
